@@ -1,0 +1,30 @@
+"""fxcompress: a hardware-aware model-compression compiler for PyTorch.
+
+```python
+small = fxcompress.compile(model, (x,), profile="mobile-arm", calibration=batches,
+                           tolerance=0.01)
+print(small.meta["fxcompress_report"])
+torch.export.export(small, (x,))
+```
+
+The public contract is in DESIGN.md §1: `compile`, `export`, `load_profile`, `list_profiles`,
+the report, and the two exception types.
+"""
+
+from fxcompress.api import DEFAULT_TOLERANCE, compile
+from fxcompress.errors import FxCompressError, InternalError
+from fxcompress.hardware_profiles import Profile, list_profiles, load_profile
+from fxcompress.passes_infra import PassResult
+from fxcompress.report import Report
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "FxCompressError",
+    "InternalError",
+    "PassResult",
+    "Profile",
+    "Report",
+    "compile",
+    "list_profiles",
+    "load_profile",
+]

@@ -1,0 +1,194 @@
+"""`fxcompress.compile`: capture, plan, rewrite, verify, report (DESIGN §1)."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import fx
+
+import fxcompress.passes  # noqa: F401  (registers the techniques)
+from fxcompress.calibration import Calibration, check_calibration
+from fxcompress.capture import capture
+from fxcompress.errors import FxCompressError, InternalError
+from fxcompress.graph import find_layers
+from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
+from fxcompress.planner import build_options, enforce_budgets, measure, no_grad_eval, verify
+from fxcompress.report import CandidateReport, LayerReport, Report
+from fxcompress.technique import REGISTRY
+
+DEFAULT_TOLERANCE = 0.01
+REPORT_KEY = "fxcompress_report"
+
+
+def serialized_size(ep: torch.export.ExportedProgram) -> int:
+    """Bytes of `torch.export.save(ep)`."""
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    return buf.getbuffer().nbytes
+
+
+def _check_tolerance(tolerance, evaluate) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+        raise FxCompressError(f"tolerance must be a number, not {type(tolerance).__name__}; "
+                              "e.g. tolerance=0.01")
+    t = float(tolerance)
+    if evaluate is None and not (0 < t < 1):
+        raise FxCompressError(
+            f"tolerance {t:g} is out of range: without evaluate= it is the largest relative "
+            "output error allowed, a number between 0 and 1 (exclusive), e.g. 0.01")
+    if evaluate is not None and not (t >= 0 and math.isfinite(t)):
+        raise FxCompressError(f"tolerance {t:g} is out of range: with evaluate= it is the "
+                              "largest allowed drop of the score, a finite number >= 0")
+    return t
+
+
+def _check_techniques(techniques, profile: Profile) -> tuple[tuple[str, ...], bool]:
+    if techniques is None:
+        return tuple(t for t in profile.techniques if t in REGISTRY), False
+    if isinstance(techniques, str):
+        techniques = [techniques]
+    techniques = tuple(techniques)
+    for t in techniques:
+        if t not in TECHNIQUES:
+            raise FxCompressError(f"unknown technique {t!r}; use a subset of "
+                                  f"{', '.join(TECHNIQUES)}")
+        if not profile.allows(t):
+            raise FxCompressError(
+                f"technique {t!r} cannot run on {profile.name} (it runs "
+                f"{', '.join(profile.techniques)}); drop it from techniques, or pick a profile "
+                "whose target runs it")
+        if t not in REGISTRY:
+            raise FxCompressError(f"technique {t!r} is not available in this version of "
+                                  f"fxcompress; available: {', '.join(sorted(REGISTRY))}")
+    return tuple(sorted(set(techniques), key=TECHNIQUES.index)), True
+
+
+def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: Iterable | None
+            = None, tolerance: float = DEFAULT_TOLERANCE, evaluate: Callable | None = None,
+            techniques: Iterable[str] | None = None, objective: str | None = None,
+            dynamic_shapes=None, recover=None, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> fx.GraphModule:
+    """Compress `model` for the target `profile` within `tolerance`.
+
+    Returns an ATen-level `torch.fx.GraphModule` that runs in eager mode, accepts any batch
+    size where the model allows it, and that `torch.export.export(result, example_inputs)`
+    accepts. `result.meta["fxcompress_report"]` is the `Report`. The input model is never
+    modified. See DESIGN §1 for every argument; `seed` fixes every random choice and `progress`
+    receives one line per planner step."""
+    start = time.perf_counter()
+    log = progress or (lambda s: None)
+    prof = load_profile(profile)
+    tol = _check_tolerance(tolerance, evaluate)
+    techs, user_techs = _check_techniques(techniques, prof)
+    obj = prof.objective if objective is None else objective
+    if obj not in ("latency", "size"):
+        raise FxCompressError(f"objective {obj!r} is unknown; use 'latency' or 'size'")
+    if recover is not None:
+        raise FxCompressError("recover= is not available in this version; pass recover=None")
+    torch.manual_seed(seed)
+
+    cap = capture(model, example_inputs, dynamic_shapes)
+    gm = cap.graph_module
+    batches = check_calibration(calibration, cap.example_inputs)
+    layers = find_layers(gm)
+    log(f"captured {len(layers)} layers; calibrating on {len(batches)} batches")
+    calib = Calibration(gm, batches, {lay.node: lay.op for lay in layers})
+    example_batch = _batch_of(cap.example_inputs)
+    calib_batch = _batch_of(batches[0])
+    scale = example_batch / calib_batch if example_batch and calib_batch else 1.0
+    options = build_options(gm, layers, calib, prof, obj, techs, seed,
+                            calibrated=calibration is not None, user_techniques=user_techs,
+                            scale_batch=scale)
+    log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
+    measure(options, calib)
+    score_fn = no_grad_eval(evaluate) if evaluate is not None else None
+    base_score = float(score_fn(gm)) if score_fn is not None else None
+    plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log)
+    result = plan.graph_module
+    enforce_budgets(prof, sum(plan.choice[o.layer.name].stored_bytes if o.layer.name in
+                              plan.choice else o.base.stored_bytes for o in options))
+    try:
+        ep_after = torch.export.export(result, _export_args(cap.example_inputs),
+                                       dynamic_shapes=cap.dynamic_shapes, strict=False)
+    except Exception as e:
+        raise InternalError(f"the compressed graph no longer exports ({type(e).__name__}: "
+                            f"{str(e)[:300]}); please report this") from e
+    ep_before = torch.export.export(gm, _export_args(cap.example_inputs),
+                                    dynamic_shapes=cap.dynamic_shapes, strict=False)
+    report = _report(options, plan, prof, obj, tol, seed, evaluate is not None, base_score)
+    report.serialized_bytes_before = serialized_size(ep_before)
+    report.serialized_bytes_after = serialized_size(ep_after)
+    report.dynamic_batch = cap.dynamic_batch
+    if cap.note:
+        report.notes.append(cap.note)
+    report.notes.extend(plan.history)
+    report.compile_seconds = time.perf_counter() - start
+    result.meta[REPORT_KEY] = report
+    return result
+
+
+def _export_args(inputs: tuple) -> tuple:
+    # a view saves its whole storage into the file: export with clones
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _batch_of(inputs: tuple) -> int | None:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return None
+
+
+def _report(options, plan, prof, obj, tol, seed, with_eval, base_score) -> Report:
+    from fxcompress.planner import gain
+
+    layers = []
+    for o in options:
+        chosen = plan.choice.get(o.layer.name)
+        final = chosen or o.base
+        cands = []
+        for c in o.candidates:
+            if c is chosen:
+                verdict = "chosen"
+            elif chosen is not None and gain(c, o.base, obj) <= gain(chosen, o.base, obj):
+                verdict = "smaller gain than the chosen rewrite"
+            else:
+                verdict = "too much error for the tolerance with the other choices"
+            cands.append(CandidateReport(c.describe(), gain(c, o.base, obj), c.error, verdict))
+        cands += [CandidateReport(r, 0.0, None, why) for r, why in o.rejected]
+        if chosen is not None:
+            unit = "µs" if obj == "latency" else "B"
+            g = gain(chosen, o.base, obj) * (1e6 if obj == "latency" else 1)
+            reason = f"best {obj} gain per error within tolerance (saves {g:.1f} {unit})"
+        elif o.skip_reason:
+            reason = o.skip_reason
+        elif o.candidates:
+            reason = "every candidate would exceed the tolerance together with the others"
+        elif o.rejected:
+            reason = "; ".join(why for _, why in o.rejected[:3])
+        else:
+            reason = "no technique applies"
+        st_shape = list(o.base.steps[0].weight.shape)
+        layers.append(LayerReport(
+            name=o.layer.name, op=o.layer.op, weight_shape=st_shape,
+            input_shape=[], output_shape=[],
+            applied=chosen.describe() if chosen else "none",
+            params=dict(chosen.params) if chosen else {},
+            params_before=o.base.param_count, params_after=final.param_count,
+            bytes_before=o.base.stored_bytes, bytes_after=final.stored_bytes,
+            macs_before=o.base.macs, macs_after=final.macs,
+            latency_before_us=o.base.latency * 1e6, latency_after_us=final.latency * 1e6,
+            error=chosen.error if chosen else None, reason=reason, candidates=cands))
+    return Report(
+        profile=prof.name, objective=obj, tolerance=tol,
+        metric="evaluate() drop" if with_eval else "relative output error", seed=seed,
+        layers=layers, serialized_bytes_before=0, serialized_bytes_after=0,
+        macs_before=sum(lay.macs_before for lay in layers),
+        macs_after=sum(lay.macs_after for lay in layers),
+        latency_before_us=sum(lay.latency_before_us for lay in layers),
+        latency_after_us=sum(lay.latency_after_us for lay in layers),
+        error=plan.error, score_before=base_score, score_after=plan.score)

@@ -1,0 +1,207 @@
+"""Calibration: reference outputs, per-layer activation statistics, and error measurement.
+
+The planner measures each candidate rewrite by *simulating* it on the original graph: a
+candidate is a set of node overrides (node name -> function of that node's evaluated args), run
+through an FX interpreter, so measuring a candidate never builds or copies a graph. The plan
+that is finally chosen is verified on the real rewritten graph.
+
+Error is the relative output error over the whole calibration set,
+``sqrt(sum ||y' - y||^2) / sqrt(sum ||y||^2)`` over every floating-point output leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from fxcompress.errors import FxCompressError
+
+Override = Callable[[tuple, dict], torch.Tensor]
+
+
+class OverrideInterpreter(fx.Interpreter):
+    """Runs a graph with some nodes' computations replaced, and optionally records the inputs
+    (first argument) of watched nodes through `on_input(node_name, tensor)`."""
+
+    def __init__(self, gm: fx.GraphModule, overrides: Mapping[str, Override] | None = None,
+                 watch: Iterable[str] = (), on_input: Callable | None = None):
+        super().__init__(gm, garbage_collect_values=True)
+        self.overrides = dict(overrides or {})
+        self.watch = set(watch)
+        self.on_input = on_input
+
+    def run_node(self, n: fx.Node):
+        """Evaluate `n`, through its override if it has one."""
+        if n.name in self.watch and self.on_input is not None:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.on_input(n.name, args[0])
+        fn = self.overrides.get(n.name)
+        if fn is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return fn(args, kwargs)
+        return super().run_node(n)
+
+
+def float_leaves(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a (possibly nested) output."""
+    return [t for t in pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer's input over the calibration data."""
+
+    rows: int = 0  # number of input vectors seen (tokens, or pixels for convs)
+    gram: torch.Tensor | None = None  # sum of x x^T over rows (linear: in_features^2), float64
+    absmax: float = 0.0  # largest |x| seen
+    shape: tuple[int, ...] = ()  # input shape of the first calibration batch
+    out_shape: tuple[int, ...] = ()  # output shape of the first calibration batch (filled later)
+    samples: list[torch.Tensor] = field(default_factory=list)  # a few flattened input rows
+
+    def add(self, x: torch.Tensor, kind: str, keep_rows: int) -> None:
+        """Fold one batch of layer inputs in."""
+        if not self.shape:
+            self.shape = tuple(x.shape)
+        if not x.is_floating_point():
+            return
+        self.absmax = max(self.absmax, float(x.detach().abs().max()))
+        if kind == "linear":
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+        elif kind == "conv2d":
+            rows = x.detach().transpose(0, 1).reshape(x.shape[1], -1).T.double()
+        else:
+            return
+        g = rows.T @ rows
+        self.gram = g if self.gram is None else self.gram + g
+        self.rows += rows.shape[0]
+        have = sum(s.shape[0] for s in self.samples)
+        if have < keep_rows:
+            self.samples.append(rows[: keep_rows - have].float())
+
+    @property
+    def covariance(self) -> torch.Tensor | None:
+        """E[x x^T] over all rows seen (uncentred second moment), float64."""
+        return None if self.gram is None else self.gram / max(self.rows, 1)
+
+
+class Calibration:
+    """Calibration batches, the original graph's outputs on them, and per-layer input stats."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple], layers: Mapping[str, str],
+                 keep_rows: int = 4096):
+        self.gm = gm
+        self.batches = batches
+        self.stats: dict[str, LayerStats] = {node: LayerStats() for node in layers}
+        kinds = dict(layers)
+        out_shapes: dict[str, tuple] = {}
+
+        def on_input(name, x):
+            self.stats[name].add(x, kinds[name], keep_rows)
+
+        self.reference: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                interp = OverrideInterpreter(gm, watch=kinds, on_input=on_input)
+                if i == 0:
+                    _record_out_shapes(interp, set(kinds), out_shapes)
+                try:
+                    out = interp.run(*batch)
+                except Exception as e:
+                    raise FxCompressError(
+                        f"calibration batch {i} does not run through the model "
+                        f"({type(e).__name__}: {str(e)[:200]}); each calibration item must be "
+                        "a tuple shaped like example_inputs (any batch size)") from e
+                self.reference.append([t.detach() for t in float_leaves(out)])
+        for name, shape in out_shapes.items():
+            self.stats[name].out_shape = shape
+        self.ref_energy = sum(float((t.double() ** 2).sum()) for ref in self.reference
+                              for t in ref)
+        if self.ref_energy == 0.0:
+            raise FxCompressError("the model's outputs on the calibration data are all zero, so "
+                                  "relative error is undefined; pass real calibration inputs")
+
+    def error(self, overrides: Mapping[str, Override] | None = None, limit: int | None = None,
+              ) -> float:
+        """Relative output error of the graph with `overrides` over the calibration batches
+        (the first `limit` of them, if given)."""
+        num = den = 0.0
+        batches = self.batches if limit is None else self.batches[:limit]
+        with torch.no_grad():
+            for batch, ref in zip(batches, self.reference, strict=False):
+                out = float_leaves(OverrideInterpreter(self.gm, overrides).run(*batch))
+                for y, r in zip(out, ref, strict=True):
+                    num += float(((y.double() - r.double()) ** 2).sum())
+                    den += float((r.double() ** 2).sum())
+        return (num / den) ** 0.5 if den > 0 else 0.0
+
+    def error_of(self, model: Callable) -> float:
+        """Relative output error of any callable model (the rewritten graph) against the
+        reference outputs."""
+        num = den = 0.0
+        with torch.no_grad():
+            for batch, ref in zip(self.batches, self.reference, strict=True):
+                out = float_leaves(model(*batch))
+                if len(out) != len(ref):
+                    raise ValueError(f"model gives {len(out)} float outputs, expected {len(ref)}")
+                for y, r in zip(out, ref, strict=True):
+                    num += float(((y.double() - r.double()) ** 2).sum())
+                    den += float((r.double() ** 2).sum())
+        return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _record_out_shapes(interp: OverrideInterpreter, names: set[str], out: dict) -> None:
+    original = interp.run_node
+
+    def run_node(n):
+        result = original(n)
+        if n.name in names and isinstance(result, torch.Tensor):
+            out[n.name] = tuple(result.shape)
+        return result
+
+    interp.run_node = run_node
+
+
+def check_calibration(calibration, example_inputs: tuple) -> list[tuple]:
+    """Calibration items as a list of input tuples that match `example_inputs` in count, dtype
+    and every dimension but the batch; the user error otherwise."""
+    if calibration is None:
+        return [example_inputs]
+    if isinstance(calibration, torch.Tensor):
+        raise FxCompressError("calibration must be an iterable of input tuples, not a tensor; "
+                              "pass e.g. [(x1,), (x2,)] or a DataLoader of (x,) batches")
+    try:
+        items = list(calibration)
+    except TypeError:
+        raise FxCompressError(f"calibration must be an iterable of input tuples, not "
+                              f"{type(calibration).__name__}") from None
+    if not items:
+        raise FxCompressError("calibration is empty; pass at least one input tuple, or None to "
+                              "calibrate on the example inputs")
+    batches = []
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            item = (item,)
+        if isinstance(item, list):
+            item = tuple(item)
+        if not isinstance(item, tuple) or len(item) != len(example_inputs):
+            got = len(item) if isinstance(item, tuple) else type(item).__name__
+            raise FxCompressError(
+                f"calibration item {i} has {got} inputs, example_inputs has "
+                f"{len(example_inputs)}; each item must be a tuple like example_inputs")
+        for j, (a, b) in enumerate(zip(item, example_inputs, strict=True)):
+            if isinstance(b, torch.Tensor):
+                if not isinstance(a, torch.Tensor):
+                    raise FxCompressError(f"calibration item {i}, input {j} is "
+                                          f"{type(a).__name__}, expected a tensor")
+                if a.dtype != b.dtype or a.dim() != b.dim() or a.shape[1:] != b.shape[1:]:
+                    raise FxCompressError(
+                        f"calibration item {i}, input {j} has shape {tuple(a.shape)} "
+                        f"{a.dtype}, but example input {j} is {tuple(b.shape)} {b.dtype}; only "
+                        "the batch dimension (dim 0) may differ")
+        batches.append(item)
+    return batches

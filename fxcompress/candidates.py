@@ -1,0 +1,171 @@
+"""Candidates: one possible rewrite of one layer, as the planner weighs it.
+
+A candidate says what a layer becomes as a *chain* of steps (SVD: two linears; Tucker: three
+convs; int8: the same op with an int8 weight), each step with the effective weight it computes
+with, the bytes it stores, and the format it runs in on the target. From the chain the planner
+gets the candidate's cost on the profile (roofline latency, stored bytes, MACs) and its
+simulation (a node override evaluated on the original graph), so every technique is weighed with
+the same cost model and the same error measurement. Techniques stack by rewriting the steps of
+another candidate's chain (int8 on the two factors of an SVD).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fxcompress.graph import Layer
+from fxcompress.hardware_profiles import Profile
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op of a rewritten layer."""
+
+    op: str  # "linear" | "conv2d" | "embedding"
+    weight: torch.Tensor  # the effective (dequantized / decoded) weight it computes with
+    bias: torch.Tensor | None = None
+    stride: tuple = (1, 1)
+    padding: Any = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    fmt: str = "fp32"  # format on the target: "fp32", "fp16", "int8", "binary", "shared"
+    weight_bytes: int | None = None  # bytes stored; None: numel x 4 (fp32)
+    input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None  # activation fake-quant
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this step stores (weight and bias)."""
+        w = self.weight.numel() * 4 if self.weight_bytes is None else self.weight_bytes
+        return w + (0 if self.bias is None else self.bias.numel() * 4)
+
+    @property
+    def params(self) -> int:
+        """Parameter count (weight and bias elements)."""
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute this step on `x`."""
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        if self.op == "linear":
+            return F.linear(x, self.weight, self.bias)
+        if self.op == "conv2d":
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+        return F.embedding(x, self.weight)
+
+
+def step_of_layer(layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> Step:
+    """The layer as it is, as a one-step chain."""
+    return Step(layer.op, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Input / output shapes of a layer on the batch that latency is estimated for."""
+
+    inp: tuple[int, ...]
+    out: tuple[int, ...]
+
+
+def step_macs(step: Step, inp: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """MACs of `step` on an input of shape `inp`, and its output shape."""
+    w = step.weight.shape
+    if step.op == "linear":
+        rows = math.prod(inp[:-1])
+        return rows * w[0] * w[1], (*inp[:-1], w[0])
+    if step.op == "embedding":
+        return 0, (*inp, w[1])
+    n, _, h, wd = inp
+    kh, kw = w[2], w[3]
+    if isinstance(step.padding, str):
+        oh, ow = (h, wd) if step.padding == "same" else (
+            (h - step.dilation[0] * (kh - 1) - 1) // step.stride[0] + 1,
+            (wd - step.dilation[1] * (kw - 1) - 1) // step.stride[1] + 1)
+    else:
+        oh = (h + 2 * step.padding[0] - step.dilation[0] * (kh - 1) - 1) // step.stride[0] + 1
+        ow = (wd + 2 * step.padding[1] - step.dilation[1] * (kw - 1) - 1) // step.stride[1] + 1
+    return n * w[0] * oh * ow * w[1] * kh * kw, (n, w[0], oh, ow)
+
+
+_ACT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "binary": 0.125, "shared": 4}
+
+
+def chain_cost(steps: tuple[Step, ...], inp: tuple[int, ...], profile: Profile,
+               ) -> tuple[int, float]:
+    """(MACs, estimated latency in seconds) of a chain on `profile`."""
+    macs_total, latency, shape = 0, 0.0, inp
+    for s in steps:
+        macs, out = step_macs(s, shape)
+        act = _ACT_BYTES.get(profile.precision_of(s.fmt), 4)
+        act_bytes = (math.prod(shape) + math.prod(out)) * act
+        wbytes = s.stored_bytes
+        if s.fmt in ("int8", "shared", "binary") and profile.precision_of(s.fmt) != s.fmt \
+                and not profile.weight_only_speedup:
+            # weight-only: decoded to the compute dtype before the kernel, so the kernel reads
+            # full-width weights
+            wbytes = s.weight.numel() * _ACT_BYTES[profile.compute_dtype]
+        latency += profile.latency(macs, wbytes, act_bytes, s.fmt)
+        macs_total += macs
+        shape = out
+    return macs_total, latency
+
+
+@dataclass
+class Candidate:
+    """One way to rewrite one layer, with its cost on the target and (once measured) its
+    error."""
+
+    technique: str  # e.g. "svd", "int8", "svd+int8"
+    layer: Layer
+    params: dict[str, Any]  # rank / bits / clusters / kept channels ...
+    steps: tuple[Step, ...]
+    payload: dict[str, Any] = field(default_factory=dict)  # what the passes need to build it
+    macs: int = 0
+    latency: float = 0.0
+    error: float | None = None  # measured relative output error, this candidate alone
+    overrides: dict[str, Callable] | None = None  # custom simulation (else: from the steps)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of weights stored after the rewrite."""
+        return sum(s.stored_bytes for s in self.steps)
+
+    @property
+    def param_count(self) -> int:
+        """Parameters after the rewrite."""
+        return sum(s.params for s in self.steps)
+
+    def costed(self, inp: tuple[int, ...], profile: Profile) -> Candidate:
+        """This candidate with MACs and latency filled in for input shape `inp`."""
+        macs, lat = chain_cost(self.steps, inp, profile)
+        return replace(self, macs=macs, latency=lat)
+
+    def simulation(self) -> dict[str, Callable]:
+        """Node overrides that make the original graph compute this candidate."""
+        if self.overrides is not None:
+            return self.overrides
+        steps = self.steps
+
+        def run(args, kwargs):
+            x = args[0]
+            for s in steps:
+                x = s.run(x)
+            return x
+
+        return {self.layer.node: run}
+
+    def describe(self) -> str:
+        """Short text: technique and its parameters."""
+        if not self.params:
+            return self.technique
+        inner = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.technique}({inner})"

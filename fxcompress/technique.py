@@ -1,0 +1,66 @@
+"""The technique interface: how a rewrite in `passes/` plugs into the planner.
+
+Each technique is registered once (`register`) with an order and three functions:
+
+- ``propose(layer, base, ctx) -> (candidates, reason)``: the rewrites of one layer this
+  technique offers on the target, or why it offers none;
+- ``stack(candidate, ctx) -> candidate | None`` (optional): this technique applied on top of
+  another's chain (int8 on the factors of an SVD);
+- ``apply(gm, config) -> PassResult``: the pass itself, a function of the graph and a frozen
+  config built by ``make_config(chosen_candidates)``.
+
+The order is the order the passes run in: pruning first, because it changes the shapes every
+later rewrite sees; factorization next, so that quantization and sharing act on the factors;
+weight sharing and quantization last, because they fix how the final weights are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fxcompress.calibration import LayerStats
+from fxcompress.candidates import Candidate, Shapes
+from fxcompress.graph import Layer
+from fxcompress.hardware_profiles import Profile
+
+
+@dataclass
+class ProposeContext:
+    """What a technique may consult when it proposes rewrites for one layer."""
+
+    profile: Profile
+    objective: str  # "latency" | "size"
+    stats: LayerStats  # the layer's calibration input statistics
+    shapes: Shapes  # the layer's input / output shapes for latency estimates
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    seed: int
+    calibrated: bool  # whether the user passed calibration data (activation-aware methods)
+    user_techniques: bool  # the user named the techniques (do not skip for cost reasons)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A registered rewrite."""
+
+    name: str
+    order: int
+    propose: Callable[[Layer, Candidate, ProposeContext], tuple[list[Candidate], str | None]]
+    make_config: Callable[[list[Candidate]], Any]
+    apply: Callable  # (GraphModule, config) -> PassResult
+    stack: Callable[[Candidate, ProposeContext], Candidate | None] | None = None
+
+
+REGISTRY: dict[str, Technique] = {}
+
+
+def register(technique: Technique) -> Technique:
+    """Add `technique` to the registry (one registration per name)."""
+    if technique.name in REGISTRY and REGISTRY[technique.name] is not technique:
+        raise RuntimeError(f"technique {technique.name!r} registered twice")
+    REGISTRY[technique.name] = technique
+    return technique

@@ -1,0 +1,310 @@
+"""Hardware profiles: the targets, as data.
+
+A profile is a TOML file that says what a target runs and how fast: its backend and how a model
+is lowered to it, which techniques it can run, peak throughput per precision and memory
+bandwidth (for a roofline latency estimate), how it represents int8, which sparsity patterns
+speed up compute or only shrink storage, palette sizes for weight sharing, channel alignment and
+memory budgets. The planner only asks a profile questions (`supports`, `latency`); no code
+branches on a profile's name.
+
+Built-in profiles live beside this file; `load_profile` also takes a path to a user's file.
+Every field is validated on load, and an error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fxcompress.errors import FxCompressError
+
+#: Every technique fxcompress knows. A profile lists the subset its target can run.
+TECHNIQUES = ("svd", "tucker", "prune", "share", "int8", "binary")
+#: Precisions a profile can give throughput for (GOP/s, one multiply-accumulate = 2 ops).
+PRECISIONS = ("fp32", "fp16", "int8", "binary")
+OBJECTIVES = ("latency", "size")
+INT8_ACTIVATIONS = ("static", "dynamic", "none")
+# How int8 is written into the graph: quantize/dequantize ops in the pattern ExecuTorch and ONNX
+# Runtime fuse into int8 kernels ("qdq"); int8 matmul kernels that run fast in eager PyTorch and
+# Inductor on x86 ("int_mm"); or int8 storage dequantized to the compute dtype ("dequant").
+INT8_REPRESENTATIONS = ("qdq", "int_mm", "dequant")
+SPARSITY_EFFECTS = ("compute", "storage", "none")
+SPARSITY_PATTERNS = ("structured", "semi_structured_2_4", "unstructured")
+EXPORT_FORMATS = (".pt2", ".pte", ".onnx")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated hardware profile. Build one with `load_profile` or `Profile.from_dict`."""
+
+    name: str  # the profile's name, as `list_profiles` shows it
+    description: str  # one line: the target device class
+    runtime: str  # what runs the model on the target, e.g. "executorch-xnnpack"
+    export_format: str  # the deployable file `fxcompress export` writes by default
+    delegate: str | None  # ExecuTorch partitioner for `.pte` files, e.g. "xnnpack"
+    compute_dtype: str  # precision an uncompressed layer runs in on this target
+    objective: str  # default objective: "latency" or "size"
+    techniques: tuple[str, ...]  # techniques this target can run
+    alignment: int  # ranks and channel counts are rounded to a multiple of this
+    peak_gops: dict[str, float]  # peak throughput per precision, GOP/s
+    bandwidth_gbs: float  # memory bandwidth, GB/s
+    op_overhead_us: float  # fixed cost of launching one operator, microseconds
+    int8_activations: str  # "static", "dynamic" or "none" (weight-only)
+    int8_representation: str  # see INT8_REPRESENTATIONS
+    int8_ops: tuple[str, ...]  # op types int8 applies to ("linear", "conv2d", "embedding")
+    weight_only_speedup: bool  # does weight-only int8 run faster (less weight traffic)?
+    int8_required: bool  # the target runs int8 only: every layer that can be int8 must be
+    sparsity: dict[str, str]  # pattern -> "compute" | "storage" | "none"
+    share_bits: tuple[int, ...]  # palette index widths the target decodes natively
+    binary_activations: bool  # does the target run binary activations (XNOR-popcount)?
+    weight_budget_bytes: int | None  # flash / storage for weights, if bounded
+    activation_budget_bytes: int | None  # RAM for activations, if bounded
+    measure: bool  # throughput numbers to be replaced by host micro-benchmarks
+    sources: dict[str, str] = field(default_factory=dict)  # where each number comes from
+
+    # --- questions the planner asks -------------------------------------------------------
+    def allows(self, technique: str) -> bool:
+        """Whether this target can run `technique` at all."""
+        return technique in self.techniques
+
+    def supports(self, op: str, fmt: str) -> bool:
+        """Whether this target runs layers of type `op` ("linear", "conv2d", "embedding") in
+        format `fmt` ("fp32", "fp16", "int8", "binary", "shared")."""
+        if fmt == self.compute_dtype or fmt == "fp32":
+            return True
+        if fmt == "int8":
+            return self.allows("int8") and op in self.int8_ops
+        if fmt == "binary":
+            return self.allows("binary") and op in ("linear", "conv2d")
+        if fmt == "shared":
+            return self.allows("share")
+        return fmt in self.peak_gops
+
+    def precision_of(self, fmt: str) -> str:
+        """The precision whose throughput a layer stored in `fmt` computes at."""
+        if fmt == "int8" and self.int8_activations != "none":
+            return "int8"
+        if fmt == "binary" and self.binary_activations:
+            return "binary"
+        return self.compute_dtype
+
+    def latency(self, macs: float, weight_bytes: float, activation_bytes: float, fmt: str,
+                n_ops: int = 1) -> float:
+        """Roofline latency estimate in seconds of one layer: the slower of compute
+        (2·MACs over the peak of the format's precision) and memory traffic (weights plus
+        activations over bandwidth), plus a fixed per-operator overhead."""
+        peak = self.peak_gops[self.precision_of(fmt)] * 1e9
+        compute = 2.0 * macs / peak
+        memory = (weight_bytes + activation_bytes) / (self.bandwidth_gbs * 1e9)
+        return max(compute, memory) + n_ops * self.op_overhead_us * 1e-6
+
+    def align(self, n: int) -> int:
+        """`n` rounded up to the target's channel alignment (never above what it was rounded
+        from by more than one alignment step, never below the alignment)."""
+        a = self.alignment
+        return max(a, int(math.ceil(n / a)) * a)
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Profile:
+        """Validate the parsed TOML `data` and build a profile; errors name the field."""
+        return _parse(data, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for reports and JSON."""
+        return {
+            "name": self.name, "runtime": self.runtime, "objective": self.objective,
+            "techniques": list(self.techniques), "compute_dtype": self.compute_dtype,
+            "peak_gops": dict(self.peak_gops), "bandwidth_gbs": self.bandwidth_gbs,
+            "int8_activations": self.int8_activations,
+            "int8_representation": self.int8_representation, "alignment": self.alignment,
+            "weight_budget_bytes": self.weight_budget_bytes,
+            "activation_budget_bytes": self.activation_budget_bytes,
+        }
+
+
+# --- the schema ---------------------------------------------------------------------------
+# section -> field -> (type, required). One table says what a profile file may contain, so the
+# loader, its error messages and the docs cannot disagree.
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    "": {"name": (str, True), "description": (str, True)},
+    "backend": {"runtime": (str, True), "export_format": (str, True), "delegate": (str, False),
+                "compute_dtype": (str, True)},
+    "planner": {"objective": (str, True), "techniques": (list, True), "alignment": (int, True)},
+    "throughput": {"fp32": ((int, float), True), "fp16": ((int, float), False),
+                   "int8": ((int, float), False), "binary": ((int, float), False),
+                   "bandwidth_gbs": ((int, float), True), "op_overhead_us": ((int, float), True),
+                   "measure": (bool, False)},
+    "int8": {"activations": (str, False), "representation": (str, False), "ops": (list, False),
+             "weight_only_speedup": (bool, False), "required": (bool, False)},
+    "sparsity": {p: (str, False) for p in SPARSITY_PATTERNS},
+    "share": {"bits": (list, False)},
+    "binary": {"activations": (bool, False)},
+    "memory": {"weight_budget_bytes": (int, False), "activation_budget_bytes": (int, False)},
+    "sources": {},  # free-form: field name -> citation
+}
+
+
+def _err(source: str, fld: str, problem: str, fix: str) -> FxCompressError:
+    return FxCompressError(f"profile {source}: field '{fld}' {problem}; {fix}")
+
+
+def _one_of(source: str, fld: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise _err(source, fld, f"is {value!r}", f"use one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _parse(data: dict[str, Any], source: str) -> Profile:
+    if not isinstance(data, dict):
+        raise FxCompressError(f"profile {source}: expected a TOML table at the top level")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in _SCHEMA or key == "":
+                raise _err(source, key, "is not a known section",
+                           f"known sections: {', '.join(s for s in _SCHEMA if s)}")
+            if key == "sources":
+                flat["sources"] = {str(k): str(v) for k, v in value.items()}
+                continue
+            for sub, subval in value.items():
+                if sub not in _SCHEMA[key]:
+                    raise _err(source, f"{key}.{sub}", "is not a known field",
+                               f"known fields of [{key}]: {', '.join(_SCHEMA[key])}")
+                flat[f"{key}.{sub}"] = subval
+        else:
+            if key not in _SCHEMA[""]:
+                raise _err(source, key, "is not a known top-level field",
+                           "put it in its section (e.g. [throughput]) or remove it")
+            flat[key] = value
+    for section, fields in _SCHEMA.items():
+        for fld, (typ, required) in fields.items():
+            name = f"{section}.{fld}" if section else fld
+            if name not in flat:
+                if required:
+                    raise _err(source, name, "is missing", "add it to the profile file")
+                continue
+            value = flat[name]
+            if isinstance(value, bool) and typ in (int, (int, float)):
+                raise _err(source, name, f"is a boolean ({value})", "give a number")
+            if not isinstance(value, typ):
+                want = typ.__name__ if isinstance(typ, type) else "number"
+                raise _err(source, name, f"has type {type(value).__name__}", f"give a {want}")
+
+    techniques = tuple(flat["planner.techniques"])
+    for t in techniques:
+        _one_of(source, "planner.techniques", t, TECHNIQUES)
+    peak = {p: float(flat[f"throughput.{p}"]) for p in PRECISIONS if f"throughput.{p}" in flat}
+    for p, v in peak.items():
+        if not v > 0:
+            raise _err(source, f"throughput.{p}", f"is {v}", "give a positive GOP/s figure")
+    compute_dtype = _one_of(source, "backend.compute_dtype", flat["backend.compute_dtype"],
+                            ("fp32", "fp16"))
+    if compute_dtype not in peak:
+        raise _err(source, f"throughput.{compute_dtype}", "is missing",
+                   "give the throughput of the compute dtype")
+    if "int8" in techniques and "int8" not in peak and flat.get("int8.activations") != "none":
+        raise _err(source, "throughput.int8", "is missing although int8 is in techniques",
+                   "give int8 throughput, or set [int8] activations = \"none\"")
+    binary_act = bool(flat.get("binary.activations", False))
+    if binary_act and "binary" not in peak:
+        raise _err(source, "throughput.binary", "is missing although binary activations are on",
+                   "give binary throughput or set [binary] activations = false")
+    for key in ("throughput.bandwidth_gbs",):
+        if not flat[key] > 0:
+            raise _err(source, key, f"is {flat[key]}", "give a positive number")
+    if flat["throughput.op_overhead_us"] < 0:
+        raise _err(source, "throughput.op_overhead_us", "is negative", "give 0 or more")
+    alignment = flat["planner.alignment"]
+    if alignment < 1:
+        raise _err(source, "planner.alignment", f"is {alignment}", "give 1 or more")
+    share_bits = tuple(flat.get("share.bits", [2, 4, 8] if "share" in techniques else []))
+    for b in share_bits:
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8:
+            raise _err(source, "share.bits", f"contains {b!r}", "use whole numbers 1 to 8")
+    int8_ops = tuple(flat.get("int8.ops", ["linear", "conv2d"]))
+    for op in int8_ops:
+        _one_of(source, "int8.ops", op, ("linear", "conv2d", "embedding"))
+    for key in ("memory.weight_budget_bytes", "memory.activation_budget_bytes"):
+        if key in flat and flat[key] <= 0:
+            raise _err(source, key, f"is {flat[key]}", "give a positive number of bytes")
+    return Profile(
+        name=flat["name"],
+        description=flat["description"],
+        runtime=flat["backend.runtime"],
+        export_format=_one_of(source, "backend.export_format", flat["backend.export_format"],
+                              EXPORT_FORMATS),
+        delegate=flat.get("backend.delegate"),
+        compute_dtype=compute_dtype,
+        objective=_one_of(source, "planner.objective", flat["planner.objective"], OBJECTIVES),
+        techniques=techniques,
+        alignment=alignment,
+        peak_gops=peak,
+        bandwidth_gbs=float(flat["throughput.bandwidth_gbs"]),
+        op_overhead_us=float(flat["throughput.op_overhead_us"]),
+        int8_activations=_one_of(source, "int8.activations",
+                                 flat.get("int8.activations", "dynamic"), INT8_ACTIVATIONS),
+        int8_representation=_one_of(source, "int8.representation",
+                                    flat.get("int8.representation", "dequant"),
+                                    INT8_REPRESENTATIONS),
+        int8_ops=int8_ops,
+        weight_only_speedup=bool(flat.get("int8.weight_only_speedup", False)),
+        int8_required=bool(flat.get("int8.required", False)),
+        sparsity={p: _one_of(source, f"sparsity.{p}", flat.get(f"sparsity.{p}", default),
+                             SPARSITY_EFFECTS)
+                  for p, default in (("structured", "compute"), ("semi_structured_2_4", "none"),
+                                     ("unstructured", "storage"))},
+        share_bits=share_bits,
+        binary_activations=binary_act,
+        weight_budget_bytes=flat.get("memory.weight_budget_bytes"),
+        activation_budget_bytes=flat.get("memory.activation_budget_bytes"),
+        measure=bool(flat.get("throughput.measure", False)),
+        sources=flat.get("sources", {}),
+    )
+
+
+def _builtin_dir() -> Path:
+    return Path(str(resources.files(__name__)))
+
+
+def list_profiles() -> list[str]:
+    """Names of the built-in profiles, sorted."""
+    return sorted(p.stem for p in _builtin_dir().glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path | Profile) -> Profile:
+    """A built-in profile by name, a user's profile file by path, or a `Profile` as it is.
+
+    Raises `FxCompressError` for an unknown name, a missing or malformed file, or a field that
+    fails validation; the message names the field and the fix."""
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    if not isinstance(name_or_path, str | Path):
+        raise FxCompressError(
+            f"profile must be a name, a path or a Profile, not {type(name_or_path).__name__}; "
+            f"built-in names: {', '.join(list_profiles())}")
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix != ".toml" and "/" not in text and "\\" not in text:
+        builtin = _builtin_dir() / f"{text}.toml"
+        if not builtin.is_file():
+            raise FxCompressError(
+                f"unknown profile {text!r}; use one of {', '.join(list_profiles())}, "
+                "or the path to a .toml profile file")
+        path = builtin
+    if not path.is_file():
+        raise FxCompressError(f"profile file {text!r} does not exist; check the path, or use a "
+                              f"built-in name: {', '.join(list_profiles())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FxCompressError(f"profile file {text!r} is not valid TOML ({e}); fix the syntax "
+                              "at the position named") from None
+    return _parse(data, repr(text))
+
+
+__all__ = ["Profile", "load_profile", "list_profiles", "TECHNIQUES", "PRECISIONS"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -45,19 +46,32 @@ REPORT_KEY = "fxcompress_report"
 #: Name of the report inside a `.pt2` archive (an extra file) and in `.onnx` metadata.
 REPORT_FILE = "fxcompress_report.json"
 
-#: ExecuTorch delegates a profile's `backend.delegate` may name: the module and class of its
-#: partitioner, and what to install when it cannot be imported.
-DELEGATES: dict[str, tuple[str, str, str]] = {
-    "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner",
-                "XnnpackPartitioner", "pip install 'fxcompress[executorch]'"),
-    "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner",
-               "pip install 'fxcompress[executorch]' coremltools (on macOS)"),
-    "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner",
-            "an ExecuTorch build with the MPS backend (on macOS)"),
-    "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner",
-               "VulkanPartitioner", "an ExecuTorch build with the Vulkan backend"),
-    "qnn": ("executorch.backends.qualcomm.partition.qnn_partitioner", "QnnPartitioner",
-            "an ExecuTorch build with the Qualcomm QNN backend and the QNN SDK"),
+@dataclass(frozen=True)
+class DelegateInfo:
+    """How to lower to one ExecuTorch delegate and run what was lowered."""
+
+    module: str  # where its partitioner lives
+    partitioner: str  # the partitioner class
+    runtime_backend: str  # the backend id the ExecuTorch runtime registers for it
+    install: str  # what to install where it is missing
+
+
+#: ExecuTorch delegates a profile's `backend.delegate` may name.
+DELEGATES: dict[str, DelegateInfo] = {
+    "xnnpack": DelegateInfo("executorch.backends.xnnpack.partition.xnnpack_partitioner",
+                            "XnnpackPartitioner", "XnnpackBackend",
+                            "pip install 'fxcompress[executorch]'"),
+    "coreml": DelegateInfo("executorch.backends.apple.coreml.partition", "CoreMLPartitioner",
+                           "CoreMLBackend", "macOS with pip install 'fxcompress[executorch]' "
+                           "coremltools (the Core ML runtime exists only on Apple systems)"),
+    "mps": DelegateInfo("executorch.backends.apple.mps.partition", "MPSPartitioner",
+                        "MPSBackend", "macOS with an ExecuTorch build that has the MPS backend"),
+    "vulkan": DelegateInfo("executorch.backends.vulkan.partitioner.vulkan_partitioner",
+                           "VulkanPartitioner", "VulkanBackend",
+                           "an ExecuTorch build with the Vulkan backend (EXECUTORCH_BUILD_VULKAN)"),
+    "qnn": DelegateInfo("executorch.backends.qualcomm.partition.qnn_partitioner",
+                        "QnnPartitioner", "QnnBackend",
+                        "an ExecuTorch build with the Qualcomm QNN backend and the QNN SDK"),
 }
 
 # Relative output error allowed between the written file, run in its runtime, and the compiled
@@ -123,10 +137,7 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     has one. User mistakes (an unknown suffix, a runtime not installed) raise
     `FxCompressError`."""
     path = Path(path)
-    fmt = path.suffix.lower()
-    if fmt not in EXPORT_FORMATS:
-        raise FxCompressError(f"cannot tell the format of {str(path)!r} from its suffix; name "
-                              f"the file with one of {', '.join(EXPORT_FORMATS)}")
+    fmt = _check_path(path)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple | list):
@@ -136,9 +147,6 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     if not isinstance(gm, torch.nn.Module):
         raise FxCompressError(f"export takes the GraphModule fxcompress.compile returned (or "
                               f"any nn.Module), not {type(gm).__name__}")
-    if not path.parent.is_dir():
-        raise FxCompressError(f"the folder {str(path.parent)!r} does not exist; create it "
-                              "first or write somewhere else")
     report = _report_of(gm)
     with torch.no_grad():
         expected = gm(*_clones(example_inputs))
@@ -150,7 +158,41 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     if fmt == ".onnx":
         return _export_onnx(gm, example_inputs, path, report, expected, tol)
     prof = _resolve_profile(profile, report)
+    preflight(path, prof)
     return _export_pte(gm, example_inputs, path, prof, expected, tol)
+
+
+def _check_path(path: Path) -> str:
+    fmt = path.suffix.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise FxCompressError(f"cannot tell the format of {str(path)!r} from its suffix; name "
+                              f"the file with one of {', '.join(EXPORT_FORMATS)}")
+    if not path.parent.is_dir():
+        raise FxCompressError(f"the folder {str(path.parent)!r} does not exist; create it "
+                              "first or write somewhere else")
+    if path.is_dir():
+        raise FxCompressError(f"{str(path)!r} is a folder; give a file name")
+    return fmt
+
+
+def preflight(path: str | Path, profile: str | Path | Profile | None = None) -> None:
+    """Check, before any long work, that `export` can write `path`: a known suffix, an
+    existing folder, and the packages its format (and, for `.pte`, `profile`'s delegate)
+    needs. Raises `FxCompressError` naming what to fix or install."""
+    path = Path(path)
+    fmt = _check_path(path)
+    if fmt == ".onnx":
+        install = "pip install 'fxcompress[onnx]'"
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            _require(module, "writing an .onnx", install)
+    elif fmt == ".pte":
+        install = "pip install 'fxcompress[executorch]'"
+        _require("executorch.exir", "writing a .pte", install)
+        _require("executorch.runtime", "checking a .pte", install)
+        if profile is not None:
+            delegate = load_profile(profile).delegate
+            _partitioner_class(delegate)
+            _check_runtime_backend(delegate)
 
 
 def _report_of(gm) -> Any:
@@ -220,10 +262,10 @@ def to_exported_program(gm: torch.nn.Module, example_inputs: tuple,
 
 
 def _batch_is_dynamic(ep: ExportedProgram) -> bool:
-    for spec in ep.graph_signature.input_specs:
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]  # in spec order
+    for spec, node in zip(ep.graph_signature.input_specs, placeholders, strict=True):
         if spec.kind.name != "USER_INPUT":
             continue
-        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], int):
             return True
@@ -313,15 +355,35 @@ def _require(module: str, what: str, install: str):
                               f"here ({e}); install it: {install}") from None
 
 
-def _partitioner(delegate: str | None) -> list:
+def _partitioner_class(delegate: str | None):
     if delegate is None:
-        return []
+        return None
     if delegate not in DELEGATES:
         raise FxCompressError(f"the profile's delegate {delegate!r} is not one fxcompress can "
                               f"lower to; known delegates: {', '.join(DELEGATES)}")
-    module, cls, install = DELEGATES[delegate]
-    mod = _require(module, f"lowering to the ExecuTorch {delegate} delegate", install)
-    return [getattr(mod, cls)()]
+    info = DELEGATES[delegate]
+    mod = _require(info.module, f"lowering to the ExecuTorch {delegate} delegate", info.install)
+    return getattr(mod, info.partitioner)
+
+
+def _check_runtime_backend(delegate: str | None) -> None:
+    """Every .pte is run-checked, so the runtime here must run the delegate's backend."""
+    if delegate is None:
+        return
+    info = DELEGATES[delegate]
+    rt = _require("executorch.runtime", "checking a .pte", "pip install 'fxcompress[executorch]'")
+    registry = rt.Runtime.get().backend_registry
+    if not registry.is_available(info.runtime_backend):
+        raise FxCompressError(
+            f"the ExecuTorch runtime here cannot run the {delegate} backend "
+            f"({info.runtime_backend}), so a .pte lowered to it cannot be checked; it needs "
+            f"{info.install}. Or export to .pt2 / .onnx, or pick a profile whose delegate runs "
+            "here (mobile-arm: xnnpack)")
+
+
+def _partitioner(delegate: str | None) -> list:
+    cls = _partitioner_class(delegate)
+    return [] if cls is None else [cls()]
 
 
 def _lower(ep: ExportedProgram, delegate: str | None):
@@ -442,7 +504,7 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
     ep, dynamic = to_exported_program(gm, inputs, dynamic)
     try:
         # the exporter prints its progress on stdout, which belongs to the caller (--json)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
             onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False)
     except Exception as e:
         raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
@@ -464,6 +526,19 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
         _check(err, tol, ".onnx", "ONNX Runtime")
         size = file_size(tmp)
     return ExportResult(path, ".onnx", size, err, "onnxruntime", dynamic_batch=dynamic)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a library's warnings for a while (the ONNX exporter warns about every optional
+    op library, torchvision among them, that is not installed)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def file_size(path: str | Path) -> int:
@@ -578,5 +653,5 @@ def _check_archive(path: Path) -> list[str]:
     return names
 
 
-__all__ = ["export", "ExportResult", "Delegation", "lower_to_pte", "count_delegated",
-           "load_program", "read_report", "file_size", "DELEGATES"]
+__all__ = ["export", "preflight", "ExportResult", "Delegation", "lower_to_pte", "count_delegated",
+           "load_program", "read_report", "file_size", "DELEGATES", "DelegateInfo"]

@@ -329,6 +329,12 @@ def _check(err: float, tol: float, fmt: str, runtime: str) -> None:
 def _export_pt2(gm, inputs, path, report, expected, tol) -> ExportResult:
     dynamic = bool(getattr(report, "dynamic_batch", True))
     ep, dynamic = to_exported_program(gm, inputs, dynamic)
+    if dynamic and ep.example_inputs is not None:
+        # the archive stores the example inputs: a program that takes any batch needs only a
+        # couple of rows, not the caller's whole batch (a test set would outweigh the weights)
+        args, kwargs = ep.example_inputs
+        ep.example_inputs = (tuple(x[:2].clone() if isinstance(x, torch.Tensor) and x.dim() > 0
+                                   else x for x in args), kwargs)
     extra = {}
     rj = _report_json(report)
     if rj is not None:
@@ -463,14 +469,23 @@ def _is_lowered(ep) -> bool:
         "executorch_call_delegate" in str(n.target) for n in ep.graph.nodes)
 
 
-def _run_pte(data: bytes, inputs: tuple):
-    rt_mod = _require("executorch.runtime", "checking a .pte", "pip install "
-                      "'fxcompress[executorch]'")
-    runtime = rt_mod.Runtime.get()
-    program = runtime.load_program(data)
-    method = program.load_method("forward")
-    flat = [x for x in pytree.tree_leaves(_clones(inputs))]
-    return method.execute(flat)
+class PteProgram:
+    """A `.pte` file loaded in the ExecuTorch runtime; calling it runs ``forward``.
+
+    The runtime keeps pointers into the program it was given without owning it, so the
+    program and its method are held here for as long as this object lives (a method whose
+    program was garbage-collected crashes the process)."""
+
+    def __init__(self, path: str | Path):
+        rt = _require("executorch.runtime", "running a .pte",
+                      "pip install 'fxcompress[executorch]'")
+        self.path = Path(path)
+        self._program = rt.Runtime.get().load_program(self.path)  # read from the file
+        self._method = self._program.load_method("forward")
+
+    def __call__(self, *inputs) -> list:
+        """Outputs of ``forward`` on `inputs` (tensors, in the exported order)."""
+        return list(self._method.execute(list(pytree.tree_leaves(_clones(inputs)))))
 
 
 def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
@@ -481,8 +496,8 @@ def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
     data = _to_pte(edge)
     with _staged(path) as tmp:
         tmp.write_bytes(data)
-        got = _run_pte(tmp.read_bytes(), inputs)
-        err = relative_error(list(got), expected)
+        got = PteProgram(tmp)(*inputs)
+        err = relative_error(got, expected)
         _check(err, tol, ".pte", "the ExecuTorch runtime")
         size = tmp.stat().st_size
     return ExportResult(path, ".pte", size, err, "executorch", delegate=prof.delegate,
@@ -496,6 +511,68 @@ def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
 ONNX_EXTERNAL_DATA_BYTES = 1 << 30
 
 
+def _onnx_translations() -> dict:
+    """ONNX translations of the ``quantized_decomposed`` ops onnxscript's library lacks or
+    handles only with Python-number quantization parameters: dynamic per-tensor activation
+    quantization (``choose_qparams.tensor`` and the ``.tensor`` quantize / dequantize that take
+    its scale and zero point as tensors). They follow torch's reference arithmetic
+    (torch.ao.quantization.utils.determine_qparams, affine per tensor): scale = (max(x⁺) −
+    min(x⁻)) / (qmax − qmin), at least eps; zero_point = qmin − round(min(x⁻) / scale)."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    qd = torch.ops.quantized_decomposed
+    int8 = onnxscript.ir.DataType.INT8
+    onnx_dtype = {torch.int8: int8, torch.uint8: onnxscript.ir.DataType.UINT8}
+
+    def f32(v: float):
+        return op.Constant(value_float=float(v))
+
+    def choose_qparams_tensor(x, qmin: int, qmax: int, eps: float, dtype=torch.int8):
+        lo = op.Min(op.ReduceMin(x, keepdims=0), f32(0.0))
+        hi = op.Max(op.ReduceMax(x, keepdims=0), f32(0.0))
+        scale = op.Max(op.Div(op.Sub(hi, lo), f32(qmax - qmin)), f32(eps))
+        zero = op.Clip(op.Sub(f32(qmin), op.Round(op.Div(lo, scale))), f32(qmin), f32(qmax))
+        shape = op.Constant(value_ints=[1])
+        return (op.Cast(op.Reshape(scale, shape), to=onnxscript.ir.DataType.DOUBLE),
+                op.Cast(op.Reshape(zero, shape), to=onnxscript.ir.DataType.INT64))
+
+    def _params(scale, zero_point, dtype):
+        # per tensor: ONNX takes a scalar scale of the float type and a zero point of the
+        # quantized type
+        s = op.Squeeze(op.Cast(scale, to=onnxscript.ir.DataType.FLOAT))  # [1] -> scalar
+        z = op.Squeeze(op.Cast(zero_point, to=onnx_dtype.get(dtype, int8)))
+        return s, z
+
+    def quantize_per_tensor_tensor(x, scale, zero_point, qmin: int, qmax: int, dtype):
+        s, z = _params(scale, zero_point, dtype)
+        return op.QuantizeLinear(x, s, z)
+
+    def dequantize_per_tensor_tensor(x, scale, zero_point, qmin: int, qmax: int, dtype,
+                                     out_dtype=None):
+        s, z = _params(scale, zero_point, dtype)
+        return op.DequantizeLinear(x, s, z)
+
+    return {
+        qd.choose_qparams.tensor: choose_qparams_tensor,
+        qd.quantize_per_tensor.tensor: quantize_per_tensor_tensor,
+        qd.dequantize_per_tensor.tensor: dequantize_per_tensor_tensor,
+    }
+
+
+def _strip_debug_info(model) -> None:
+    """Drop the exporter's per-node and per-value debug records (Python stack traces, module
+    paths): they are not part of the model, and on a small model they outweigh its weights."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()
+            value.doc_string = None
+    for value in (*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()):
+        value.metadata_props.clear()
+
+
 def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
     install = "pip install 'fxcompress[onnx]'"
     _require("onnxscript", "writing an .onnx", install)
@@ -505,10 +582,12 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
     try:
         # the exporter prints its progress on stdout, which belongs to the caller (--json)
         with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
-            onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False)
+            onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False,
+                                             custom_translation_table=_onnx_translations())
     except Exception as e:
         raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
                             f"{str(e).strip()[:300]}); please report this") from e
+    _strip_debug_info(onnx_program.model)
     rj = _report_json(report)
     if rj is not None:
         onnx_program.model.metadata_props[REPORT_FILE] = rj
@@ -653,5 +732,6 @@ def _check_archive(path: Path) -> list[str]:
     return names
 
 
-__all__ = ["export", "preflight", "ExportResult", "Delegation", "lower_to_pte", "count_delegated",
-           "load_program", "read_report", "file_size", "DELEGATES", "DelegateInfo"]
+__all__ = ["export", "preflight", "ExportResult", "PteProgram", "Delegation", "lower_to_pte",
+           "count_delegated", "load_program", "read_report", "file_size", "DELEGATES",
+           "DelegateInfo"]

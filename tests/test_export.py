@@ -71,10 +71,7 @@ def test_pte_runs_in_executorch_with_xnnpack(compiled, tmp_path):
     out = fxcompress.export(small, (X,), tmp_path / "m.pte")  # profile from the report
     assert out.delegate == "xnnpack" and out.runtime == "executorch"
     assert sum(out.delegated_ops.values()) > 0
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(out.path.read_bytes()).load_method("forward")
-    got = method.execute([X.clone()])[0]
+    got = ex.PteProgram(out.path)(X)[0]
     with torch.no_grad():
         assert _rel(got, small(X)) < 1e-3
     assert out.check_error < 1e-3
@@ -128,7 +125,7 @@ def qdq_graph():
     return gm, x
 
 
-def test_qdq_graph_is_delegated_whole_to_xnnpack(qdq_graph):
+def test_qdq_graph_is_delegated_whole_to_xnnpack(qdq_graph, tmp_path):
     gm, x = qdq_graph
     ep = torch.export.export(gm, (x,), strict=False)
     census = ex.count_delegated(ep, "xnnpack")
@@ -137,10 +134,9 @@ def test_qdq_graph_is_delegated_whole_to_xnnpack(qdq_graph):
     assert census.count("quantized_decomposed.quantize_per_tensor") == 4
     assert census.count("aten.linear") == 2 and census.partitions == 1
     assert sum(census.undelegated.values()) == 0
-    from executorch.runtime import Runtime
-
-    data = ex.lower_to_pte(ep, "xnnpack")
-    got = Runtime.get().load_program(data).load_method("forward").execute([x.clone()])[0]
+    path = tmp_path / "q.pte"
+    path.write_bytes(ex.lower_to_pte(ep, "xnnpack"))
+    got = ex.PteProgram(path)(x)[0]
     with torch.no_grad():
         assert _rel(got, gm(x)) < ex.INT8_CHECK_TOLERANCE
 
@@ -159,6 +155,44 @@ def test_qdq_graph_becomes_onnx_quantize_dequantize_linear(qdq_graph, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert _rel(torch.from_numpy(got), gm(x)) < ex.INT8_CHECK_TOLERANCE
+
+
+class _DynamicQDQLinear(_QDQLinear):
+    """int8 linear with dynamic per-tensor activations: scale and zero point chosen from each
+    input at run time (``choose_qparams.tensor``), as mobile-arm's dynamic int8 writes it."""
+
+    def forward(self, x):
+        s, z = qd.choose_qparams.tensor(x, -128, 127, torch.finfo(torch.float32).eps,
+                                        torch.int8)
+        xq = qd.quantize_per_tensor.tensor(x, s, z, -128, 127, torch.int8)
+        xd = qd.dequantize_per_tensor.tensor(xq, s, z, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel.default(self.wq, self.ws, self.wz, 0, -127, 127,
+                                              torch.int8)
+        return nn.functional.linear(xd, w, self.bias)
+
+
+def test_dynamic_qdq_graph_lowers_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(_DynamicQDQLinear(nn.Linear(64, 32), 0, 0), nn.ReLU(),
+                          _DynamicQDQLinear(nn.Linear(32, 10), 0, 0)).eval()
+    x = torch.randn(4, 64)
+    gm = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},),
+                             strict=False).module()
+    census = ex.count_delegated(torch.export.export(gm, (x,), strict=False), "xnnpack")
+    assert census.count("quantized_decomposed.choose_qparams") == 2
+    assert sum(census.undelegated.values()) == 0
+    # ONNX: the dynamic parameters are computed in the graph, exactly as torch computes them
+    out = fxcompress.export(gm, (x,), tmp_path / "d.onnx")
+    assert out.dynamic_batch
+    onnx_model = onnx.load(str(out.path))
+    ops = [n.op_type for n in onnx_model.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4
+    assert all(n.domain in ("", "ai.onnx") for n in onnx_model.graph.node)
+    session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    x7 = torch.randn(7, 64) * 3
+    got = session.run(None, {session.get_inputs()[0].name: x7.numpy()})[0]
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), gm(x7)) < 1e-5
 
 
 def test_failed_check_writes_nothing_and_keeps_the_old_file(compiled, tmp_path):

@@ -157,6 +157,20 @@ def test_qdq_graph_becomes_onnx_quantize_dequantize_linear(qdq_graph, tmp_path):
         assert _rel(torch.from_numpy(got), gm(x)) < ex.INT8_CHECK_TOLERANCE
 
 
+def test_onnxruntime_runs_a_qdq_linear_as_an_int8_kernel(tmp_path):
+    torch.manual_seed(0)
+    layer = _QDQLinear(nn.Linear(64, 32), 4 / 127, 6 / 127).eval()
+    x = torch.randn(4, 64)
+    gm = torch.export.export(layer, (x,), strict=False).module()
+    out = fxcompress.export(gm, (x,), tmp_path / "one.onnx")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(out.path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert "QGemm" in ops and "Gemm" not in ops  # DQ -> Gemm -> Q fused into int8 QGemm
+
+
 class _DynamicQDQLinear(_QDQLinear):
     """int8 linear with dynamic per-tensor activations: scale and zero point chosen from each
     input at run time (``choose_qparams.tensor``), as mobile-arm's dynamic int8 writes it."""

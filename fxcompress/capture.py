@@ -64,6 +64,7 @@ def inference_graph(gm: fx.GraphModule) -> fx.GraphModule:
                 "model before compiling, or pass recover= to fxcompress.compile")
         return self
 
+    nn.Module.train(gm, False)  # report eval mode, so code that saves and restores it works
     gm.eval = types.MethodType(_eval, gm)
     gm.train = types.MethodType(_train, gm)
     return gm

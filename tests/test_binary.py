@@ -7,10 +7,6 @@ import io
 
 import pytest
 import torch
-
-import fxcompress
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers
 from fxcompress.passes.binary import (
     BinaryConfig,
     binary_pass,
@@ -20,11 +16,16 @@ from fxcompress.passes.binary import (
     unpack_bits,
 )
 
+import fxcompress
+from fxcompress.capture import capture
+from fxcompress.graph import find_layers
+
 
 class MLP(torch.nn.Module):
     def __init__(self, sizes=(64, 96, 80, 10)):
         super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b)
+                                          for a, b in zip(sizes, sizes[1:], strict=False))
 
     def forward(self, x):
         for i, lay in enumerate(self.layers):

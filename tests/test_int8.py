@@ -10,12 +10,7 @@ import math
 
 import pytest
 import torch
-
-import fxcompress
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import load_profile
-from fxcompress.observers import OBSERVERS, affine_qparams, fake_quant_affine, observe
 from fxcompress.passes.int8 import (
     Int8Config,
     dequantize_per_channel,
@@ -23,6 +18,11 @@ from fxcompress.passes.int8 import (
     quantize_per_channel,
     step_mode,
 )
+
+import fxcompress
+from fxcompress.capture import capture
+from fxcompress.graph import find_layers
+from fxcompress.observers import OBSERVERS, affine_qparams, fake_quant_affine, observe
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten

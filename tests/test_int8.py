@@ -224,6 +224,8 @@ def test_int8_stacks_on_svd_factors():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(),
                                 torch.nn.Linear(128, 16)).eval()
+    with torch.no_grad():  # a rank-8 weight: its SVD factors are exact, then int8 on both
+        model[0].weight.copy_(torch.randn(128, 8) @ torch.randn(8, 128) / 30)
     x = torch.randn(64, 128)
     out = fxcompress.compile(model, (x,), profile=_profile("qdq", "static"),
                              techniques=["svd", "int8"], tolerance=0.2, objective="size")

@@ -68,6 +68,21 @@ class LayerStats:
     shape: tuple[int, ...] = ()  # input shape of the first calibration batch
     out_shape: tuple[int, ...] = ()  # output shape of the first calibration batch (filled later)
     samples: list[torch.Tensor] = field(default_factory=list)  # a few flattened input rows
+    # the layer's output: range over all batches and a few values (static int8 output qparams)
+    out_min: float = float("inf")
+    out_max: float = float("-inf")
+    out_samples: list[torch.Tensor] = field(default_factory=list)
+
+    def add_output(self, y: torch.Tensor, keep_values: int) -> None:
+        """Fold one batch of layer outputs in."""
+        if not y.is_floating_point() or y.numel() == 0:
+            return
+        y = y.detach()
+        self.out_min = min(self.out_min, float(y.min()))
+        self.out_max = max(self.out_max, float(y.max()))
+        have = sum(s.numel() for s in self.out_samples)
+        if have < keep_values:
+            self.out_samples.append(y.reshape(-1)[: keep_values - have].float().clone())
 
     def add(self, x: torch.Tensor, kind: str, keep_rows: int) -> None:
         """Fold one batch of layer inputs in."""
@@ -113,8 +128,8 @@ class Calibration:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 interp = OverrideInterpreter(gm, watch=kinds, on_input=on_input)
-                if i == 0:
-                    _record_out_shapes(interp, set(kinds), out_shapes)
+                _record_outputs(interp, set(kinds), out_shapes if i == 0 else {}, self.stats,
+                                keep_rows * 64)
                 try:
                     out = interp.run(*batch)
                 except Exception as e:
@@ -199,13 +214,15 @@ class Calibration:
         return (num / den) ** 0.5 if den > 0 else 0.0
 
 
-def _record_out_shapes(interp: OverrideInterpreter, names: set[str], out: dict) -> None:
+def _record_outputs(interp: OverrideInterpreter, names: set[str], out: dict,
+                    stats: dict[str, LayerStats], keep_values: int) -> None:
     original = interp.run_node
 
     def run_node(n):
         result = original(n)
         if n.name in names and isinstance(result, torch.Tensor):
             out[n.name] = tuple(result.shape)
+            stats[n.name].add_output(result, keep_values)
         return result
 
     interp.run_node = run_node

@@ -156,7 +156,7 @@ class Candidate:
         steps = self.steps
 
         def run(args, kwargs):
-            x = args[0]
+            x = args[1] if steps[0].op == "embedding" else args[0]  # embedding(weight, ids)
             for s in steps:
                 x = s.run(x)
             return x

@@ -82,7 +82,7 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
     options = []
     ordered = sorted((REGISTRY[t] for t in techniques if t in REGISTRY), key=lambda t: t.order)
     stackers = [t for t in ordered if t.stack is not None]
-    for layer in layers:
+    for index, layer in enumerate(layers):
         st = calib.stats[layer.node]
         weight = get_attr(gm, layer.weight_target).detach()
         bias = get_attr(gm, layer.bias_target).detach() if layer.bias_target else None
@@ -99,7 +99,7 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
             opt.skip_reason = "weight is not floating point"
             continue
         ctx = ProposeContext(profile, objective, st, opt.shapes, weight, bias, seed, calibrated,
-                             user_techniques)
+                             user_techniques, index, len(layers))
         proposed: list[Candidate] = []
         for tech in ordered:
             cands, why = tech.propose(layer, base, ctx)

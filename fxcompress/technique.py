@@ -41,6 +41,8 @@ class ProposeContext:
     seed: int
     calibrated: bool  # whether the user passed calibration data (activation-aware methods)
     user_techniques: bool  # the user named the techniques (do not skip for cost reasons)
+    layer_index: int = 0  # position of the layer among the graph's layers (first = 0)
+    layer_count: int = 1  # how many layers the graph has (binary keeps first and last wider)
 
 
 @dataclass(frozen=True)

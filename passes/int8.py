@@ -2,21 +2,39 @@
 
 Each weight W is stored as q = round(W / s) in [-127, 127] (int8) with one fp32 scale s per
 output channel (per row of an embedding), so the serialized program holds a quarter of the
-bytes. How the int8 weight is used is the profile's representation:
+bytes. How the int8 weight is used is the profile's representation (`int8_representation`), and
+how activations are quantized is the profile's `int8_activations`:
 
+- ``qdq`` (ExecuTorch + XNNPACK, ONNX Runtime): ``quantized_decomposed`` quantize / dequantize
+  ops in exactly the shape torchao's ``convert_pt2e`` emits, which is the shape the
+  ``XnnpackPartitioner`` and ONNX Runtime fuse into int8 kernels. Static: a q/dq pair on the
+  input and on the output (the output pair is what lets the partitioner take the op: without it
+  the op stays outside the delegate), weights through ``dequantize_per_channel``. Dynamic:
+  ``choose_qparams.tensor`` then q/dq ``.tensor`` on the input. Activations are per-tensor
+  affine int8 in [-128, 127]; static ranges come from calibration through an observer
+  (`fxcompress.observers`).
+- ``int_mm`` (x86 under Inductor): the input is quantized per token (dynamic) or per tensor
+  (static, symmetric), multiplied with ``torch._int_mm`` (int8 x int8 -> int32, VNNI) and
+  rescaled. Eagerly that is several ops; under ``torch.compile`` the quantization and rescale
+  fuse around the int8 GEMM, which is where it pays.
 - ``dequant``: q is converted back to the compute dtype in the graph (q * s) and fed to the
-  original op: storage shrinks, compute is unchanged.
+  original op: storage shrinks, compute is unchanged (weight-only).
 
-Activation quantization (static from calibration, or dynamic per token) is simulated in the
-planner exactly as the profile says the target runs it, so the error the planner measures is
-the error on the target.
+Embeddings are always gathered as int8 rows and scaled by their row's scale.
+
+The planner simulates each candidate with the same arithmetic the pass writes (`step_mode`
+decides both), so the error it measures is the error of the built graph.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.nn.functional as F
 from torch import fx
 
 from fxcompress.candidates import Candidate, Step
@@ -28,12 +46,20 @@ from fxcompress.graph import (
     op_type,
     weight_arg_index,
 )
+from fxcompress.observers import QMAX as AQMAX
+from fxcompress.observers import QMIN as AQMIN
+from fxcompress.observers import affine_qparams, fake_quant_affine, observe
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
 from fxcompress.technique import ProposeContext, Technique, register
 
 aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
 QMAX = 127
+EPS = torch.finfo(torch.float32).eps  # choose_qparams' eps, as torchao's dynamic quantizer
+OBSERVER = "mse"  # how static activation ranges are chosen (see fxcompress.observers)
+
+QParams = tuple[float, int]  # per-tensor (scale, zero point)
 
 
 def quantize_per_channel(w: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +81,8 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, axis: int = 0) 
 
 
 def fake_quant_static(absmax: float):
-    """Per-tensor symmetric int8 fake-quantization with a scale fixed from calibration."""
+    """Per-tensor symmetric int8 fake-quantization with a scale fixed from calibration (the
+    static ``int_mm`` arithmetic)."""
     scale = max(absmax, 1e-12) / QMAX
 
     def fq(x: torch.Tensor) -> torch.Tensor:
@@ -65,82 +92,341 @@ def fake_quant_static(absmax: float):
 
 
 def fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
-    """Per-row (per token) symmetric int8 fake-quantization with scales from the input."""
+    """Per-row (per token) symmetric int8 fake-quantization with scales from the input (the
+    dynamic ``int_mm`` arithmetic)."""
     scale = (x.abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(1e-12)
     return torch.round(x / scale).clamp(-QMAX, QMAX) * scale
 
 
-def _quantized_step(step: Step, profile, absmax: float | None) -> Step:
-    axis = 0
-    q, scale = quantize_per_channel(step.weight, axis)
-    act = profile.int8_activations
-    if step.op == "embedding":
-        iq = None
-    elif act == "static":
-        iq = fake_quant_static(absmax) if absmax is not None else fake_quant_dynamic
-    elif act == "dynamic":
+def fake_quant_qdq_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """The dynamic ``qdq`` arithmetic: per-tensor affine int8 from the input's own range."""
+    s, z = qd.choose_qparams.tensor(x, AQMIN, AQMAX, EPS, torch.int8)
+    q = qd.quantize_per_tensor.tensor(x, s, z, AQMIN, AQMAX, torch.int8)
+    return qd.dequantize_per_tensor.tensor(q, s, z, AQMIN, AQMAX, torch.int8)
+
+
+def step_mode(op: str, groups: int, representation: str, activations: str) -> str:
+    """How one op is quantized, for the planner's simulation and the pass alike:
+    "embedding", "weight_only", "int_mm_static", "int_mm_dynamic", "qdq_static" or
+    "qdq_dynamic"."""
+    if op == "embedding":
+        return "embedding"
+    if representation == "dequant" or activations == "none":
+        return "weight_only"
+    if representation == "int_mm":
+        # _int_mm is a matmul: convs keep int8 storage, dequantized for the float conv
+        return f"int_mm_{activations}" if op == "linear" else "weight_only"
+    if activations == "dynamic" and op == "conv2d" and groups > 1:
+        return "weight_only"  # XNNPACK has no dynamically quantized depthwise / grouped conv
+    return f"qdq_{activations}"
+
+
+# --- the planner's side ---------------------------------------------------------------------
+def _rows(step: Step, x: torch.Tensor) -> torch.Tensor | None:
+    """`step` applied to sample rows (inputs flattened to rows of features), where a row-wise
+    view of the step exists (linear, ungrouped 1x1 conv)."""
+    if step.op == "linear":
+        return F.linear(x, step.weight, step.bias)
+    if step.op == "conv2d" and step.weight.shape[2:] == (1, 1) and step.groups == 1:
+        return F.linear(x, step.weight[:, :, 0, 0], step.bias)
+    return None
+
+
+def _bound(step: Step, absmax: float) -> tuple[float, float]:
+    """A range that surely holds `step`'s output for inputs within +-absmax."""
+    w = step.weight.reshape(step.weight.shape[0], -1)
+    r = float(w.abs().sum(1).max()) * absmax
+    b = 0.0 if step.bias is None else float(step.bias.abs().max())
+    return -(r + b), r + b
+
+
+def static_qparams(steps: tuple[Step, ...], stats, observer: str = OBSERVER,
+                   ) -> tuple[tuple[QParams | None, QParams | None], ...]:
+    """Per step: (input qparams or None where the previous step's output pair already
+    quantized it, output qparams), from the layer's calibration statistics."""
+    samples = torch.cat(stats.samples) if stats.samples else torch.zeros(1, 1)
+    x_range = observe(samples, observer) if stats.samples else (-stats.absmax, stats.absmax)
+    out = []
+    rows: torch.Tensor | None = samples if stats.samples else None
+    absmax = stats.absmax
+    for i, s in enumerate(steps):
+        in_qp = affine_qparams(*x_range) if i == 0 else None
+        if i == len(steps) - 1 and stats.out_samples:
+            y_range = observe(torch.cat(stats.out_samples), observer)
+        else:
+            rows = _rows(s, fake_quant_affine(rows, *(in_qp or out[-1][1]))) \
+                if rows is not None else None
+            y_range = observe(rows, observer) if rows is not None else _bound(s, absmax)
+        out_qp = affine_qparams(*y_range)
+        out.append((in_qp, out_qp))
+        absmax = max(abs(y_range[0]), abs(y_range[1]))
+    return tuple(out)
+
+
+def symmetric_scale(qp: QParams) -> float:
+    """The symmetric int8 scale (q in [-127, 127]) covering the range of affine `qp`."""
+    s, z = qp
+    return max(abs(AQMIN - z), abs(AQMAX - z)) * s / QMAX
+
+
+def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: float | None,
+                    ) -> Step:
+    q, scale = quantize_per_channel(step.weight, 0)
+    iq: Callable | None = None
+    if mode == "int_mm_dynamic":
         iq = fake_quant_dynamic
-    else:
-        iq = None
-    return replace(step, weight=dequantize_per_channel(q, scale, axis), fmt="int8",
-                   weight_bytes=q.numel() + scale.numel() * 4, input_quant=iq)
+    elif mode == "int_mm_static":
+        iq = fake_quant_static(sym_absmax) if sym_absmax is not None else fake_quant_dynamic
+    elif mode == "qdq_dynamic":
+        iq = fake_quant_qdq_dynamic
+    elif mode == "qdq_static" and in_qp is not None:
+        s, z = in_qp
+        iq = lambda x: fake_quant_affine(x, s, z)  # noqa: E731
+    extra = scale.numel() * (4 + (8 if mode.startswith("qdq") else 0))  # + int64 zero points
+    return replace(step, weight=dequantize_per_channel(q, scale, 0), fmt="int8",
+                   weight_bytes=q.numel() + extra, input_quant=iq)
+
+
+def _chain_simulation(layer_node: str, steps: tuple[Step, ...],
+                      out_qps: tuple[QParams | None, ...]) -> dict[str, Callable]:
+    def run(args, kwargs):
+        x = args[0]
+        for s, oq in zip(steps, out_qps, strict=True):
+            x = s.run(x)
+            if oq is not None:
+                x = fake_quant_affine(x, *oq)
+        return x
+
+    return {layer_node: run}
 
 
 def propose(layer, base: Candidate, ctx: ProposeContext):
     """The layer with int8 weights (and activations, as the target runs them)."""
     if not ctx.profile.supports(layer.op, "int8"):
         return [], f"int8: {ctx.profile.name} does not run int8 {layer.op}"
+    p = ctx.profile
+    if step_mode(layer.op, layer.groups, p.int8_representation, p.int8_activations) \
+            == "weight_only" and p.int8_activations != "none" and not p.weight_only_speedup \
+            and ctx.objective == "latency" and not ctx.user_techniques:
+        return [], (f"int8: {p.name} runs {layer.op} (groups={layer.groups}) weight-only in "
+                    "this representation, which gains no speed there")
     cand = stack(base, ctx, technique="int8")
+    if cand is None:
+        return [], "int8: nothing to quantize"
     return [cand], None
 
 
-def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None) -> Candidate:
+def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
+          ) -> Candidate | None:
     """int8 on every step of another candidate's chain (e.g. both SVD factors)."""
-    steps = []
-    for i, s in enumerate(base.steps):
-        absmax = ctx.stats.absmax if i == 0 else None  # later steps: dynamic estimate
-        steps.append(_quantized_step(s, ctx.profile, absmax) if s.fmt != "int8" else s)
+    if base.payload.get("int8") or base.payload.get("binary"):
+        return None  # already quantized
+    p = ctx.profile
+    rep, act = p.int8_representation, p.int8_activations
+    modes = [step_mode(s.op, s.groups, rep, act) for s in base.steps]
+    static = any(m in ("qdq_static", "int_mm_static") for m in modes)
+    qparams = static_qparams(base.steps, ctx.stats) if static else None
+    steps, out_qps, act_params = [], [], []
+    for i, (s, m) in enumerate(zip(base.steps, modes, strict=True)):
+        in_qp = qparams[i][0] if qparams else None
+        sym = None
+        if m == "int_mm_static":
+            # symmetric per-tensor: the scale covering the range observed at this step's input
+            sym = symmetric_scale(qparams[i][0] or qparams[i - 1][1])
+            act_params.append(((sym, 0), None))
+        elif qparams:
+            act_params.append(qparams[i])
+        steps.append(_quantized_step(s, m, in_qp, None if sym is None else sym * QMAX))
+        out_qps.append(qparams[i][1] if m == "qdq_static" else None)
     name = technique or f"{base.technique}+int8"
-    params = dict(base.params, bits=8, activations=ctx.profile.int8_activations)
-    return Candidate(name, base.layer, params, tuple(steps), payload=dict(base.payload, int8=True))
+    params = dict(base.params, bits=8,
+                  activations=act if modes[0] not in ("weight_only", "embedding") else "none")
+    payload = dict(base.payload, int8=True, int8_representation=rep, int8_activations=act,
+                   int8_act=tuple(act_params) if static else None)
+    cand = Candidate(name, base.layer, params, tuple(steps), payload=payload)
+    if any(q is not None for q in out_qps):
+        cand.overrides = _chain_simulation(base.layer.node, tuple(steps), tuple(out_qps))
+    return cand
 
 
+# --- the pass ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Int8Config:
     """Which layers get int8 weights, and how they are represented."""
 
     layers: frozenset[str] = field(default_factory=frozenset)
     representation: str = "dequant"  # see hardware_profiles.INT8_REPRESENTATIONS
+    activations: str = "none"  # "static" | "dynamic" | "none" (weight-only)
+    # static activations: layer -> per op of the layer, in graph order, ((input scale, zero
+    # point) or None where the previous op's output pair already quantized it, output qparams)
+    act_params: Mapping[str, tuple] = field(default_factory=dict)
 
 
 def make_config(chosen: list[Candidate]) -> Int8Config:
     """The pass config for the chosen candidates (any that carry int8)."""
-    return Int8Config(frozenset(c.layer.name for c in chosen if c.payload.get("int8")))
+    mine = [c for c in chosen if c.payload.get("int8")]
+    kinds = {(c.payload.get("int8_representation", "dequant"),
+              c.payload.get("int8_activations", "none")) for c in mine}
+    if len(kinds) > 1:
+        raise ValueError(f"int8 candidates disagree on representation: {sorted(kinds)}")
+    rep, act = kinds.pop() if kinds else ("dequant", "none")
+    params = {c.layer.name: c.payload["int8_act"] for c in mine if c.payload.get("int8_act")}
+    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params)
+
+
+def _weight_buffers(gm, layer, node, weight, mode):
+    q, scale = quantize_per_channel(weight, 0)
+    qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
+    if mode.startswith("qdq"):
+        sn = add_buffer(gm, f"{layer}.int8_scale", scale, node)
+        zn = add_buffer(gm, f"{layer}.int8_zero_point",
+                        torch.zeros(scale.numel(), dtype=torch.int64), node)
+        return qn, sn, zn
+    return qn, scale
+
+
+def _qdq_pair(g, x, qp: QParams, layer) -> fx.Node:
+    s, z = qp
+    q = call(g, qd.quantize_per_tensor.default, (x, s, z, AQMIN, AQMAX, torch.int8), layer=layer)
+    return call(g, qd.dequantize_per_tensor.default, (q, s, z, AQMIN, AQMAX, torch.int8),
+                layer=layer)
+
+
+def _rewrite_qdq(gm, node, layer, weight, mode, step_qp):
+    g = gm.graph
+    wi = weight_arg_index(op_type(node))
+    qn, sn, zn = _weight_buffers(gm, layer, node, weight, mode)
+    x = node.args[0]
+    with g.inserting_before(node):
+        wd = call(g, qd.dequantize_per_channel.default,
+                  (qn, sn, zn, 0, -QMAX, QMAX, torch.int8), layer=layer)
+        if mode == "qdq_dynamic":
+            cq = call(g, qd.choose_qparams.tensor, (x, AQMIN, AQMAX, EPS, torch.int8),
+                      layer=layer)
+            s = call(g, operator.getitem, (cq, 0), layer=layer)
+            z = call(g, operator.getitem, (cq, 1), layer=layer)
+            xq = call(g, qd.quantize_per_tensor.tensor, (x, s, z, AQMIN, AQMAX, torch.int8),
+                      layer=layer)
+            x = call(g, qd.dequantize_per_tensor.tensor, (xq, s, z, AQMIN, AQMAX, torch.int8),
+                     layer=layer)
+        elif step_qp[0] is not None:
+            x = _qdq_pair(g, x, step_qp[0], layer)
+    args = list(node.args)
+    args[0], args[wi] = x, wd
+    node.args = tuple(args)
+    if mode == "qdq_static":
+        users = list(node.users)
+        nxt = node.next  # the pair goes between the op and what followed it
+        with g.inserting_before(nxt):
+            out = _qdq_pair(g, node, step_qp[1], layer)
+        for u in users:
+            u.replace_input_with(node, out)
+
+
+def _rewrite_int_mm(gm, node, layer, weight, mode, sym_scale):
+    g = gm.graph
+    n_out, k = weight.shape
+    x = node.args[0]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    q, wscale = quantize_per_channel(weight, 0)
+    qn = add_buffer(gm, f"{layer}.int8_weight", q, node)  # (N, K): _int_mm reads it transposed
+    with g.inserting_before(node):
+        xv = x.meta["val"]
+        lead = [d if isinstance(d, int) else call(g, aten.sym_size.int, (x, i))
+                for i, d in enumerate(xv.shape[:-1])]
+        x2 = call(g, aten.reshape.default, (x, [-1, k]), layer=layer) if xv.dim() != 2 else x
+        if mode == "int_mm_dynamic":
+            a = call(g, aten.amax.default, (call(g, aten.abs.default, (x2,), layer=layer), [1],
+                                            True), layer=layer)
+            s = call(g, aten.clamp_min.default, (call(g, aten.div.Tensor, (a, float(QMAX)),
+                                                      layer=layer), 1e-12), layer=layer)
+            r = call(g, aten.div.Tensor, (x2, s), layer=layer)
+            sn = add_buffer(gm, f"{layer}.int8_scale", wscale, node)
+        else:
+            r = call(g, aten.div.Tensor, (x2, sym_scale), layer=layer)
+            sn = add_buffer(gm, f"{layer}.int8_scale", wscale * sym_scale, node)
+        r = call(g, aten.clamp.default, (call(g, aten.round.default, (r,), layer=layer), -QMAX,
+                                         QMAX), layer=layer)
+        xq = call(g, aten._to_copy.default, (r,), {"dtype": torch.int8}, layer=layer)
+        wt = call(g, aten.t.default, (qn,), layer=layer)
+        acc = call(g, aten._int_mm.default, (xq, wt), layer=layer)
+        y = call(g, aten._to_copy.default, (acc,), {"dtype": torch.float32}, layer=layer)
+        if mode == "int_mm_dynamic":
+            y = call(g, aten.mul.Tensor, (y, s), layer=layer)
+        y = call(g, aten.mul.Tensor, (y, sn), layer=layer)
+        if bias is not None:
+            y = call(g, aten.add.Tensor, (y, bias), layer=layer)
+        if xv.dim() != 2:
+            y = call(g, aten.reshape.default, (y, [*lead, n_out]), layer=layer)
+    node.replace_all_uses_with(y)
+    g.erase_node(node)
+
+
+def _rewrite_embedding(gm, node, layer, weight):
+    g = gm.graph
+    q, scale = quantize_per_channel(weight, 0)
+    qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
+    sn = add_buffer(gm, f"{layer}.int8_scale", scale.view(-1, 1), node)
+    ids = node.args[1]
+    with g.inserting_before(node):
+        rows = call(g, aten.embedding.default, (qn, ids), layer=layer)
+        rs = call(g, aten.embedding.default, (sn, ids), layer=layer)
+        f = call(g, aten._to_copy.default, (rows,), {"dtype": torch.float32}, layer=layer)
+        out = call(g, aten.mul.Tensor, (f, rs), layer=layer)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def _rewrite_weight_only(gm, node, layer, weight):
+    g = gm.graph
+    wi = weight_arg_index(op_type(node))
+    q, scale = quantize_per_channel(weight, 0)
+    qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
+    sn = add_buffer(gm, f"{layer}.int8_scale", scale.view([-1] + [1] * (q.dim() - 1)), node)
+    with g.inserting_before(node):
+        f = call(g, aten._to_copy.default, (qn,), {"dtype": torch.float32}, layer=layer)
+        deq = call(g, aten.mul.Tensor, (f, sn), layer=layer)
+    args = list(node.args)
+    args[wi] = deq
+    node.args = tuple(args)
 
 
 def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
-    """Store the weight of every op of each configured layer as int8 + per-channel scales."""
+    """Store the weight of every op of each configured layer as int8 + per-channel scales,
+    written in the configured representation."""
     modified = False
+    step_index: dict[str, int] = {}
     for node in list(gm.graph.nodes):
         layer = node.meta.get(LAYER_META)
         op = op_type(node)
         if layer not in config.layers or op is None:
             continue
-        wi = weight_arg_index(op)
-        w_node = node.args[wi]
+        w_node = node.args[weight_arg_index(op)]
         if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
             continue  # already rewritten (its weight is computed)
         weight = get_attr(gm, w_node.target)
-        q, scale = quantize_per_channel(weight, 0)
-        qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
-        sn = add_buffer(gm, f"{layer}.int8_scale", scale.view([-1] + [1] * (q.dim() - 1)), node)
-        g = gm.graph
-        with g.inserting_before(node):
-            f = call(g, aten._to_copy.default, (qn,), {"dtype": torch.float32}, layer=layer)
-            deq = call(g, aten.mul.Tensor, (f, sn), layer=layer)
-        args = list(node.args)
-        args[wi] = deq
-        node.args = tuple(args)
+        if not weight.is_floating_point():
+            continue
+        i = step_index.get(layer, 0)
+        step_index[layer] = i + 1
+        groups = int(node.args[6]) if op == "conv2d" and len(node.args) > 6 else 1
+        mode = step_mode(op, groups, config.representation, config.activations)
+        step_qp = None
+        if mode in ("qdq_static", "int_mm_static"):
+            per_layer = config.act_params.get(layer)
+            if per_layer is None or i >= len(per_layer):
+                raise ValueError(f"int8: static activations for {layer} need calibrated "
+                                 "act_params (build the config with make_config)")
+            step_qp = per_layer[i]
+        if mode == "embedding":
+            _rewrite_embedding(gm, node, layer, weight)
+        elif mode == "weight_only":
+            _rewrite_weight_only(gm, node, layer, weight)
+        elif mode.startswith("int_mm"):
+            sym = step_qp[0][0] if mode == "int_mm_static" else None
+            _rewrite_int_mm(gm, node, layer, weight, mode, sym)
+        else:
+            _rewrite_qdq(gm, node, layer, weight, mode, step_qp)
         modified = True
     if modified:
         drop_unused_attrs(gm)

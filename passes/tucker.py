@@ -41,7 +41,7 @@ from fxcompress.technique import ProposeContext, Technique, register
 aten = torch.ops.aten
 
 #: Relative weight errors the rank ladder aims at (one candidate per target after rounding).
-WEIGHT_ERROR_LADDER = (0.05, 0.1, 0.2, 0.3, 0.45)
+WEIGHT_ERROR_LADDER = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
 #: HOOI sweeps after the SVD start; the fit changes little after a few on conv weights.
 HOOI_ITERATIONS = 10
 

@@ -34,6 +34,7 @@ from torch import fx
 
 from fxcompress.calibration import Calibration
 from fxcompress.candidates import Candidate, Shapes, step_of_layer
+from fxcompress.capture import inference_graph
 from fxcompress.errors import FxCompressError
 from fxcompress.graph import Layer, get_attr
 from fxcompress.hardware_profiles import Profile
@@ -212,7 +213,9 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
     passes = []
     for tech in sorted((REGISTRY[t] for t in by_tech), key=lambda t: t.order):
         passes.append((tech.name, tech.apply, tech.make_config(by_tech[tech.name])))
-    return run_passes(work, passes)
+    result = run_passes(work, passes)
+    inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train
+    return result
 
 
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,

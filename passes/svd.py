@@ -2,14 +2,31 @@
 
 W (m x n) is approximated by U (m x r) @ V (r x n). Plain SVD minimizes ||W - UV||; the
 activation-aware variant minimizes the layer's *output* error on the calibration inputs,
-||(W - UV) X||, by factoring W S where S S^T is the second moment of the inputs (whitening),
-then un-whitening V. It is the default whenever calibration data exists. A layer is never
-factored where r(m + n) >= mn: the factors would be no smaller than the weight.
+||(W - UV) X||, which is ||(W - UV) S|| for any S with S S^T = C, the inputs' second moment.
+It is the default whenever calibration data exists. A layer is never factored where
+r(m + n) >= mn: the factors would be no smaller than the weight.
+
+How the factors are computed, by shape:
+
+- m <= n: the best rank-r approximation under C is P_r W, where P_r projects onto the top r
+  eigenvectors of W C W^T (m x m). No whitening is needed, so a covariance that is not positive
+  definite costs nothing.
+- m > n: the SVD of W S (through the eigen-decomposition of the n x n matrix S^T W^T W S), with
+  S from `whitening`: a damped Cholesky factor, or an eigen-decomposition with clamped
+  eigenvalues when the covariance is not positive definite. V is un-whitened by S^-1.
+- min(m, n) >= RANDOMIZED_MIN_DIM: a randomized range finder (seeded `torch.Generator`, a few
+  power iterations) on the operator W C W^T, applied without forming it, finds only the top
+  ranks the ladder can use, so compile time stays low on large layers.
+
+Rank selection: every route yields the layer's relative output error at every rank r,
+sqrt(tr(dW C dW^T) / tr(W C W^T)), exactly and at once (C = I without calibration: the weight's
+energy). The candidates are the smallest ranks that meet a ladder of local errors, rounded up to
+the profile's channel alignment; the planner then measures each one end to end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +40,18 @@ from fxcompress.technique import ProposeContext, Technique, register
 
 aten = torch.ops.aten
 
+#: Relative layer-output errors the rank ladder aims at: one candidate per target (after
+#: rounding and de-duplication), from nearly lossless to the lossy end where only an
+#: evaluate()-driven search would still accept a layer.
+LOCAL_ERROR_LADDER = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35)
+#: From this size of the smaller dimension on, the top ranks come from a randomized range
+#: finder instead of a full eigen-decomposition (BERT-base's 768 is the first size where the
+#: full route dominates compile time on 2 cores).
+RANDOMIZED_MIN_DIM = 768
+#: With the randomized route only ranks up to this share of min(m, n) are computed and offered:
+#: past it a factorization saves too little to pay for its second op.
+RANDOMIZED_MAX_SHARE = 0.25
+
 
 @dataclass(frozen=True)
 class SVDConfig:
@@ -33,53 +62,135 @@ class SVDConfig:
 
 
 def whitening(cov: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, S^-1) with S S^T = cov. Cholesky of the damped second moment; when it is not
+    """(S, S^-1) with S S^T = cov (damped). Cholesky of the damped second moment; when it is not
     positive definite, an eigen-decomposition with eigenvalues clamped from below."""
     cov = cov.double()
     n = cov.shape[0]
     eps = damp * float(cov.diagonal().mean().clamp_min(1e-30))
-    try:
-        s = torch.linalg.cholesky(cov + eps * torch.eye(n, dtype=cov.dtype))
-        s_inv = torch.linalg.solve_triangular(s, torch.eye(n, dtype=cov.dtype), upper=False)
-        return s, s_inv
-    except torch.linalg.LinAlgError:
-        vals, vecs = torch.linalg.eigh(cov)
-        vals = vals.clamp_min(eps)
-        return vecs * vals.sqrt(), (vecs / vals.sqrt()).T
+    eye = torch.eye(n, dtype=cov.dtype)
+    s, info = torch.linalg.cholesky_ex(cov + eps * eye)
+    if int(info) == 0 and bool(torch.isfinite(s).all()):
+        return s, torch.linalg.solve_triangular(s, eye, upper=False)
+    vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+    vals = vals.clamp_min(eps)
+    return vecs * vals.sqrt(), (vecs / vals.sqrt()).T
 
 
 @dataclass(frozen=True)
 class Decomposition:
-    """The SVD of a (possibly whitened) weight, from which factors of any rank are cut."""
+    """Factors of a weight from which any rank up to `max_rank` is cut, and the relative output
+    error at every rank: W_r = second[:, :r] @ first[:r]."""
 
-    u: torch.Tensor  # m x k
-    s: torch.Tensor  # k
-    vh: torch.Tensor  # k x n, already un-whitened
-    energy: torch.Tensor  # cumulative share of squared singular values, k
+    first: torch.Tensor  # k x n (float64)
+    second: torch.Tensor  # m x k (float64)
+    errors: torch.Tensor  # k + 1: relative layer-output error at rank 0..k
+    aware: bool  # whether the factors minimize the output error under the covariance
+    randomized: bool  # whether only the top ranks were computed, by a randomized range finder
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank the factors hold."""
+        return self.first.shape[0]
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(V: rank x n, U: m x rank), float32."""
-        v = self.vh[:rank]
-        u = self.u[:, :rank] * self.s[:rank]
-        return v.float().contiguous(), u.float().contiguous()
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} is outside 1..{self.max_rank}")
+        return (self.first[:rank].float().contiguous(),
+                self.second[:, :rank].float().contiguous())
 
-    def rank_for_energy(self, share: float) -> int:
-        """Smallest rank keeping `share` of the (whitened) spectrum's energy."""
-        return int(torch.searchsorted(self.energy, torch.tensor(share, dtype=self.energy.dtype))
-                   ) + 1
+    def error_at(self, rank: int) -> float:
+        """Relative layer-output error at `rank` (on the calibration inputs when a covariance
+        was given, else relative weight error)."""
+        return float(self.errors[rank])
+
+    def rank_for_error(self, target: float) -> int | None:
+        """Smallest rank whose error is at most `target`, or None past `max_rank`."""
+        ok = (self.errors[1:] <= target).nonzero()
+        return int(ok[0]) + 1 if len(ok) else None
 
 
-def decompose(weight: torch.Tensor, cov: torch.Tensor | None = None) -> Decomposition:
-    """SVD of a 2-D weight, activation-aware when `cov` (n x n input second moment) is given."""
+def _descending_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return vals.flip(0).clamp_min(0), vecs.flip(1)
+
+
+def _top_eigh_randomized(op: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int,
+                         generator: torch.Generator, oversample: int = 10,
+                         power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of a PSD operator `op` (dim x dim) given only its products: a Gaussian
+    sketch, subspace (power) iterations, and the eigen-decomposition of the projected
+    matrix (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.3)."""
+    q = min(dim, k + oversample)
+    sketch = torch.randn(dim, q, generator=generator, dtype=torch.float64)
+    basis = torch.linalg.qr(op(sketch)).Q
+    for _ in range(power_iters):
+        basis = torch.linalg.qr(op(basis)).Q
+    vals, vecs = _descending_eigh(basis.T @ op(basis))
+    return vals[:k], basis @ vecs[:, :k]
+
+
+def _errors(total: float, captured: torch.Tensor) -> torch.Tensor:
+    """Relative error at ranks 0..k from the energy each rank captures."""
+    head = torch.cat([torch.zeros(1, dtype=torch.float64), captured.cumsum(0)])
+    return ((total - head).clamp_min(0) / max(total, 1e-300)).sqrt()
+
+
+def decompose(weight: torch.Tensor, cov: torch.Tensor | None = None, *, aware: bool = True,
+              max_rank: int | None = None, seed: int = 0,
+              randomized: bool | None = None) -> Decomposition:
+    """Low-rank factors of a 2-D weight (m x n), with the relative output error at every rank.
+
+    `cov` is the n x n second moment of the layer's inputs; with `aware` the factors minimize
+    the output error under it, else they are the plain SVD's and `cov` only weighs the errors.
+    `max_rank` bounds the ranks computed; `randomized` forces (True) or forbids (False) the
+    randomized route, which by default is taken from min(m, n) >= RANDOMIZED_MIN_DIM on."""
     w = weight.detach().double()
-    if cov is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    m, n = w.shape
+    full = min(m, n)
+    k = full if max_rank is None else max(1, min(full, max_rank))
+    if randomized is None:
+        randomized = full >= RANDOMIZED_MIN_DIM and k < full // 2
+    c = None if cov is None else cov.detach().double()
+    weigh = c is not None
+    if not weigh:
+        aware = False
+    wc = w @ c if weigh else w
+    total = float((w * wc).sum())  # tr(W C W^T)
+
+    if randomized:
+        gen = torch.Generator().manual_seed(seed)
+        if aware:
+            def op(x):
+                return wc @ (w.T @ x)
+        else:
+            def op(x):
+                return w @ (w.T @ x)
+        _, u = _top_eigh_randomized(op, m, k, gen)
+        first, second = u.T @ w, u
+    elif m <= n or not aware:
+        if m <= n:
+            _, u = _descending_eigh(wc @ w.T if aware else w @ w.T)
+            u = u[:, :k]
+            first, second = u.T @ w, u
+        else:
+            _, v = _descending_eigh(w.T @ w)
+            v = v[:, :k]
+            first, second = v.T, w @ v
     else:
-        sq, sq_inv = whitening(cov)
-        u, s, vh = torch.linalg.svd(w @ sq, full_matrices=False)
-        vh = vh @ sq_inv
-    e = (s**2).cumsum(0)
-    return Decomposition(u, s, vh, e / e[-1].clamp_min(1e-300))
+        s, s_inv = whitening(c)
+        a = w @ s
+        _, v = _descending_eigh(a.T @ a)
+        v = v[:, :k]
+        first, second = v.T @ s_inv, a @ v
+    # Every route leaves the columns of `second` mutually orthogonal, so the components'
+    # output energies ||second_i||^2 * first_i C first_i^T add up without cross terms: their
+    # prefix sums are exactly what ranks 1..k keep of tr(W C W^T).
+    if weigh:
+        captured = (second ** 2).sum(0) * ((first @ c) * first).sum(1)
+    else:
+        captured = (second ** 2).sum(0) * (first ** 2).sum(1)
+    return Decomposition(first, second, _errors(total, captured), aware, randomized)
 
 
 def max_useful_rank(m: int, n: int) -> int:
@@ -95,8 +206,22 @@ def _as_matrix(layer, weight: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def rank_ladder(dec: Decomposition, rmax: int, align: Callable[[int], int]) -> list[int]:
+    """Ranks to offer: the smallest meeting each local error of LOCAL_ERROR_LADDER, rounded up
+    to the alignment, kept where r(m + n) < mn and the factors hold the rank."""
+    ranks = set()
+    for target in LOCAL_ERROR_LADDER:
+        r = dec.rank_for_error(target)
+        if r is None:
+            continue
+        r = align(r)
+        if r <= min(rmax, dec.max_rank):
+            ranks.add(r)
+    return sorted(ranks)
+
+
 def propose(layer, base: Candidate, ctx: ProposeContext):
-    """Factorizations of `layer` at a ladder of ranks that the cost model says pay off."""
+    """Factorizations of `layer` at the ranks of its local-error ladder."""
     w = _as_matrix(layer, ctx.weight)
     if w is None:
         return [], "svd applies to linear and ungrouped 1x1 conv layers only"
@@ -105,16 +230,18 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     if rmax < 1:
         return [], f"svd: {m}x{n} is too small to factor (r(m+n) >= mn for every r)"
     cov = ctx.stats.covariance if ctx.calibrated and ctx.stats.gram is not None else None
-    dec = decompose(w, cov)
-    ranks = set()
-    for share in (0.8, 0.9, 0.95, 0.98, 0.99, 0.995):
-        ranks.add(dec.rank_for_energy(share))
-    for frac in (0.125, 0.25, 0.5):
-        ranks.add(int(rmax * frac))
-    aligned = sorted({min(ctx.profile.align(r), rmax) for r in ranks if r >= 1})
-    aligned = [r for r in aligned if r * (m + n) < m * n]
+    full = min(m, n)
+    cap = rmax
+    if full >= RANDOMIZED_MIN_DIM:
+        cap = min(rmax, max(ctx.profile.alignment, int(full * RANDOMIZED_MAX_SHARE)))
+    dec = decompose(w, cov, aware=True, max_rank=cap, seed=ctx.seed)
+    ranks = rank_ladder(dec, rmax, ctx.profile.align)
+    if not ranks:
+        lowest = dec.error_at(min(cap, dec.max_rank))
+        return [], (f"svd: no rank below {cap} (aligned to {ctx.profile.alignment}) meets even "
+                    f"the loosest local error {LOCAL_ERROR_LADDER[-1]:g} (best {lowest:.3g})")
     cands = []
-    for r in aligned:
+    for r in ranks:
         v, u = dec.factors(r)
         if layer.op == "linear":
             steps = (Step("linear", v), Step("linear", u, ctx.bias))
@@ -122,11 +249,8 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
             steps = (Step("conv2d", v[:, :, None, None], None, layer.stride, layer.padding,
                           layer.dilation),
                      Step("conv2d", u[:, :, None, None], ctx.bias))
-        cands.append(Candidate("svd", layer, {"rank": r,
-                                              "aware": cov is not None}, steps,
-                               payload={"svd": (v, u)}))
-    if not cands:
-        return [], "svd: no rank rounded to the profile's alignment is smaller than the weight"
+        cands.append(Candidate("svd", layer, {"rank": r, "aware": dec.aware}, steps,
+                               payload={"svd": (v, u), "local_error": dec.error_at(r)}))
     return cands, None
 
 
@@ -144,7 +268,7 @@ def svd_pass(gm: fx.GraphModule, config: SVDConfig) -> PassResult:
             continue
         v, u = config.factors[layer]
         x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else None
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if tuple(get_attr(gm, w.target).shape[:2]) != (u.shape[0], v.shape[1]):
             raise ValueError(f"factors of {layer} do not match its weight")
         g = gm.graph
@@ -155,11 +279,14 @@ def svd_pass(gm: fx.GraphModule, config: SVDConfig) -> PassResult:
                 first = call(g, aten.linear.default, (x, vn), layer=layer)
                 second = call(g, aten.linear.default, (first, un, bias), layer=layer)
         else:
+            # stride / padding / dilation go on the first factor (a padded 1x1 conv gives
+            # zeros there, which the bias-free first factor keeps zero); groups is 1. The
+            # node's own overload is kept, since `conv2d.padding` takes a padding string.
             rest = list(node.args[3:])
             vn = add_buffer(gm, f"{layer}.svd_v", v[:, :, None, None], node)
             un = add_buffer(gm, f"{layer}.svd_u", u[:, :, None, None], node)
             with g.inserting_before(node):
-                first = call(g, aten.conv2d.default, (x, vn, None, *rest), layer=layer)
+                first = call(g, node.target, (x, vn, None, *rest), layer=layer)
                 second = call(g, aten.conv2d.default, (first, un, bias), layer=layer)
         node.replace_all_uses_with(second)
         g.erase_node(node)

@@ -16,7 +16,16 @@ from fxcompress.capture import capture
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
-from fxcompress.planner import build_options, enforce_budgets, measure, no_grad_eval, verify
+from fxcompress.hostbench import calibrated
+from fxcompress.planner import (
+    build_options,
+    enforce_budgets,
+    measure,
+    no_grad_eval,
+    verify,
+    weight_bytes,
+)
+from fxcompress.progress import Progress
 from fxcompress.report import CandidateReport, LayerReport, Report
 from fxcompress.technique import REGISTRY
 
@@ -71,17 +80,20 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
             = None, tolerance: float = DEFAULT_TOLERANCE, evaluate: Callable | None = None,
             techniques: Iterable[str] | None = None, objective: str | None = None,
             dynamic_shapes=None, recover=None, seed: int = 0,
-            progress: Callable[[str], None] | None = None) -> fx.GraphModule:
+            progress: Callable[[str], None] | None = None,
+            time_budget: float | None = None) -> fx.GraphModule:
     """Compress `model` for the target `profile` within `tolerance`.
 
     Returns an ATen-level `torch.fx.GraphModule` that runs in eager mode, accepts any batch
     size where the model allows it, and that `torch.export.export(result, example_inputs)`
     accepts. `result.meta["fxcompress_report"]` is the `Report`. The input model is never
-    modified. See DESIGN §1 for every argument; `seed` fixes every random choice and `progress`
-    receives one line per planner step."""
+    modified. See DESIGN §1 for every argument. Beyond it: `seed` fixes every random choice;
+    `progress` receives one line per planner step (a bar is drawn on a terminal regardless);
+    `time_budget` (seconds) bounds the measurement of candidates: those not measured in time
+    are dropped, each with that reason in the report."""
     start = time.perf_counter()
     log = progress or (lambda s: None)
-    prof = load_profile(profile)
+    prof = calibrated(load_profile(profile))
     tol = _check_tolerance(tolerance, evaluate)
     techs, user_techs = _check_techniques(techniques, prof)
     obj = prof.objective if objective is None else objective
@@ -104,13 +116,16 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
                             calibrated=calibration is not None, user_techniques=user_techs,
                             scale_batch=scale)
     log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
-    measure(options, calib)
+    deadline = None if time_budget is None else start + float(time_budget)
+    measure(options, calib, Progress("measuring candidates").update, deadline)
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
     base_score = float(score_fn(gm)) if score_fn is not None else None
-    plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log)
+    budget = prof.weight_budget_bytes
+    fits = (lambda choice: True) if budget is None else \
+        (lambda choice: weight_bytes(options, choice) <= budget)
+    plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log, fits)
     result = plan.graph_module
-    enforce_budgets(prof, sum(plan.choice[o.layer.name].stored_bytes if o.layer.name in
-                              plan.choice else o.base.stored_bytes for o in options))
+    budget_notes = enforce_budgets(prof, options, plan.choice)
     try:
         ep_after = torch.export.export(result, _export_args(cap.example_inputs),
                                        dynamic_shapes=cap.dynamic_shapes, strict=False)
@@ -125,6 +140,7 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     report.dynamic_batch = cap.dynamic_batch
     if cap.note:
         report.notes.append(cap.note)
+    report.notes.extend(budget_notes)
     report.notes.extend(plan.history)
     report.compile_seconds = time.perf_counter() - start
     result.meta[REPORT_KEY] = report

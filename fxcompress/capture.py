@@ -119,6 +119,8 @@ def capture(model, example_inputs=None, dynamic_shapes=None) -> Captured:
 
 
 def _input_batch_sizes(ep: ExportedProgram) -> list:
+    """Dim 0 of each tensor input: an int where export specialized it, else its symbol."""
+    free = {str(sym) for sym in ep.range_constraints}
     sizes = []
     for spec in ep.graph_signature.input_specs:
         if spec.kind.name != "USER_INPUT":
@@ -126,7 +128,9 @@ def _input_batch_sizes(ep: ExportedProgram) -> list:
         node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0:
-            sizes.append(val.shape[0])
+            d = val.shape[0]
+            dynamic = isinstance(d, torch.SymInt) and str(d.node.expr) in free
+            sizes.append(d if dynamic else int(d))
     return sizes
 
 

@@ -6,12 +6,15 @@
    candidate that does not improve the objective on the target is dropped, with the reason.
 2. **Sensitivity.** Each remaining candidate's error is measured alone: the original graph is
    run on the calibration data with only that layer simulated as rewritten.
-3. **Selection.** Greedy by marginal gain per unit of squared error: starting from nothing,
-   repeatedly take the layer upgrade with the best ratio whose estimated total error
-   (the root of the sum of squared errors, as for independent noise) stays within the budget.
-4. **Verification.** The chosen plan is built for real and its end-to-end error measured. If it
-   exceeds the tolerance the budget is tightened in proportion and the plan redone; if that does
-   not converge, the most harmful choices are backed off one at a time until it holds.
+3. **Selection.** A greedy sequence of plans: each step upgrades the one layer whose next
+   rewrite adds the most gain on the objective per unit of added squared error. The plan for a
+   tolerance is the longest prefix of that sequence whose estimated error (the root of the sum
+   of squared single-rewrite errors, as for independent noise) is within 0.9 x tolerance, so a
+   looser tolerance only ever extends a plan.
+4. **Verification and back-off.** The plan is built for real and its end-to-end error (or the
+   drop of the user's `evaluate`) measured. If it misses the tolerance, the last, least
+   efficient upgrades are backed off: a binary search over shorter prefixes finds the longest
+   that holds.
 
 Everything iterates in graph order and ties break by order, so the same inputs and seed give
 the same plan.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +51,7 @@ class LayerOptions:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (rewrite, reason)
     skip_reason: str | None = None  # why the layer is left alone before any candidate
     mandatory: bool = False  # the target cannot run this layer unless it is rewritten (int8)
+    shapes: Shapes | None = None  # input / output shapes on the example batch
 
 
 @dataclass
@@ -82,7 +87,7 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
         inp = _scaled(st.shape, scale_batch)
         base = Candidate("none", layer, {}, (step_of_layer(layer, weight, bias),))
         base = base.costed(inp, profile)
-        opt = LayerOptions(layer, base)
+        opt = LayerOptions(layer, base, shapes=Shapes(inp, _scaled(st.out_shape, scale_batch)))
         options.append(opt)
         if layer.shared_with:
             opt.skip_reason = (f"weight shared with {', '.join(layer.shared_with)}; one plan "
@@ -91,9 +96,8 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
         if not weight.is_floating_point():
             opt.skip_reason = "weight is not floating point"
             continue
-        ctx = ProposeContext(profile, objective, st, Shapes(inp, _scaled(st.out_shape,
-                                                                         scale_batch)),
-                             weight, bias, seed, calibrated, user_techniques)
+        ctx = ProposeContext(profile, objective, st, opt.shapes, weight, bias, seed, calibrated,
+                             user_techniques)
         proposed: list[Candidate] = []
         for tech in ordered:
             cands, why = tech.propose(layer, base, ctx)
@@ -133,31 +137,43 @@ def _scaled(shape: tuple, factor: float) -> tuple:
 
 
 def measure(options: list[LayerOptions], calib: Calibration, progress: Callable | None = None,
-            ) -> None:
-    """Fill in each candidate's error, measured alone."""
+            deadline: float | None = None) -> int:
+    """Fill in each candidate's error, measured alone. Past `deadline` (a `time.perf_counter`
+    value) the remaining candidates are dropped with that reason; returns how many were."""
     total = sum(len(o.candidates) for o in options)
-    done = 0
+    done = dropped = 0
     for opt in options:
+        kept = []
         for c in opt.candidates:
+            if deadline is not None and time.perf_counter() > deadline:
+                opt.rejected.append((c.describe(), "not measured within the time budget"))
+                dropped += 1
+                continue
             c.error = calib.error(c.simulation())
+            kept.append(c)
             done += 1
             if progress:
-                progress(done, total)
+                progress(done + dropped, total)
+        opt.candidates = kept
+    return dropped
 
 
-def select(options: list[LayerOptions], budget: float, objective: str,
-           exclude: dict[str, set[int]] | None = None) -> dict[str, Candidate]:
-    """Greedy selection within an error budget (see module docstring)."""
-    exclude = exclude or {}
+def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candidate]]:
+    """The greedy sequence of plans: plan k+1 is plan k with the one layer upgrade of best
+    marginal gain per unit of added squared error. Plan 0 holds only the rewrites the target
+    requires (int8-only layers, at their least lossy). Every plan is a superset-in-gain of the
+    one before it, so a looser tolerance (a later plan) never gives a bigger or slower model."""
     choice: dict[str, int] = {}
-    err2 = 0.0
     for opt in options:
         if opt.mandatory and opt.candidates:
-            allowed = [i for i in range(len(opt.candidates))
-                       if i not in exclude.get(opt.layer.name, set())] or [0]
-            best = min(allowed, key=lambda i: (opt.candidates[i].error, i))
-            choice[opt.layer.name] = best
-            err2 += opt.candidates[best].error ** 2
+            choice[opt.layer.name] = min(range(len(opt.candidates)),
+                                         key=lambda i: (opt.candidates[i].error, i))
+    by_name = {o.layer.name: o for o in options}
+
+    def snapshot():
+        return {n: by_name[n].candidates[i] for n, i in choice.items()}
+
+    plans = [snapshot()]
     while True:
         best_key, best_move = None, None
         for oi, opt in enumerate(options):
@@ -165,25 +181,22 @@ def select(options: list[LayerOptions], budget: float, objective: str,
             cur_gain = 0.0 if cur is None else gain(opt.candidates[cur], opt.base, objective)
             cur_e2 = 0.0 if cur is None else opt.candidates[cur].error ** 2
             for ci, c in enumerate(opt.candidates):
-                if ci in exclude.get(opt.layer.name, set()):
-                    continue
                 d_gain = gain(c, opt.base, objective) - cur_gain
                 if d_gain <= 0:
                     continue
-                d_e2 = c.error ** 2 - cur_e2
-                if err2 + d_e2 > budget ** 2 + 1e-30:
-                    continue
-                ratio = d_gain / max(d_e2, 1e-18)
-                key = (ratio, -oi, -ci)
+                d_e2 = max(c.error ** 2 - cur_e2, 1e-18)
+                key = (d_gain / d_e2, -oi, -ci)
                 if best_key is None or key > best_key:
-                    best_key, best_move = key, (opt.layer.name, ci, d_e2)
+                    best_key, best_move = key, (opt.layer.name, ci)
         if best_move is None:
-            break
-        name, ci, d_e2 = best_move
-        choice[name] = ci
-        err2 += d_e2
-    by_name = {o.layer.name: o for o in options}
-    return {name: by_name[name].candidates[ci] for name, ci in choice.items()}
+            return plans
+        choice[best_move[0]] = best_move[1]
+        plans.append(snapshot())
+
+
+def estimated_error(plan: dict[str, Candidate]) -> float:
+    """Root of the sum of squared single-rewrite errors (independent noise)."""
+    return math.sqrt(sum(c.error ** 2 for c in plan.values()))
 
 
 def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
@@ -202,102 +215,120 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
 
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
            tolerance: float, objective: str, evaluate: Callable | None,
-           base_score: float | None, log: Callable[[str], None]) -> Plan:
-    """Choose and verify a plan whose measured error (or evaluate() drop) is within the
-    tolerance, backing off when the estimate was optimistic."""
+           base_score: float | None, log: Callable[[str], None],
+           fits: Callable[[dict[str, Candidate]], bool] = lambda plan: True) -> Plan:
+    """The longest prefix of the greedy sequence whose *built* graph is within the tolerance.
 
-    def check(choice):
-        result = build(gm, choice)
-        out = result.graph_module
-        err = calib.error_of(out)
-        score = None
-        if evaluate is not None:
-            score = float(evaluate(out))
-            ok = base_score - score <= tolerance + 1e-12
-        else:
-            ok = err <= tolerance
-        return Plan(choice, err, score, out), ok
+    Without evaluate(), the first try is the longest prefix whose estimated error is within
+    0.9 x tolerance; with it, the longest prefix of all. If the built plan misses the
+    tolerance, a binary search over shorter prefixes finds the longest that holds."""
+    sequence = moves(options, objective)
+    cache: dict[int, tuple[Plan, bool]] = {}
+
+    def check(k: int) -> tuple[Plan, bool]:
+        if k not in cache:
+            choice = sequence[k]
+            out = build(gm, choice).graph_module
+            err = calib.error_of(out)
+            score = None
+            if evaluate is not None:
+                score = float(evaluate(out))
+                ok = base_score - score <= tolerance + 1e-12
+            else:
+                ok = err <= tolerance
+            plan = Plan(choice, err, score, out)
+            extra = "" if score is None else f", score {score:.4f}"
+            plan.history.append(f"plan {k}/{len(sequence) - 1}: {len(choice)} rewrites, "
+                                f"error {err:.4g}{extra}: {'within' if ok else 'over'} "
+                                "tolerance")
+            log(plan.history[-1])
+            cache[k] = (plan, ok)
+        return cache[k]
 
     if evaluate is None:
-        budget = tolerance * 0.9
-        for attempt in range(5):
-            choice = select(options, budget, objective)
-            plan, ok = check(choice)
-            plan.history.append(f"plan {attempt}: budget {budget:.4g}, {len(choice)} rewrites, "
-                                f"error {plan.error:.4g}")
-            log(plan.history[-1])
-            if ok:
-                return plan
-            budget *= 0.9 * tolerance / max(plan.error, 1e-12)
-        return _back_off(plan, check, log, options)
-    # With evaluate(), the relation between output error and the user's metric is unknown:
-    # search the largest output-error budget whose plan keeps the metric drop in tolerance.
-    best = None
-    lo, hi = 0.0, None
-    budget = 0.05
-    for attempt in range(7):
-        choice = select(options, budget, objective)
-        plan, ok = check(choice)
-        log(f"plan {attempt}: error budget {budget:.4g}, {len(choice)} rewrites, "
-            f"error {plan.error:.4g}, score {plan.score:.4f}, {'ok' if ok else 'too lossy'}")
-        if ok:
-            best = plan if best is None or len(choice) >= len(best.choice) or \
-                _total_gain(choice, options, objective) >= _total_gain(best.choice, options,
-                                                                       objective) else best
-            lo = budget
-            budget = budget * 2 if hi is None else (budget + hi) / 2
+        top = max((k for k, p in enumerate(sequence) if estimated_error(p) <= 0.9 * tolerance),
+                  default=0)
+    else:
+        top = len(sequence) - 1
+    plan, ok = check(top)
+    if ok:
+        return _fit(plan, sequence, top, check, fits)
+    lo, hi = 0, top  # invariant: hi fails; lo is the best known to hold (0 is checked below)
+    plan0, ok0 = check(0)
+    if not ok0:
+        if sequence[0]:
+            raise FxCompressError(
+                f"the rewrites this target requires already give error {plan0.error:.4g}, "
+                f"over the tolerance {tolerance:g}; loosen the tolerance, or pass calibration "
+                "data closer to real inputs")
+        return plan0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if check(mid)[1]:
+            lo = mid
         else:
-            hi = budget
-            budget = (lo + budget) / 2 if lo > 0 else budget / 4
-    if best is None:
-        plan, _ = check({})
-        plan.history.append("no rewrite keeps evaluate() within the tolerance")
+            hi = mid
+    return _fit(cache[lo][0], sequence, lo, check, fits)
+
+
+def _fit(plan: Plan, sequence, k: int, check, fits) -> Plan:
+    """`plan` if it fits the target's memory, else the next longer prefix that fits and holds
+    (size-first pressure) — or `plan` unchanged, for `enforce_budgets` to report."""
+    if fits(plan.choice):
         return plan
-    return best
-
-
-def _total_gain(choice, options, objective) -> float:
-    bases = {o.layer.name: o.base for o in options}
-    return sum(gain(c, bases[n], objective) for n, c in choice.items())
-
-
-def _back_off(plan: Plan, check, log, options: list[LayerOptions]) -> Plan:
-    """Drop the most harmful choice, one at a time, until the plan is within tolerance. A
-    layer the target can only run rewritten (int8-only targets) is never dropped."""
-    mandatory = {o.layer.name for o in options if o.mandatory}
-    choice = dict(plan.choice)
-    while True:
-        optional = [n for n in choice if n not in mandatory]
-        if not optional:
+    for j in range(k + 1, len(sequence)):
+        if fits(sequence[j]):
+            cand, ok = check(j)
+            if ok:
+                return cand
             break
-        worst = max(optional, key=lambda n: (choice[n].error, n))
-        del choice[worst]
-        plan, ok = check(choice)
-        plan.history.append(f"backed off {worst}: error {plan.error:.4g}")
-        log(plan.history[-1])
-        if ok:
-            return plan
-    if mandatory & set(choice):
-        raise FxCompressError(
-            f"even with every optional rewrite backed off the error is {plan.error:.4g}, and "
-            "this target runs int8 only; loosen the tolerance, or pass calibration data closer "
-            "to real inputs")
     return plan
 
 
-def enforce_budgets(profile: Profile, weight_bytes: int) -> None:
-    """The user error when the planned weights do not fit the target's weight memory."""
+def weight_bytes(options: list[LayerOptions], choice: dict[str, Candidate]) -> int:
+    """Bytes of every layer's stored weights under `choice`."""
+    return sum((choice.get(o.layer.name) or o.base).stored_bytes for o in options)
+
+
+def peak_activation_bytes(options: list[LayerOptions], choice: dict[str, Candidate],
+                          profile: Profile) -> int:
+    """Largest input + output of one layer, for one example, in the format it runs in."""
+    peak = 0
+    for o in options:
+        c = choice.get(o.layer.name) or o.base
+        act = 1 if profile.precision_of(c.steps[0].fmt) == "int8" else 4
+        if o.shapes is None or not o.shapes.inp or not o.shapes.out:
+            continue
+        per = (math.prod(o.shapes.inp[1:]) + math.prod(o.shapes.out[1:])) * act
+        peak = max(peak, per)
+    return peak
+
+
+def enforce_budgets(profile: Profile, options: list[LayerOptions],
+                    choice: dict[str, Candidate]) -> list[str]:
+    """The user error when the plan does not fit the target's memory; otherwise lines for
+    the report saying how it fits."""
+    notes = []
+    w = weight_bytes(options, choice)
     budget = profile.weight_budget_bytes
-    if budget is not None and weight_bytes > budget:
-        raise FxCompressError(
-            f"the compressed weights need {weight_bytes} bytes, {weight_bytes - budget} more "
-            f"than {profile.name}'s weight budget of {budget} bytes; loosen the tolerance, "
-            "allow more techniques, or use a profile with more memory")
-
-
-def total_error_estimate(choice: dict[str, Candidate]) -> float:
-    """Root of the sum of squared single-rewrite errors."""
-    return math.sqrt(sum(c.error ** 2 for c in choice.values()))
+    if budget is not None:
+        if w > budget:
+            raise FxCompressError(
+                f"the compressed weights need {w:,} bytes, {w - budget:,} more than "
+                f"{profile.name}'s weight budget of {budget:,} bytes; loosen the tolerance, "
+                "allow more techniques, or use a profile with more memory")
+        notes.append(f"weights {w:,} B fit the {budget:,} B weight budget")
+    act_budget = profile.activation_budget_bytes
+    if act_budget is not None:
+        a = peak_activation_bytes(options, choice, profile)
+        if a > act_budget:
+            raise FxCompressError(
+                f"the largest layer needs {a:,} bytes of activations per example, "
+                f"{a - act_budget:,} more than {profile.name}'s activation budget of "
+                f"{act_budget:,} bytes; prune channels, reduce the input size, or use a "
+                "profile with more memory")
+        notes.append(f"peak activations {a:,} B fit the {act_budget:,} B activation budget")
+    return notes
 
 
 def no_grad_eval(fn: Callable) -> Callable:

@@ -634,7 +634,7 @@ def analyze(gm: fx.GraphModule) -> DepGraph:
         if gi not in groups:
             groups[gi] = Group(p.layer, [], [], {}, [], [], [])
         groups[gi].producers.append(p)
-    for gi, g in groups.items():
+    for g in groups.values():
         lead = g.producers[0].labels
         lead_units = find[lead]
         all_labels = torch.cat([p.labels for p in g.producers])

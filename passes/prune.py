@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from fxcompress.candidates import Candidate, Step, chain_cost, step_of_layer
 from fxcompress.depgraph import DepGraph, Group, analyze, clean_positions, varying_axes
-from fxcompress.graph import _fake_like, get_attr
+from fxcompress.graph import Layer, _fake_like, get_attr, node_by_name
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import set_val
+from fxcompress.technique import GroupContext, Technique, register
 
 aten = torch.ops.aten
 IMPORTANCE = ("l1", "l2", "bn_scale", "activation")
@@ -42,7 +44,7 @@ class PruneConfig:
     # consumer layer name -> second moment of its input (in-features x in-features, float64)
     # over the calibration data; a consumer listed here is re-fit by least squares
     grams: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    damp: float = 1e-6  # ridge added to G[K, K], relative to its mean diagonal
+    damp: float = 1e-3  # ridge added to G[K, K], relative to its mean diagonal
 
 
 # --- importance -------------------------------------------------------------------------------
@@ -339,6 +341,176 @@ def consumer_grams(dg: DepGraph, stats: Mapping) -> dict[str, torch.Tensor]:
     for g in dg.groups:
         for c in g.consumers:
             st = stats.get(c.node)
-            if st is not None and st.gram is not None:
-                out[c.layer] = st.gram / max(st.rows, 1)
+            # a least-squares fit on fewer rows than twice its unknowns fits the calibration
+            # data, not the layer: those consumers keep plain removal
+            if st is not None and st.gram is not None and st.rows >= 2 * st.gram.shape[0]:
+                out[c.layer] = st.gram / st.rows
     return out
+
+
+# --- the planner's view: one entry per dependency group -------------------------------------------
+RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+
+
+@dataclass
+class GroupCandidate(Candidate):
+    """A pruned group as a planner candidate. Its costs are *deltas* summed over every layer
+    the group touches (the per-layer entries keep the layers' full costs), so the report's
+    totals stay right: macs / latency / bytes / params are negative savings."""
+
+    bytes_delta: int = 0
+    params_delta: int = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes saved across the group (negative), or 0 for the unchanged group."""
+        return self.bytes_delta
+
+    @property
+    def param_count(self) -> int:
+        """Parameters saved across the group (negative), or 0 for the unchanged group."""
+        return self.params_delta
+
+
+def propose(layer, base, ctx):
+    """Pruning is proposed per dependency group (`propose_groups`), not per layer."""
+    return [], None
+
+
+def _layer_deltas(gm, dg: DepGraph, group: Group, removed: torch.Tensor, shapes: dict,
+                  profile) -> tuple[int, float, int, int, set[str]]:
+    """(MACs, latency, bytes, params) saved by removing `removed` units, over every layer the
+    group touches, on `profile`; and the names of those layers."""
+    touched: dict[str, dict] = {}
+    for p in group.producers:
+        keep = _param_keep(dg, p.labels, removed)
+        touched.setdefault(p.node, {"layer": p.layer})["out"] = keep
+    for c in group.consumers:
+        keep = _param_keep(dg, c.labels, removed)
+        touched.setdefault(c.node, {"layer": c.layer})["in"] = keep
+    macs = lat = nbytes = params = 0
+    for node_name, t in touched.items():
+        node = node_by_name(gm, node_name)
+        layer = shapes.get(t["layer"])
+        if layer is None:
+            continue
+        lay, inp = layer
+        w = get_attr(gm, lay.weight_target).detach()
+        b = get_attr(gm, lay.bias_target).detach() if lay.bias_target else None
+        before = step_of_layer(lay, w, b)
+        nw, nb, groups, new_inp = w, b, lay.groups, list(inp)
+        if "out" in t and lay.op != "embedding":
+            nw = nw[t["out"]]
+            nb = None if nb is None else nb[t["out"]]
+            if lay.groups > 1:
+                groups = lay.groups * int(t["out"].sum()) // t["out"].numel()
+                new_inp[1] = inp[1] * groups // lay.groups
+        elif "out" in t:
+            nw = nw[:, t["out"]]
+        if "in" in t:
+            nw = nw[:, t["in"]]
+            axis = 1 if lay.op == "conv2d" else len(inp) - 1
+            new_inp[axis] = int(t["in"].sum())
+        after = Step(before.op, nw, nb, before.stride, before.padding, before.dilation, groups)
+        m0, l0 = chain_cost((before,), tuple(inp), profile)
+        m1, l1 = chain_cost((after,), tuple(new_inp), profile)
+        macs += m0 - m1
+        lat += l0 - l1
+        nbytes += before.stored_bytes - after.stored_bytes
+        params += before.params - after.params
+        del node
+    return macs, lat, nbytes, params, {t["layer"] for t in touched.values()}
+
+
+def _simulation(gm, dg: DepGraph, group: Group, removed: torch.Tensor, grams: dict) -> dict:
+    """Node overrides computing every consumer of the group with the removed channels gone
+    (their weight columns zero) and the kept columns re-fit: the pruned model, on the
+    original graph."""
+    overrides = {}
+    for c in group.consumers:
+        keep = _param_keep(dg, c.labels, removed)
+        if bool(keep.all()):
+            continue
+        w = get_attr(gm, c.weight).detach()
+        fitted = _refit(w, keep, grams.get(c.layer), PruneConfig.damp)
+        full = torch.zeros_like(w)
+        full[:, keep] = fitted
+        target = node_by_name(gm, c.node).target
+
+        def run(args, kwargs, full=full, target=target):
+            return target(args[0], full, *args[2:], **kwargs)
+
+        overrides[c.node] = run
+    return overrides
+
+
+def propose_groups(ctx: GroupContext) -> list:
+    """One planner entry per prunable dependency group, with candidates at a ladder of
+    ratios (unit counts rounded to the profile's channel alignment)."""
+    from fxcompress.planner import LayerOptions, gain
+
+    gm, profile = ctx.gm, ctx.profile
+    dg = analyze(gm)
+    stats = ctx.calib.stats
+    kind = "activation" if ctx.calibrated else "l2"
+    grams = consumer_grams(dg, stats) if ctx.calibrated else {}
+    shapes = {o.layer.name: (o.layer, o.shapes.inp if o.shapes else stats[o.layer.node].shape)
+              for o in ctx.options}
+    out = []
+    for g in dg.groups:
+        lead = shapes.get(g.producers[0].layer)
+        if lead is None:
+            continue
+        lay = lead[0]
+        w = get_attr(gm, lay.weight_target).detach()
+        glayer = Layer(f"prune[{g.name}]", lay.node, lay.op, lay.weight_target, lay.bias_target,
+                       lay.weight_shape, lay.stride, lay.padding, lay.dilation, lay.groups)
+        base = GroupCandidate("none", glayer, {}, (step_of_layer(lay, w, None),))
+        opt = LayerOptions(glayer, base)
+        out.append(opt)
+        if len(g.prunable) < 2 or not g.consumers:
+            why = "; ".join(g.reasons()[:2]) or "no layer reads these channels"
+            opt.skip_reason = f"group not prunable: {why}"
+            continue
+        imp = unit_importance(gm, dg, g, kind, stats)
+        seen = set()
+        for ratio in RATIOS:
+            n = aligned_removals(g, ratio, profile.alignment)
+            if n <= 0 or n in seen:
+                continue
+            seen.add(n)
+            idx = units_to_remove(g, imp, n)
+            removed = torch.tensor([g.units[i] for i in idx], dtype=torch.long)
+            macs, lat, nbytes, params, touched = _layer_deltas(gm, dg, g, removed, shapes,
+                                                               profile)
+            kept = sum(ch for i, ch in enumerate(g.unit_channels) if i not in set(idx))
+            c = GroupCandidate(
+                "prune", glayer, {"removed": f"{n}/{len(g.units)}", "kept_channels": kept,
+                                  "importance": kind}, base.steps,
+                payload={"prune": (g.name, idx), "grams": grams}, macs=-macs, latency=-lat,
+                overrides=_simulation(gm, dg, g, removed, grams), touches=frozenset(touched),
+                bytes_delta=-nbytes, params_delta=-params)
+            if gain(c, base, ctx.objective) <= 0:
+                what = "slower" if ctx.objective == "latency" else "larger"
+                opt.rejected.append((c.describe(), f"not {what}-saving on {profile.name}"))
+                continue
+            opt.candidates.append(c)
+        blocked = g.reasons()
+        if blocked:
+            opt.rejected.append(("prune", f"{len(g.blocked)} of {len(g.units)} units blocked: "
+                                 + "; ".join(blocked[:2])))
+    return out
+
+
+def make_config(chosen: list[Candidate]) -> PruneConfig:
+    """The pass config for the chosen group candidates."""
+    remove, grams = {}, {}
+    for c in chosen:
+        name, idx = c.payload["prune"]
+        remove[name] = tuple(idx)
+        grams.update(c.payload.get("grams", {}))
+    return PruneConfig(remove, grams)
+
+
+TECHNIQUE = register(Technique("prune", order=10, propose=propose, make_config=make_config,
+                               apply=prune_pass, propose_groups=propose_groups))

@@ -645,12 +645,22 @@ def analyze(gm: fx.GraphModule) -> DepGraph:
         g.units = units
         g.unit_channels = [int((lead_units == u).sum()) for u in units]
         g.blocked = {u: blocked[u] for u in units if u in blocked}
-        uset = set(units)
-        g.consumers = [c for c in an.consumers
-                       if any(int(find[lab]) in uset for lab in c.labels.tolist() if lab >= 0)]
-        g.params = [t for t, axes in an.params.items()
-                    if any(int(find[lab]) in uset for e in axes.values()
-                           for lab in e.tolist() if lab >= 0)]
+    unit_group = {u: g for g in groups.values() for u in g.units}
+
+    def groups_of(labels: torch.Tensor) -> list[Group]:
+        found: list[Group] = []
+        for u in torch.unique(find[labels[labels >= 0]]).tolist():
+            g = unit_group.get(u)
+            if g is not None and all(g is not f for f in found):
+                found.append(g)
+        return found
+
+    for c in an.consumers:
+        for g in groups_of(c.labels):
+            g.consumers.append(c)
+    for t, axes in an.params.items():
+        for g in groups_of(torch.cat([e.reshape(-1) for e in axes.values()])):
+            g.params.append(t)
     return DepGraph(list(groups.values()), find, an.labels, an.params, an.shapes,
                     an.norm_scales)
 

@@ -349,7 +349,7 @@ def consumer_grams(dg: DepGraph, stats: Mapping) -> dict[str, torch.Tensor]:
 
 
 # --- the planner's view: one entry per dependency group -------------------------------------------
-RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+RATIOS = (0.25, 0.5, 0.75)
 
 
 @dataclass

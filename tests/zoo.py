@@ -185,9 +185,9 @@ def mobilenet_v2(seed: int = 0):
     """transformers MobileNetV2: inverted residuals with depthwise convs."""
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
-    cfg = MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25,
+    cfg = MobileNetV2Config(num_channels=3, image_size=16, depth_multiplier=0.25,
                             num_labels=5, tf_padding=False)
-    return _hf(lambda: MobileNetV2ForImageClassification(cfg), True), (_image(size=32, seed=seed),)
+    return _hf(lambda: MobileNetV2ForImageClassification(cfg), True), (_image(size=16, seed=seed),)
 
 
 def convnext(seed: int = 0):

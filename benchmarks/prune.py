@@ -209,7 +209,7 @@ def text() -> list[str]:
         for name, idx in cfg.remove.items():
             g = dg.group(name)
             kind = "heads" if g.unit_channels[0] > 1 else "neurons"
-            parts.append(f"{name.split('.')[-2]}.{name.split('.')[-1]} -{len(idx)}/"
+            parts.append(f"{name.split('blocks.')[-1]} -{len(idx)}/"
                          f"{len(g.units)} {kind}")
         return "; ".join(parts)
 

@@ -389,8 +389,7 @@ def _layer_deltas(gm, dg: DepGraph, group: Group, removed: torch.Tensor, shapes:
         keep = _param_keep(dg, c.labels, removed)
         touched.setdefault(c.node, {"layer": c.layer})["in"] = keep
     macs = lat = nbytes = params = 0
-    for node_name, t in touched.items():
-        node = node_by_name(gm, node_name)
+    for t in touched.values():
         layer = shapes.get(t["layer"])
         if layer is None:
             continue
@@ -418,7 +417,6 @@ def _layer_deltas(gm, dg: DepGraph, group: Group, removed: torch.Tensor, shapes:
         lat += l0 - l1
         nbytes += before.stored_bytes - after.stored_bytes
         params += before.params - after.params
-        del node
     return macs, lat, nbytes, params, {t["layer"] for t in touched.values()}
 
 

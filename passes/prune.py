@@ -469,6 +469,7 @@ def propose_groups(ctx: GroupContext) -> list:
         if len(g.prunable) < 2 or not g.consumers:
             why = "; ".join(g.reasons()[:2]) or "no layer reads these channels"
             opt.skip_reason = f"group not prunable: {why}"
+            opt.rejected.append(("prune", opt.skip_reason))
             continue
         imp = unit_importance(gm, dg, g, kind, stats)
         seen = set()

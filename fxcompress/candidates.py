@@ -133,6 +133,8 @@ class Candidate:
     latency: float = 0.0
     error: float | None = None  # measured relative output error, this candidate alone
     overrides: dict[str, Callable] | None = None  # custom simulation (else: from the steps)
+    # layers whose weight shapes this rewrite changes besides its own (a pruned group)
+    touches: frozenset[str] = frozenset()
 
     @property
     def stored_bytes(self) -> int:
@@ -169,3 +171,16 @@ class Candidate:
             return self.technique
         inner = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.technique}({inner})"
+
+
+def compatible(a: Candidate, b: Candidate) -> bool:
+    """Whether two rewrites can be built together. A rewrite that changes the shapes of other
+    layers (`touches`: a pruned dependency group) cannot be combined with a rewrite of one of
+    those layers whose weights were computed for the old shapes (SVD factors); int8 reads the
+    weight from the graph when it applies, so it stacks on pruned layers, and pruned groups
+    combine with each other in one pass."""
+    for x, y in ((a, b), (b, a)):
+        if x.touches and not y.touches and y.layer.name in x.touches \
+                and y.technique != "int8":
+            return False
+    return True

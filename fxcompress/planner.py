@@ -33,13 +33,13 @@ import torch
 from torch import fx
 
 from fxcompress.calibration import Calibration
-from fxcompress.candidates import Candidate, Shapes, step_of_layer
+from fxcompress.candidates import Candidate, Shapes, compatible, step_of_layer
 from fxcompress.capture import inference_graph
 from fxcompress.errors import FxCompressError
 from fxcompress.graph import Layer, get_attr
 from fxcompress.hardware_profiles import Profile
 from fxcompress.passes_infra import PassResult, run_passes
-from fxcompress.technique import REGISTRY, ProposeContext
+from fxcompress.technique import REGISTRY, GroupContext, ProposeContext
 
 
 @dataclass
@@ -129,6 +129,11 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
             opt.candidates.append(c)
         if not opt.candidates and not opt.rejected:
             opt.skip_reason = "no technique applies to this layer"
+    # rewrites spanning several layers (pruned dependency groups): extra entries, one per group
+    gctx = GroupContext(gm, calib, list(options), profile, objective, seed, calibrated)
+    for tech in ordered:
+        if tech.propose_groups is not None:
+            options.extend(tech.propose_groups(gctx))
     return options
 
 
@@ -190,6 +195,7 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
     plans = [snapshot()]
     while True:
         best_key, best_move = None, None
+        current = snapshot()
         for oi, opt in enumerate(options):
             cur = choice.get(opt.layer.name)
             cur_gain = 0.0 if cur is None else gain(opt.candidates[cur], opt.base, objective)
@@ -197,6 +203,8 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
             for ci, c in enumerate(opt.candidates):
                 d_gain = gain(c, opt.base, objective) - cur_gain
                 if d_gain <= 0:
+                    continue
+                if any(not compatible(c, x) for n, x in current.items() if n != opt.layer.name):
                     continue
                 d_e2 = max(c.error ** 2 - cur_e2, 1e-18)
                 key = (d_gain / d_e2, -oi, -ci)

@@ -55,6 +55,22 @@ class Technique:
     make_config: Callable[[list[Candidate]], Any]
     apply: Callable  # (GraphModule, config) -> PassResult
     stack: Callable[[Candidate, ProposeContext], Candidate | None] | None = None
+    # optional: rewrites that span several layers (pruning a dependency group), proposed once
+    # per graph as extra planner entries: (GroupContext) -> list of planner.LayerOptions
+    propose_groups: Callable[[GroupContext], list] | None = None
+
+
+@dataclass
+class GroupContext:
+    """What a technique may consult when it proposes rewrites spanning several layers."""
+
+    gm: Any  # the captured GraphModule (layers tagged with LAYER_META)
+    calib: Any  # fxcompress.calibration.Calibration
+    options: list  # the per-layer planner.LayerOptions (base costs, shapes)
+    profile: Profile
+    objective: str
+    seed: int
+    calibrated: bool
 
 
 REGISTRY: dict[str, Technique] = {}

@@ -50,6 +50,8 @@ def test_plans_hold_on_held_out_data(per_profile, digits_cnn, digits):
 def test_int8_only_target_quantizes_every_layer(per_profile):
     rep = per_profile["mcu-int8"].meta["fxcompress_report"]
     for lay in rep.layers:
+        if lay.name.startswith("prune["):  # a dependency group's entry, not a layer
+            continue
         assert "int8" in lay.applied, (lay.name, lay.applied)
 
 

@@ -171,13 +171,16 @@ class Calibration:
         return (num / den) ** 0.5 if den > 0 else 0.0
 
     def errors(self, jobs: Mapping[str, list[Mapping[str, Override]]], limit: int | None = None,
-               ) -> dict[str, list[float]]:
+               stop: Callable[[], bool] | None = None,
+               progress: Callable[[int], None] | None = None) -> dict[str, list[float | None]]:
         """Relative output error of many override sets at once, keyed by the node each set
         starts at (its earliest overridden node). The graph runs once per batch; on reaching a
         start node, each of its override sets runs only the rest of the graph, from a copy of
         the live values, so what comes before a layer is computed once, not once per
-        candidate."""
+        candidate. Once `stop()` is true, sets not yet measured are skipped and come back as
+        None; `progress(n)` is told of each `n` sets measured on the first batch."""
         order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+        skipped: set[str] = set()
         nodes = list(self.gm.graph.nodes)
         acc = {k: [[0.0, 0.0] for _ in v] for k, v in jobs.items()}
         batches = self.batches if limit is None else self.batches[:limit]
@@ -185,6 +188,11 @@ class Calibration:
         current: dict = {}  # the batch being run and its reference outputs
 
         def on_reach(node, env):
+            if node.name in skipped or (stop is not None and stop()):
+                skipped.add(node.name)
+                return
+            if progress is not None and current["first"]:
+                progress(len(jobs[node.name]))
             before = nodes[: order[node.name]]
             for i, ov in enumerate(jobs[node.name]):
                 start = {m: _clone(env[m]) if m in env else None for m in before}
@@ -194,10 +202,11 @@ class Calibration:
                     acc[node.name][i][1] += float((r.double() ** 2).sum())
 
         with torch.no_grad():
-            for batch, ref in zip(batches, self.reference, strict=False):
-                current.update(batch=batch, ref=ref)
+            for i, (batch, ref) in enumerate(zip(batches, self.reference, strict=False)):
+                current.update(batch=batch, ref=ref, first=i == 0)
                 OverrideInterpreter(self.gm, reach=jobs, on_reach=on_reach).run(*batch)
-        return {k: [(n / d) ** 0.5 if d > 0 else 0.0 for n, d in v] for k, v in acc.items()}
+        return {k: [None if k in skipped else (n / d) ** 0.5 if d > 0 else 0.0 for n, d in v]
+                for k, v in acc.items()}
 
     def error_of(self, model: Callable) -> float:
         """Relative output error of any callable model (the rewritten graph) against the

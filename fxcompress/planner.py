@@ -158,17 +158,20 @@ def measure(options: list[LayerOptions], calib: Calibration, progress: Callable 
             sim = c.simulation()
             first = min(sim, key=lambda name: order[name])
             starts.setdefault(first, []).append((c, sim))
-    done = dropped = 0
-    for node in sorted(starts, key=order.__getitem__):
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-        jobs = starts.pop(node)
-        errs = calib.errors({node: [sim for _, sim in jobs]}, limit=limit)[node]
-        for (c, _), e in zip(jobs, errs, strict=True):
-            c.error = e
-        done += len(jobs)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
         if progress:
-            progress(done, total)
+            progress(done[0], total)
+
+    stop = None if deadline is None else (lambda: time.perf_counter() > deadline)
+    errs = calib.errors({k: [sim for _, sim in v] for k, v in starts.items()}, limit=limit,
+                        stop=stop, progress=tick)
+    for node, jobs in starts.items():
+        for (c, _), e in zip(jobs, errs[node], strict=True):
+            c.error = e
+    dropped = 0
     for opt in options:
         for c in [c for c in opt.candidates if c.error is None]:
             opt.rejected.append((c.describe(), "not measured within the time budget"))

@@ -52,6 +52,7 @@ class Recover:
     features: bool = False  # also match each compressed layer's output to the teacher's
     feature_weight: float = 1.0  # weight of the feature-matching loss
     train_unchanged: bool = True  # also fine-tune layers the plan leaves uncompressed
+    train_others: bool = True  # also fine-tune the graph's other parameters (norm affines)
     stages: int = 3  # iterative schedule: attempts to extend the plan past the one-shot one
     time_budget: float | None = None  # seconds for all of recovery; stops training when spent
     # "kl": soft targets with the temperature (outputs are logits); "mse": relative output
@@ -209,19 +210,33 @@ class _Entry:
     bias_step: int
 
 
+def _pass_gradient(simulation: Callable, target: Callable) -> Callable:
+    """A layer that is not trained still passes gradients to the layers before it: forward
+    as its simulation (which may round through integer types), backward as the original op."""
+
+    def run(args, kwargs):
+        y = simulation(args, kwargs)
+        if not torch.is_grad_enabled():
+            return y
+        return straight_through(lambda _: y)(target(*args, **kwargs))
+
+    return run
+
+
 class Student:
     """The original graph with every trainable layer computing its (candidate's) steps from
     latent weights. `gm` is the student's own copy of the base graph, whose weights and biases
     are trained and written in place."""
 
     def __init__(self, gm: fx.GraphModule, options, choice: dict[str, Candidate],
-                 train_unchanged: bool):
+                 train_unchanged: bool, train_others: bool = False):
         self.gm = copy.deepcopy(gm)
         for p in self.gm.parameters():
             p.requires_grad_(False)
         self.entries: dict[str, _Entry] = {}
         self.frozen: dict[str, str] = {}  # layer -> why not trained
         self.fixed: dict[str, Callable] = {}  # overrides of untrainable chosen candidates
+        targets = {n.name: n.target for n in self.gm.graph.nodes}
         for o in options:
             lay = o.layer
             cand = choice.get(lay.name)
@@ -234,7 +249,8 @@ class Student:
             if why is not None:
                 self.frozen[lay.name] = why
                 if cand is not None:
-                    self.fixed.update(cand.simulation())
+                    self.fixed.update({n: _pass_gradient(fn, targets[n])
+                                       for n, fn in cand.simulation().items()})
                 continue
             base_w = get_attr(self.gm, lay.weight_target).detach()
             latents = None
@@ -254,13 +270,20 @@ class Student:
             self.entries[lay.name] = _Entry(
                 c, [torch.nn.Parameter(w.float().clone()) for w in latents], bias, bias_step)
         self.node_of = {o.layer.name: o.layer.node for o in options}
+        # parameters that are no layer's weight or bias (norm scales and shifts): trained in
+        # place in the student's graph, which the plan is built from
+        owned = {t for o in options for t in (o.layer.weight_target, o.layer.bias_target) if t}
+        self.others = [p for name, p in self.gm.named_parameters()
+                       if train_others and name not in owned and p.is_floating_point()]
+        for p in self.others:
+            p.requires_grad_(True)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable tensors, in layer order."""
         out = []
         for e in self.entries.values():
             out += e.latents + ([e.bias] if e.bias is not None else [])
-        return out
+        return out + self.others
 
     def overrides(self, record: dict | None = None) -> dict[str, Callable]:
         """Node overrides computing every trained layer from its latents (recording each
@@ -273,7 +296,7 @@ class Student:
     @staticmethod
     def _runner(name: str, e: _Entry, record: dict | None):
         def run(args, kwargs):
-            x = args[0]
+            x = args[1] if e.cand.layer.op == "embedding" else args[0]  # aten.embedding(w, ids)
             for i, s in enumerate(e.cand.steps):
                 if s.input_quant is not None:
                     x = straight_through(s.input_quant)(x) if x.is_floating_point() \
@@ -492,7 +515,7 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
         t0 = time.perf_counter()
         before = build(base_gm, choice).graph_module
         e0, s0, _ = judge(before)
-        student = Student(base_gm, options, choice, rec.train_unchanged)
+        student = Student(base_gm, options, choice, rec.train_unchanged, rec.train_others)
         info.frozen.update(student.frozen)
         n = fine_tune(student, teacher, rec, inputs, labels, stage_seed, deadline,
                       label=f"recovering plan {k}", kind=kind)

@@ -63,7 +63,7 @@ def main() -> None:
         rows += run_case(
             "digits_cnn", m, (xc[:8],), [(xc,)], lambda g: accuracy(g, xc, yc), (xt, yt),
             "fpga-binary", ["binary", "int8"], 100.0,
-            fxcompress.Recover(steps=300, lr=2e-3, data=[(xtr,)], labels=ytr, stages=0))
+            fxcompress.Recover(steps=300, lr=1e-3, data=[(xtr,)], labels=ytr, stages=0))
     else:
         rows.append("| digits_cnn | fpga-binary | binary is not in this version yet | | | | | |")
     m = load_pretrained("text_transformer")
@@ -74,7 +74,8 @@ def main() -> None:
     rows += run_case(
         "text_transformer", m, (xc[:8],), [(xc[i:i + 128],) for i in range(0, len(xc), 128)],
         lambda g: accuracy(g, xc, yc), (xt, yt), "mobile-arm", ["svd", "int8"], 1.0,
-        fxcompress.Recover(steps=100, lr=5e-4, data=[(xtr[:2048],)], stages=2))
+        fxcompress.Recover(steps=100, lr=5e-4, data=[(xtr[:2048],)], stages=2,
+                           train_others=True))
     lines = [
         "# Accuracy recovery (distillation from the original model)",
         "",

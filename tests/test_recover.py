@@ -3,6 +3,8 @@ error, the stored form is unchanged, and the settings are validated."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from fxcompress.hardware_profiles import load_profile
@@ -140,3 +142,21 @@ def test_compile_rejects_a_wrong_recover_and_mismatched_labels():
         fxcompress.compile(_model(), (x[:4],), profile="mobile-arm", calibration=[(x,)],
                            tolerance=0.3, techniques=["svd"], objective="size",
                            recover=Recover(steps=2, labels=torch.zeros(5, dtype=torch.int64)))
+
+
+def test_an_untrainable_layer_passes_gradients_to_the_layers_before_it():
+    gm, options, calib, choice, x = _plan(("svd",))
+    last = options[-1]
+    node = last.layer.node
+
+    def through_int8(args, kwargs):  # a custom simulation that rounds through an integer type
+        y = torch.nn.functional.linear(*args[:3])
+        return (y * 64).round().to(torch.int8).float() / 64
+
+    frozen = dataclasses.replace(last.base, technique="custom", overrides={node: through_int8})
+    student = Student(gm, options, {last.layer.name: frozen}, train_unchanged=True)
+    assert last.layer.name in student.frozen
+    loss = student(x).square().sum()
+    loss.backward()
+    first = student.entries[options[0].layer.name].latents[0]
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0

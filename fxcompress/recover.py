@@ -536,8 +536,9 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
         best = plan
     else:
         best = Plan(choice, err, score, out, list(plan.history))
-    if ok and k0 is not None:
-        cur_gm, cur_choice, k = base_gm, choice, k0
+    if k0 is not None:
+        # extend from the recovered weights where they held, else from the planner's plan
+        cur_gm, cur_choice, k = (base_gm, choice, k0) if ok else (gm, plan.choice, k0)
         hi = len(sequence) - 1
         for s in range(rec.stages):
             if k >= hi or (deadline is not None and time.perf_counter() > deadline):

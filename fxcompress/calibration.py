@@ -25,17 +25,23 @@ Override = Callable[[tuple, dict], torch.Tensor]
 
 class OverrideInterpreter(fx.Interpreter):
     """Runs a graph with some nodes' computations replaced, and optionally records the inputs
-    (first argument) of watched nodes through `on_input(node_name, tensor)`."""
+    (first argument) of watched nodes through `on_input(node_name, tensor)`, or hands the live
+    values to `on_reach(node, env)` just before evaluating a node named in `reach`."""
 
     def __init__(self, gm: fx.GraphModule, overrides: Mapping[str, Override] | None = None,
-                 watch: Iterable[str] = (), on_input: Callable | None = None):
+                 watch: Iterable[str] = (), on_input: Callable | None = None,
+                 reach: Iterable[str] = (), on_reach: Callable | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.overrides = dict(overrides or {})
         self.watch = set(watch)
         self.on_input = on_input
+        self.reach = set(reach)
+        self.on_reach = on_reach
 
     def run_node(self, n: fx.Node):
         """Evaluate `n`, through its override if it has one."""
+        if n.name in self.reach and self.on_reach is not None:
+            self.on_reach(n, self.env)
         if n.name in self.watch and self.on_input is not None:
             args, _ = self.fetch_args_kwargs_from_env(n)
             self.on_input(n.name, args[0])
@@ -125,7 +131,7 @@ class Calibration:
             raise FxCompressError("the model's outputs on the calibration data are all zero, so "
                                   "relative error is undefined; pass real calibration inputs")
 
-    def sensitivity_batches(self, examples: int = 128) -> int:
+    def sensitivity_batches(self, examples: int = 64) -> int:
         """How many leading batches hold at least `examples` examples (all, if fewer)."""
         seen = 0
         for i, batch in enumerate(self.batches):
@@ -148,6 +154,35 @@ class Calibration:
                     num += float(((y.double() - r.double()) ** 2).sum())
                     den += float((r.double() ** 2).sum())
         return (num / den) ** 0.5 if den > 0 else 0.0
+
+    def errors(self, jobs: Mapping[str, list[Mapping[str, Override]]], limit: int | None = None,
+               ) -> dict[str, list[float]]:
+        """Relative output error of many override sets at once, keyed by the node each set
+        starts at (its earliest overridden node). The graph runs once per batch; on reaching a
+        start node, each of its override sets runs only the rest of the graph, from a copy of
+        the live values, so what comes before a layer is computed once, not once per
+        candidate."""
+        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+        nodes = list(self.gm.graph.nodes)
+        acc = {k: [[0.0, 0.0] for _ in v] for k, v in jobs.items()}
+        batches = self.batches if limit is None else self.batches[:limit]
+
+        current: dict = {}  # the batch being run and its reference outputs
+
+        def on_reach(node, env):
+            before = nodes[: order[node.name]]
+            for i, ov in enumerate(jobs[node.name]):
+                start = {m: _clone(env[m]) if m in env else None for m in before}
+                out = OverrideInterpreter(self.gm, ov).run(*current["batch"], initial_env=start)
+                for y, r in zip(float_leaves(out), current["ref"], strict=True):
+                    acc[node.name][i][0] += float(((y.double() - r.double()) ** 2).sum())
+                    acc[node.name][i][1] += float((r.double() ** 2).sum())
+
+        with torch.no_grad():
+            for batch, ref in zip(batches, self.reference, strict=False):
+                current.update(batch=batch, ref=ref)
+                OverrideInterpreter(self.gm, reach=jobs, on_reach=on_reach).run(*batch)
+        return {k: [(n / d) ** 0.5 if d > 0 else 0.0 for n, d in v] for k, v in acc.items()}
 
     def error_of(self, model: Callable) -> float:
         """Relative output error of any callable model (the rewritten graph) against the
@@ -174,6 +209,11 @@ def _record_out_shapes(interp: OverrideInterpreter, names: set[str], out: dict) 
         return result
 
     interp.run_node = run_node
+
+
+def _clone(v):
+    # in-place ops of a resumed run must not reach the shared snapshot
+    return v.clone() if isinstance(v, torch.Tensor) else v
 
 
 def check_calibration(calibration, example_inputs: tuple) -> list[tuple]:

@@ -147,10 +147,12 @@ def _input_batch_sizes(ep: ExportedProgram) -> list:
     """Dim 0 of each tensor input: an int where export specialized it, else its symbol."""
     free = {str(sym) for sym in ep.range_constraints}
     sizes = []
-    for spec in ep.graph_signature.input_specs:
+    # placeholders follow the input specs in order; matching by name fails after a deepcopy,
+    # which renames a placeholder called "input" to "input_1" but not its spec
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    for spec, node in zip(ep.graph_signature.input_specs, placeholders, strict=True):
         if spec.kind.name != "USER_INPUT":
             continue
-        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0:
             d = val.shape[0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -45,19 +46,32 @@ REPORT_KEY = "fxcompress_report"
 #: Name of the report inside a `.pt2` archive (an extra file) and in `.onnx` metadata.
 REPORT_FILE = "fxcompress_report.json"
 
-#: ExecuTorch delegates a profile's `backend.delegate` may name: the module and class of its
-#: partitioner, and what to install when it cannot be imported.
-DELEGATES: dict[str, tuple[str, str, str]] = {
-    "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner",
-                "XnnpackPartitioner", "pip install 'fxcompress[executorch]'"),
-    "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner",
-               "pip install 'fxcompress[executorch]' coremltools (on macOS)"),
-    "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner",
-            "an ExecuTorch build with the MPS backend (on macOS)"),
-    "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner",
-               "VulkanPartitioner", "an ExecuTorch build with the Vulkan backend"),
-    "qnn": ("executorch.backends.qualcomm.partition.qnn_partitioner", "QnnPartitioner",
-            "an ExecuTorch build with the Qualcomm QNN backend and the QNN SDK"),
+@dataclass(frozen=True)
+class DelegateInfo:
+    """How to lower to one ExecuTorch delegate and run what was lowered."""
+
+    module: str  # where its partitioner lives
+    partitioner: str  # the partitioner class
+    runtime_backend: str  # the backend id the ExecuTorch runtime registers for it
+    install: str  # what to install where it is missing
+
+
+#: ExecuTorch delegates a profile's `backend.delegate` may name.
+DELEGATES: dict[str, DelegateInfo] = {
+    "xnnpack": DelegateInfo("executorch.backends.xnnpack.partition.xnnpack_partitioner",
+                            "XnnpackPartitioner", "XnnpackBackend",
+                            "pip install 'fxcompress[executorch]'"),
+    "coreml": DelegateInfo("executorch.backends.apple.coreml.partition", "CoreMLPartitioner",
+                           "CoreMLBackend", "macOS with pip install 'fxcompress[executorch]' "
+                           "coremltools (the Core ML runtime exists only on Apple systems)"),
+    "mps": DelegateInfo("executorch.backends.apple.mps.partition", "MPSPartitioner",
+                        "MPSBackend", "macOS with an ExecuTorch build that has the MPS backend"),
+    "vulkan": DelegateInfo("executorch.backends.vulkan.partitioner.vulkan_partitioner",
+                           "VulkanPartitioner", "VulkanBackend",
+                           "an ExecuTorch build with the Vulkan backend (EXECUTORCH_BUILD_VULKAN)"),
+    "qnn": DelegateInfo("executorch.backends.qualcomm.partition.qnn_partitioner",
+                        "QnnPartitioner", "QnnBackend",
+                        "an ExecuTorch build with the Qualcomm QNN backend and the QNN SDK"),
 }
 
 # Relative output error allowed between the written file, run in its runtime, and the compiled
@@ -123,10 +137,7 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     has one. User mistakes (an unknown suffix, a runtime not installed) raise
     `FxCompressError`."""
     path = Path(path)
-    fmt = path.suffix.lower()
-    if fmt not in EXPORT_FORMATS:
-        raise FxCompressError(f"cannot tell the format of {str(path)!r} from its suffix; name "
-                              f"the file with one of {', '.join(EXPORT_FORMATS)}")
+    fmt = _check_path(path)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple | list):
@@ -136,9 +147,6 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     if not isinstance(gm, torch.nn.Module):
         raise FxCompressError(f"export takes the GraphModule fxcompress.compile returned (or "
                               f"any nn.Module), not {type(gm).__name__}")
-    if not path.parent.is_dir():
-        raise FxCompressError(f"the folder {str(path.parent)!r} does not exist; create it "
-                              "first or write somewhere else")
     report = _report_of(gm)
     with torch.no_grad():
         expected = gm(*_clones(example_inputs))
@@ -150,7 +158,41 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     if fmt == ".onnx":
         return _export_onnx(gm, example_inputs, path, report, expected, tol)
     prof = _resolve_profile(profile, report)
+    preflight(path, prof)
     return _export_pte(gm, example_inputs, path, prof, expected, tol)
+
+
+def _check_path(path: Path) -> str:
+    fmt = path.suffix.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise FxCompressError(f"cannot tell the format of {str(path)!r} from its suffix; name "
+                              f"the file with one of {', '.join(EXPORT_FORMATS)}")
+    if not path.parent.is_dir():
+        raise FxCompressError(f"the folder {str(path.parent)!r} does not exist; create it "
+                              "first or write somewhere else")
+    if path.is_dir():
+        raise FxCompressError(f"{str(path)!r} is a folder; give a file name")
+    return fmt
+
+
+def preflight(path: str | Path, profile: str | Path | Profile | None = None) -> None:
+    """Check, before any long work, that `export` can write `path`: a known suffix, an
+    existing folder, and the packages its format (and, for `.pte`, `profile`'s delegate)
+    needs. Raises `FxCompressError` naming what to fix or install."""
+    path = Path(path)
+    fmt = _check_path(path)
+    if fmt == ".onnx":
+        install = "pip install 'fxcompress[onnx]'"
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            _require(module, "writing an .onnx", install)
+    elif fmt == ".pte":
+        install = "pip install 'fxcompress[executorch]'"
+        _require("executorch.exir", "writing a .pte", install)
+        _require("executorch.runtime", "checking a .pte", install)
+        if profile is not None:
+            delegate = load_profile(profile).delegate
+            _partitioner_class(delegate)
+            _check_runtime_backend(delegate)
 
 
 def _report_of(gm) -> Any:
@@ -220,10 +262,10 @@ def to_exported_program(gm: torch.nn.Module, example_inputs: tuple,
 
 
 def _batch_is_dynamic(ep: ExportedProgram) -> bool:
-    for spec in ep.graph_signature.input_specs:
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]  # in spec order
+    for spec, node in zip(ep.graph_signature.input_specs, placeholders, strict=True):
         if spec.kind.name != "USER_INPUT":
             continue
-        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], int):
             return True
@@ -287,6 +329,12 @@ def _check(err: float, tol: float, fmt: str, runtime: str) -> None:
 def _export_pt2(gm, inputs, path, report, expected, tol) -> ExportResult:
     dynamic = bool(getattr(report, "dynamic_batch", True))
     ep, dynamic = to_exported_program(gm, inputs, dynamic)
+    if dynamic and ep.example_inputs is not None:
+        # the archive stores the example inputs: a program that takes any batch needs only a
+        # couple of rows, not the caller's whole batch (a test set would outweigh the weights)
+        args, kwargs = ep.example_inputs
+        ep.example_inputs = (tuple(x[:2].clone() if isinstance(x, torch.Tensor) and x.dim() > 0
+                                   else x for x in args), kwargs)
     extra = {}
     rj = _report_json(report)
     if rj is not None:
@@ -313,15 +361,35 @@ def _require(module: str, what: str, install: str):
                               f"here ({e}); install it: {install}") from None
 
 
-def _partitioner(delegate: str | None) -> list:
+def _partitioner_class(delegate: str | None):
     if delegate is None:
-        return []
+        return None
     if delegate not in DELEGATES:
         raise FxCompressError(f"the profile's delegate {delegate!r} is not one fxcompress can "
                               f"lower to; known delegates: {', '.join(DELEGATES)}")
-    module, cls, install = DELEGATES[delegate]
-    mod = _require(module, f"lowering to the ExecuTorch {delegate} delegate", install)
-    return [getattr(mod, cls)()]
+    info = DELEGATES[delegate]
+    mod = _require(info.module, f"lowering to the ExecuTorch {delegate} delegate", info.install)
+    return getattr(mod, info.partitioner)
+
+
+def _check_runtime_backend(delegate: str | None) -> None:
+    """Every .pte is run-checked, so the runtime here must run the delegate's backend."""
+    if delegate is None:
+        return
+    info = DELEGATES[delegate]
+    rt = _require("executorch.runtime", "checking a .pte", "pip install 'fxcompress[executorch]'")
+    registry = rt.Runtime.get().backend_registry
+    if not registry.is_available(info.runtime_backend):
+        raise FxCompressError(
+            f"the ExecuTorch runtime here cannot run the {delegate} backend "
+            f"({info.runtime_backend}), so a .pte lowered to it cannot be checked; it needs "
+            f"{info.install}. Or export to .pt2 / .onnx, or pick a profile whose delegate runs "
+            "here (mobile-arm: xnnpack)")
+
+
+def _partitioner(delegate: str | None) -> list:
+    cls = _partitioner_class(delegate)
+    return [] if cls is None else [cls()]
 
 
 def _lower(ep: ExportedProgram, delegate: str | None):
@@ -401,14 +469,23 @@ def _is_lowered(ep) -> bool:
         "executorch_call_delegate" in str(n.target) for n in ep.graph.nodes)
 
 
-def _run_pte(data: bytes, inputs: tuple):
-    rt_mod = _require("executorch.runtime", "checking a .pte", "pip install "
-                      "'fxcompress[executorch]'")
-    runtime = rt_mod.Runtime.get()
-    program = runtime.load_program(data)
-    method = program.load_method("forward")
-    flat = [x for x in pytree.tree_leaves(_clones(inputs))]
-    return method.execute(flat)
+class PteProgram:
+    """A `.pte` file loaded in the ExecuTorch runtime; calling it runs ``forward``.
+
+    The runtime keeps pointers into the program it was given without owning it, so the
+    program and its method are held here for as long as this object lives (a method whose
+    program was garbage-collected crashes the process)."""
+
+    def __init__(self, path: str | Path):
+        rt = _require("executorch.runtime", "running a .pte",
+                      "pip install 'fxcompress[executorch]'")
+        self.path = Path(path)
+        self._program = rt.Runtime.get().load_program(self.path)  # read from the file
+        self._method = self._program.load_method("forward")
+
+    def __call__(self, *inputs) -> list:
+        """Outputs of ``forward`` on `inputs` (tensors, in the exported order)."""
+        return list(self._method.execute(list(pytree.tree_leaves(_clones(inputs)))))
 
 
 def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
@@ -419,8 +496,8 @@ def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
     data = _to_pte(edge)
     with _staged(path) as tmp:
         tmp.write_bytes(data)
-        got = _run_pte(tmp.read_bytes(), inputs)
-        err = relative_error(list(got), expected)
+        got = PteProgram(tmp)(*inputs)
+        err = relative_error(got, expected)
         _check(err, tol, ".pte", "the ExecuTorch runtime")
         size = tmp.stat().st_size
     return ExportResult(path, ".pte", size, err, "executorch", delegate=prof.delegate,
@@ -434,6 +511,68 @@ def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
 ONNX_EXTERNAL_DATA_BYTES = 1 << 30
 
 
+def _onnx_translations() -> dict:
+    """ONNX translations of the ``quantized_decomposed`` ops onnxscript's library lacks or
+    handles only with Python-number quantization parameters: dynamic per-tensor activation
+    quantization (``choose_qparams.tensor`` and the ``.tensor`` quantize / dequantize that take
+    its scale and zero point as tensors). They follow torch's reference arithmetic
+    (torch.ao.quantization.utils.determine_qparams, affine per tensor): scale = (max(x⁺) −
+    min(x⁻)) / (qmax − qmin), at least eps; zero_point = qmin − round(min(x⁻) / scale)."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    qd = torch.ops.quantized_decomposed
+    int8 = onnxscript.ir.DataType.INT8
+    onnx_dtype = {torch.int8: int8, torch.uint8: onnxscript.ir.DataType.UINT8}
+
+    def f32(v: float):
+        return op.Constant(value_float=float(v))
+
+    def choose_qparams_tensor(x, qmin: int, qmax: int, eps: float, dtype=torch.int8):
+        lo = op.Min(op.ReduceMin(x, keepdims=0), f32(0.0))
+        hi = op.Max(op.ReduceMax(x, keepdims=0), f32(0.0))
+        scale = op.Max(op.Div(op.Sub(hi, lo), f32(qmax - qmin)), f32(eps))
+        zero = op.Clip(op.Sub(f32(qmin), op.Round(op.Div(lo, scale))), f32(qmin), f32(qmax))
+        shape = op.Constant(value_ints=[1])
+        return (op.Cast(op.Reshape(scale, shape), to=onnxscript.ir.DataType.DOUBLE),
+                op.Cast(op.Reshape(zero, shape), to=onnxscript.ir.DataType.INT64))
+
+    def _params(scale, zero_point, dtype):
+        # per tensor: ONNX takes a scalar scale of the float type and a zero point of the
+        # quantized type
+        s = op.Squeeze(op.Cast(scale, to=onnxscript.ir.DataType.FLOAT))  # [1] -> scalar
+        z = op.Squeeze(op.Cast(zero_point, to=onnx_dtype.get(dtype, int8)))
+        return s, z
+
+    def quantize_per_tensor_tensor(x, scale, zero_point, qmin: int, qmax: int, dtype):
+        s, z = _params(scale, zero_point, dtype)
+        return op.QuantizeLinear(x, s, z)
+
+    def dequantize_per_tensor_tensor(x, scale, zero_point, qmin: int, qmax: int, dtype,
+                                     out_dtype=None):
+        s, z = _params(scale, zero_point, dtype)
+        return op.DequantizeLinear(x, s, z)
+
+    return {
+        qd.choose_qparams.tensor: choose_qparams_tensor,
+        qd.quantize_per_tensor.tensor: quantize_per_tensor_tensor,
+        qd.dequantize_per_tensor.tensor: dequantize_per_tensor_tensor,
+    }
+
+
+def _strip_debug_info(model) -> None:
+    """Drop the exporter's per-node and per-value debug records (Python stack traces, module
+    paths): they are not part of the model, and on a small model they outweigh its weights."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()
+            value.doc_string = None
+    for value in (*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()):
+        value.metadata_props.clear()
+
+
 def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
     install = "pip install 'fxcompress[onnx]'"
     _require("onnxscript", "writing an .onnx", install)
@@ -442,11 +581,13 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
     ep, dynamic = to_exported_program(gm, inputs, dynamic)
     try:
         # the exporter prints its progress on stdout, which belongs to the caller (--json)
-        with contextlib.redirect_stdout(io.StringIO()):
-            onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
+            onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False,
+                                             custom_translation_table=_onnx_translations())
     except Exception as e:
         raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
                             f"{str(e).strip()[:300]}); please report this") from e
+    _strip_debug_info(onnx_program.model)
     rj = _report_json(report)
     if rj is not None:
         onnx_program.model.metadata_props[REPORT_FILE] = rj
@@ -464,6 +605,19 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
         _check(err, tol, ".onnx", "ONNX Runtime")
         size = file_size(tmp)
     return ExportResult(path, ".onnx", size, err, "onnxruntime", dynamic_batch=dynamic)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a library's warnings for a while (the ONNX exporter warns about every optional
+    op library, torchvision among them, that is not installed)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def file_size(path: str | Path) -> int:
@@ -578,5 +732,6 @@ def _check_archive(path: Path) -> list[str]:
     return names
 
 
-__all__ = ["export", "ExportResult", "Delegation", "lower_to_pte", "count_delegated",
-           "load_program", "read_report", "file_size", "DELEGATES"]
+__all__ = ["export", "preflight", "ExportResult", "PteProgram", "Delegation", "lower_to_pte",
+           "count_delegated", "load_program", "read_report", "file_size", "DELEGATES",
+           "DelegateInfo"]

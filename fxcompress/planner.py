@@ -5,7 +5,7 @@
    candidates. Each candidate is costed on the profile (roofline latency, stored bytes). A
    candidate that does not improve the objective on the target is dropped, with the reason.
 2. **Sensitivity.** Each remaining candidate's error is measured alone: the original graph is
-   run on the first calibration batches (at least 128 examples) with only that layer simulated
+   run on the first calibration batches (at least 64 examples) with only that layer simulated
    as rewritten. The chosen plan is verified on all of the calibration data.
 3. **Selection.** A greedy sequence of plans: each step upgrades the one layer whose next
    rewrite adds the most gain on the objective per unit of added squared error. The plan for a
@@ -140,24 +140,35 @@ def _scaled(shape: tuple, factor: float) -> tuple:
 
 def measure(options: list[LayerOptions], calib: Calibration, progress: Callable | None = None,
             deadline: float | None = None) -> int:
-    """Fill in each candidate's error, measured alone. Past `deadline` (a `time.perf_counter`
-    value) the remaining candidates are dropped with that reason; returns how many were."""
+    """Fill in each candidate's error, measured alone (see `Calibration.errors`). Layers are
+    measured in graph order; past `deadline` (a `time.perf_counter` value) the candidates of the
+    remaining layers are dropped with that reason. Returns how many were dropped."""
+    order = {n.name: i for i, n in enumerate(calib.gm.graph.nodes)}
     total = sum(len(o.candidates) for o in options)
-    done = dropped = 0
     limit = calib.sensitivity_batches()
+    # each candidate starts where its earliest override is: one job list per start node
+    starts: dict[str, list[tuple[Candidate, dict]]] = {}
     for opt in options:
-        kept = []
         for c in opt.candidates:
-            if deadline is not None and time.perf_counter() > deadline:
-                opt.rejected.append((c.describe(), "not measured within the time budget"))
-                dropped += 1
-                continue
-            c.error = calib.error(c.simulation(), limit=limit)
-            kept.append(c)
-            done += 1
-            if progress:
-                progress(done + dropped, total)
-        opt.candidates = kept
+            sim = c.simulation()
+            first = min(sim, key=lambda name: order[name])
+            starts.setdefault(first, []).append((c, sim))
+    done = dropped = 0
+    for node in sorted(starts, key=order.__getitem__):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        jobs = starts.pop(node)
+        errs = calib.errors({node: [sim for _, sim in jobs]}, limit=limit)[node]
+        for (c, _), e in zip(jobs, errs, strict=True):
+            c.error = e
+        done += len(jobs)
+        if progress:
+            progress(done, total)
+    for opt in options:
+        for c in [c for c in opt.candidates if c.error is None]:
+            opt.rejected.append((c.describe(), "not measured within the time budget"))
+            dropped += 1
+        opt.candidates = [c for c in opt.candidates if c.error is not None]
     return dropped
 
 

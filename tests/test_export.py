@@ -1,0 +1,263 @@
+"""fxcompress.export: .pt2 / .pte / .onnx files, each run in its own runtime and compared with
+the compiled model; int8 Q/DQ graphs lowered to int8 kernels; atomic writes; safe loading."""
+
+import dataclasses
+import io
+import json
+import sys
+import zipfile
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+from torch import nn
+
+import fxcompress
+from fxcompress import FxCompressError, InternalError
+from fxcompress.report import Report
+
+ex = sys.modules["fxcompress.export"]  # the module; `fxcompress.export` is the function
+qd = torch.ops.quantized_decomposed
+X = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+CAL = [(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(16 * 64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+
+
+def _fp32_pt2_bytes(model, x) -> int:
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(model, (x.clone(),), strict=False), buf)
+    return buf.getbuffer().nbytes
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = _cnn()
+    small = fxcompress.compile(model, (X,), profile="mobile-arm", calibration=CAL, tolerance=0.05,
+                               techniques=["int8"])
+    assert any(lay.applied != "none" for lay in small.meta["fxcompress_report"].layers)
+    return model, small
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_pt2_keeps_report_and_dynamic_batch(compiled, tmp_path):
+    model, small = compiled
+    out = fxcompress.export(small, (X,), tmp_path / "m.pt2")
+    assert out.path.is_file() and out.size_bytes == out.path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]  # no staging left
+    loaded = ex.load_program(out.path)
+    loaded.module().graph.lint()
+    x3 = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x3), small(x3))  # any batch, same numbers
+    data = ex.read_report(out.path)
+    assert data == small.meta["fxcompress_report"].to_dict()
+    assert Report.from_dict(data).profile == "mobile-arm"
+    # int8 weights are stored as int8: the file is smaller than the fp32 program
+    assert out.size_bytes < 0.5 * _fp32_pt2_bytes(model, X)
+
+
+def test_pte_runs_in_executorch_with_xnnpack(compiled, tmp_path):
+    _, small = compiled
+    out = fxcompress.export(small, (X,), tmp_path / "m.pte")  # profile from the report
+    assert out.delegate == "xnnpack" and out.runtime == "executorch"
+    assert sum(out.delegated_ops.values()) > 0
+    got = ex.PteProgram(out.path)(X)[0]
+    with torch.no_grad():
+        assert _rel(got, small(X)) < 1e-3
+    assert out.check_error < 1e-3
+
+
+def test_onnx_runs_in_onnxruntime_with_any_batch(compiled, tmp_path):
+    _, small = compiled
+    out = fxcompress.export(small, (X,), tmp_path / "m.onnx")
+    assert out.size_bytes == ex.file_size(out.path) >= out.path.stat().st_size
+    session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    x5 = torch.randn(5, 1, 8, 8)
+    got = session.run(None, {session.get_inputs()[0].name: x5.numpy()})[0]
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), small(x5)) < 1e-4
+    assert ex.read_report(out.path)["profile"] == "mobile-arm"
+
+
+class _QDQLinear(nn.Module):
+    """int8 linear in the quantized_decomposed Q/DQ form XNNPACK and ONNX Runtime fuse: static
+    per-tensor activations, per-channel symmetric weights, quantized output."""
+
+    def __init__(self, lin: nn.Linear, in_scale: float, out_scale: float):
+        super().__init__()
+        w = lin.weight.detach()
+        scale = w.abs().amax(1) / 127
+        self.register_buffer("wq", torch.round(w / scale[:, None]).clamp(-127, 127)
+                             .to(torch.int8))
+        self.register_buffer("ws", scale)
+        self.register_buffer("wz", torch.zeros(w.shape[0], dtype=torch.int64))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.in_scale, self.out_scale = in_scale, out_scale
+
+    def _qdq(self, x, s):
+        q = qd.quantize_per_tensor.default(x, s, 0, -128, 127, torch.int8)
+        return qd.dequantize_per_tensor.default(q, s, 0, -128, 127, torch.int8)
+
+    def forward(self, x):
+        w = qd.dequantize_per_channel.default(self.wq, self.ws, self.wz, 0, -127, 127,
+                                              torch.int8)
+        return self._qdq(nn.functional.linear(self._qdq(x, self.in_scale), w, self.bias),
+                         self.out_scale)
+
+
+@pytest.fixture(scope="module")
+def qdq_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(_QDQLinear(nn.Linear(64, 32), 4 / 127, 6 / 127), nn.ReLU(),
+                          _QDQLinear(nn.Linear(32, 10), 6 / 127, 4 / 127)).eval()
+    x = torch.randn(4, 64)
+    gm = torch.export.export(model, (x,), strict=False).module()
+    return gm, x
+
+
+def test_qdq_graph_is_delegated_whole_to_xnnpack(qdq_graph, tmp_path):
+    gm, x = qdq_graph
+    ep = torch.export.export(gm, (x,), strict=False)
+    census = ex.count_delegated(ep, "xnnpack")
+    assert census.count("quantized_decomposed", delegated=False) == 0
+    assert census.count("quantized_decomposed.dequantize_per_channel") == 2
+    assert census.count("quantized_decomposed.quantize_per_tensor") == 4
+    assert census.count("aten.linear") == 2 and census.partitions == 1
+    assert sum(census.undelegated.values()) == 0
+    path = tmp_path / "q.pte"
+    path.write_bytes(ex.lower_to_pte(ep, "xnnpack"))
+    got = ex.PteProgram(path)(x)[0]
+    with torch.no_grad():
+        assert _rel(got, gm(x)) < ex.INT8_CHECK_TOLERANCE
+
+
+def test_qdq_graph_becomes_onnx_quantize_dequantize_linear(qdq_graph, tmp_path):
+    gm, x = qdq_graph
+    out = fxcompress.export(gm, (x,), tmp_path / "q.onnx")
+    model = onnx.load(str(out.path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 6
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # standard ops only
+    int8_weights = [i for i in model.graph.initializer
+                    if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert sorted(tuple(i.dims) for i in int8_weights) == [(10, 32), (32, 64)]  # stored int8
+    session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), gm(x)) < ex.INT8_CHECK_TOLERANCE
+
+
+def test_onnxruntime_runs_a_qdq_linear_as_an_int8_kernel(tmp_path):
+    torch.manual_seed(0)
+    layer = _QDQLinear(nn.Linear(64, 32), 4 / 127, 6 / 127).eval()
+    x = torch.randn(4, 64)
+    gm = torch.export.export(layer, (x,), strict=False).module()
+    out = fxcompress.export(gm, (x,), tmp_path / "one.onnx")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(out.path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert "QGemm" in ops and "Gemm" not in ops  # DQ -> Gemm -> Q fused into int8 QGemm
+
+
+class _DynamicQDQLinear(_QDQLinear):
+    """int8 linear with dynamic per-tensor activations: scale and zero point chosen from each
+    input at run time (``choose_qparams.tensor``), as mobile-arm's dynamic int8 writes it."""
+
+    def forward(self, x):
+        s, z = qd.choose_qparams.tensor(x, -128, 127, torch.finfo(torch.float32).eps,
+                                        torch.int8)
+        xq = qd.quantize_per_tensor.tensor(x, s, z, -128, 127, torch.int8)
+        xd = qd.dequantize_per_tensor.tensor(xq, s, z, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel.default(self.wq, self.ws, self.wz, 0, -127, 127,
+                                              torch.int8)
+        return nn.functional.linear(xd, w, self.bias)
+
+
+def test_dynamic_qdq_graph_lowers_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(_DynamicQDQLinear(nn.Linear(64, 32), 0, 0), nn.ReLU(),
+                          _DynamicQDQLinear(nn.Linear(32, 10), 0, 0)).eval()
+    x = torch.randn(4, 64)
+    gm = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},),
+                             strict=False).module()
+    census = ex.count_delegated(torch.export.export(gm, (x,), strict=False), "xnnpack")
+    assert census.count("quantized_decomposed.choose_qparams") == 2
+    assert sum(census.undelegated.values()) == 0
+    # ONNX: the dynamic parameters are computed in the graph, exactly as torch computes them
+    out = fxcompress.export(gm, (x,), tmp_path / "d.onnx")
+    assert out.dynamic_batch
+    onnx_model = onnx.load(str(out.path))
+    ops = [n.op_type for n in onnx_model.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4
+    assert all(n.domain in ("", "ai.onnx") for n in onnx_model.graph.node)
+    session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    x7 = torch.randn(7, 64) * 3
+    got = session.run(None, {session.get_inputs()[0].name: x7.numpy()})[0]
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), gm(x7)) < 1e-5
+
+
+def test_failed_check_writes_nothing_and_keeps_the_old_file(compiled, tmp_path):
+    _, small = compiled
+    target = tmp_path / "m.pt2"
+    target.write_bytes(b"old")
+    with pytest.raises(InternalError, match="disagrees"):
+        fxcompress.export(small, (X,), target, check_tolerance=-1.0)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+
+
+def test_user_mistakes_are_fxcompress_errors(compiled, tmp_path):
+    model, small = compiled
+    with pytest.raises(FxCompressError, match="suffix"):
+        fxcompress.export(small, (X,), tmp_path / "m.tflite")
+    with pytest.raises(FxCompressError, match="does not exist"):
+        fxcompress.export(small, (X,), tmp_path / "no" / "m.pt2")
+    with pytest.raises(FxCompressError, match="profile="):
+        fxcompress.export(model, (X,), tmp_path / "m.pte")  # no report, no profile
+    unknown = dataclasses.replace(fxcompress.load_profile("mobile-arm"), delegate="tpu9000")
+    with pytest.raises(FxCompressError, match="known delegates"):
+        fxcompress.export(small, (X,), tmp_path / "m.pte", profile=unknown)
+    # Core ML lowers here but its runtime exists only on Apple systems: name what to install
+    coreml = dataclasses.replace(unknown, delegate="coreml")
+    with pytest.raises(FxCompressError, match="macOS"):
+        fxcompress.export(small, (X,), tmp_path / "m.pte", profile=coreml)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_program_refuses_pickles_and_strangers(tmp_path):
+    torch.save(_cnn(), tmp_path / "pickled.pt2")
+    with pytest.raises(FxCompressError, match="pickle"):
+        ex.load_program(tmp_path / "pickled.pt2")
+    (tmp_path / "text.pt2").write_text("hello")
+    with pytest.raises(FxCompressError, match="not a saved program"):
+        ex.load_program(tmp_path / "text.pt2")
+    with pytest.raises(FxCompressError, match="does not exist"):
+        ex.load_program(tmp_path / "missing.pt2")
+    # a real archive whose weight entry claims to be pickled is refused before loading
+    good = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(_cnn(), (X,)), good)
+    ex.load_program(good)
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("model_weights_config.json"):
+                cfg = json.loads(data)
+                next(iter(cfg["config"].values()))["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+            zout.writestr(item, data)
+    with pytest.raises(FxCompressError, match="pickled"):
+        ex.load_program(bad)

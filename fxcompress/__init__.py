@@ -16,6 +16,7 @@ from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.export import export
 from fxcompress.hardware_profiles import Profile, list_profiles, load_profile
 from fxcompress.passes_infra import PassResult
+from fxcompress.recover import Recover
 from fxcompress.report import Report
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "FxCompressError",
     "InternalError",
     "PassResult",
+    "Recover",
     "Profile",
     "Report",
     "compile",

@@ -26,6 +26,7 @@ from fxcompress.planner import (
     weight_bytes,
 )
 from fxcompress.progress import Progress
+from fxcompress.recover import Recover, recover_plan
 from fxcompress.report import CandidateReport, LayerReport, Report
 from fxcompress.technique import REGISTRY
 
@@ -99,8 +100,9 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     obj = prof.objective if objective is None else objective
     if obj not in ("latency", "size"):
         raise FxCompressError(f"objective {obj!r} is unknown; use 'latency' or 'size'")
-    if recover is not None:
-        raise FxCompressError("recover= is not available in this version; pass recover=None")
+    if recover is not None and not isinstance(recover, Recover):
+        raise FxCompressError(f"recover must be None or fxcompress.Recover(...), not "
+                              f"{type(recover).__name__}")
     torch.manual_seed(seed)
 
     cap = capture(model, example_inputs, dynamic_shapes)
@@ -124,6 +126,9 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     fits = (lambda choice: True) if budget is None else \
         (lambda choice: weight_bytes(options, choice) <= budget)
     plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log, fits)
+    if recover is not None:
+        plan, _ = recover_plan(gm, options, calib, plan, tol, obj, score_fn, base_score,
+                               recover, seed, log)
     result = plan.graph_module
     budget_notes = enforce_budgets(prof, options, plan.choice)
     try:

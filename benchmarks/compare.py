@@ -205,8 +205,9 @@ def tp_search(model: torch.nn.Module, example: torch.Tensor, x_cal: torch.Tensor
 
 # --- the run --------------------------------------------------------------------------------
 def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
-                log: Callable[[str], None]) -> list[Row]:
-    """Build and measure every row for one model."""
+                log: Callable[[str], None],
+                on_row: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+    """Build and measure every row for one model; `on_row` gets the rows so far after each."""
     data = MODELS[name]
     model = load_pretrained(name).eval()
     x_cal, y_cal = data("calib")
@@ -225,6 +226,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
             traceback.print_exc()
             row = Row(name, method, note=f"failed: {type(e).__name__}: {str(e)[:120]}")
         rows.append(row)
+        on_row(rows)
         log(f"{name:16s} {method:34s} acc={row.accuracy} size={row.size} "
             f"eager={row.eager_ratio} lowered={row.lowered_ratio} "
             f"({time.perf_counter() - t0:.0f} s) {row.note}")
@@ -458,6 +460,16 @@ def write_plot(rows: list[Row], path: Path = OUT_PNG) -> None:
     os.replace(tmp, path)
 
 
+def save_json(rows: list[Row], runs: int, seconds: float, complete: bool) -> None:
+    """The raw rows, written after every row (an interrupted run keeps what it measured) and
+    at the end, so a change to the table's layout never needs a re-measurement."""
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT_JSON.with_name(f".{OUT_JSON.name}.tmp")
+    tmp.write_text(json.dumps({"runs": runs, "seconds": seconds, "complete": complete,
+                               "rows": [asdict(r) for r in rows]}, indent=1))
+    os.replace(tmp, OUT_JSON)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every row for every model and write BENCHMARKS.md and the plot."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -482,12 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     rows: list[Row] = []
     for name in args.models:
-        rows += bench_model(name, args.runs, tuple(args.profiles), not args.no_inductor, log)
+        done = list(rows)
+        rows += bench_model(name, args.runs, tuple(args.profiles), not args.no_inductor, log,
+                            lambda new, done=done: save_json(done + new, args.runs,
+                                                             time.perf_counter() - t0, False))
     seconds = time.perf_counter() - t0
-    # the raw rows, so a change to the table's layout never needs a re-measurement
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    OUT_JSON.write_text(json.dumps({"runs": args.runs, "seconds": seconds,
-                                    "rows": [asdict(r) for r in rows]}, indent=1))
+    save_json(rows, args.runs, seconds, complete=True)
     write_plot(rows)
     print(write_markdown(rows, args.runs, seconds))
     return 0

@@ -384,7 +384,8 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_MD,
-                   plot: str | None = "benchmarks/results/compare.png") -> str:
+                   plot: str | None = "benchmarks/results/compare.png",
+                   complete: bool = True) -> str:
     """Render the table (and the verdict lines) and write it atomically to `path`."""
     lines = [
         "# fxcompress against the alternatives",
@@ -402,6 +403,8 @@ def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_
         "from 0.01 in steps of 0.01 to 0.05 then 0.05, no fine-tuning). Compile: wall time "
         "to produce the row's model or file.",
         "",
+        *([] if complete else ["**Partial run**: it was interrupted; only the rows below "
+                               "were measured.", ""]),
         "| model | method | format | test acc. | size (B) | size / fp32 | eager | lowered "
         "| runtime | compile | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -486,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(OUT_JSON.read_text())
         rows = [Row(**r) for r in saved["rows"]]
         write_plot(rows)
-        print(write_markdown(rows, saved["runs"], saved["seconds"]))
+        print(write_markdown(rows, saved["runs"], saved["seconds"],
+                             complete=saved.get("complete", True)))
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

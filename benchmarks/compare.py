@@ -153,7 +153,8 @@ def pt2e_xnnpack(model: torch.nn.Module, batch: torch.Tensor, calib: list) -> by
     m = prepare_pt2e(m, q)
     with torch.no_grad():
         for (xb,) in calib:
-            m(xb)
+            if len(xb) == len(batch):  # the captured graph keeps the example's batch size
+                m(xb)
     m = convert_pt2e(m)
     ep = torch.export.export(m, (batch.clone(),), strict=False)
     return lower_to_pte(ep, "xnnpack")

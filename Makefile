@@ -25,8 +25,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
 bench: $(STAMP)
-	$(BIN)/pip install -q '.[bench]'
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/demo_bench.py
+	$(BIN)/python benchmarks/compare.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check fxcompress passes hardware_profiles tests benchmarks

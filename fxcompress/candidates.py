@@ -155,8 +155,11 @@ class Candidate:
             return self.overrides
         steps = self.steps
 
+        # aten.embedding(weight, indices): the layer's input is its second argument
+        inp = 1 if self.layer.op == "embedding" else 0
+
         def run(args, kwargs):
-            x = args[0]
+            x = args[inp]
             for s in steps:
                 x = s.run(x)
             return x

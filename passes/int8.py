@@ -94,8 +94,13 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     return [cand], None
 
 
-def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None) -> Candidate:
-    """int8 on every step of another candidate's chain (e.g. both SVD factors)."""
+def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
+          ) -> Candidate | None:
+    """int8 on every step of another candidate's chain (e.g. both SVD factors). None over a
+    shared (palettized) chain: its weights are computed from a lookup table, which the int8
+    pass does not re-quantize; share offers int8 lookup-table entries itself."""
+    if any(s.fmt == "shared" for s in base.steps):
+        return None
     steps = []
     for i, s in enumerate(base.steps):
         absmax = ctx.stats.absmax if i == 0 else None  # later steps: dynamic estimate

@@ -56,9 +56,12 @@ SEED_POINTS = 1024
 HIST_BINS = 16384
 #: Lloyd iterations at most; they stop early once no boundary moves.
 MAX_ITERS = 60
-#: Bytes of graph description and tensor record that an int8 lookup table adds to a
-#: `torch.export.save` file (a cast, a multiply and a scale tensor), measured on torch 2.13.
-LUT_INT8_OVERHEAD = 2500
+#: What the decode costs in a `torch.export.save` file besides its tensors' bytes: each op's
+#: graph description and each extra tensor's record (measured on torch 2.13: 3 ops cost
+#: 3.85 kB, 7 ops and 2 more tensors 8.9 kB). Counted in a shared step's stored bytes, so the
+#: planner never shares a weight too small to repay its decoder.
+GRAPH_BYTES_PER_OP = 1200
+GRAPH_BYTES_PER_TENSOR = 300
 #: Bits stacked on another technique's chain (one stacked candidate per chain): the common
 #: palettization sweet spot, or the closest width the profile decodes.
 STACK_BITS = 4
@@ -103,6 +106,28 @@ class Codebook:
     def stored_bytes(self) -> int:
         """Bytes stored for this weight: packed indices plus lookup tables."""
         return self.packed_bytes + self.lut_bytes
+
+    @property
+    def decode_ops(self) -> int:
+        """Ops `_decode_nodes` inserts to rebuild this weight (kept in step with it)."""
+        per_chunk, chunk_bytes = _chunk(self.bits)
+        groups, n = self.indices.shape
+        ops = 1  # the final view to the weight's shape
+        if self.lut_q is not None:
+            ops += 2 + (self.lut.dtype != torch.float32)
+        ops += 2 if chunk_bytes > 1 else 0
+        ops += 2 if per_chunk > 1 else 1
+        padded = per_chunk * math.ceil(n / per_chunk) != n
+        ops += 1 if groups == 1 and not padded else 2 + padded
+        return ops
+
+    @property
+    def file_bytes(self) -> int:
+        """Estimated bytes this weight adds to a serialized program: packed indices, lookup
+        tables, and the decode's graph description and tensor records."""
+        tensors = 1 + (self.lut_q is not None)  # beyond the one tensor the weight was
+        return self.stored_bytes + self.decode_ops * GRAPH_BYTES_PER_OP \
+            + tensors * GRAPH_BYTES_PER_TENSOR
 
 
 def _chunk(bits: int) -> tuple[int, int]:
@@ -309,7 +334,7 @@ def _shared_step(step: Step, spec: ShareSpec, cov: torch.Tensor | None,
     groups = group_count(step.weight.shape[0], spec.grouped)
     imp = _importance(step.op, step.weight, step.groups, cov)
     cb = cluster(step.weight, spec.bits, groups, imp, spec.lut_int8, spec.seed)
-    return replace(step, weight=cb.decode(), fmt="shared", weight_bytes=cb.stored_bytes,
+    return replace(step, weight=cb.decode(), fmt="shared", weight_bytes=cb.file_bytes,
                    input_quant=None), cb
 
 
@@ -358,11 +383,13 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
 
 
 def _int8_lut_pays(ctx: ProposeContext, groups: int, bits: int) -> bool:
-    """Whether int8 lookup-table entries save more bytes than the two ops and the scale tensor
-    they add to the serialized program (measured: about LUT_INT8_OVERHEAD bytes)."""
+    """Whether int8 lookup-table entries save more bytes than the cast, the multiply and the
+    scale tensor they add to the serialized program."""
     entry = ctx.weight.element_size()
     saved = groups * (1 << bits) * (entry - 1) - groups * 4
-    return ctx.profile.allows("int8") and saved > LUT_INT8_OVERHEAD
+    cost = (2 + (ctx.weight.dtype != torch.float32)) * GRAPH_BYTES_PER_OP \
+        + GRAPH_BYTES_PER_TENSOR
+    return ctx.profile.allows("int8") and saved > cost
 
 
 def stack(base: Candidate, ctx: ProposeContext) -> Candidate | None:

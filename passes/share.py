@@ -38,6 +38,7 @@ from fxcompress.graph import (
     _fake_like,
     add_buffer,
     drop_unused_attrs,
+    find_layers,
     get_attr,
     op_type,
     weight_arg_index,
@@ -49,11 +50,14 @@ from fxcompress.technique import ProposeContext, Technique, register
 aten = torch.ops.aten
 #: Output channels per group for the grouped palettes (coremltools' per_grouped_channel default).
 GROUP_SIZE = 16
-#: Points in the quantile summary that k-means++ seeds from (the full data is used by Lloyd).
+#: Most points in the quantile summary that k-means++ seeds from (32 per cluster; Lloyd then
+#: runs on the full histogram).
 SEED_POINTS = 1024
 #: Histogram bins per group that Lloyd runs on (exact sums per bin; the final assignment is
 #: exact), fine enough for 256 clusters to span many bins each.
 HIST_BINS = 16384
+#: k-means++ seedings per group (Lloyd runs on all of them at once; the lowest cost wins).
+N_INIT = 3
 #: Lloyd iterations at most; they stop early once no boundary moves.
 MAX_ITERS = 60
 #: What the decode costs in a `torch.export.save` file besides its tensors' bytes: each op's
@@ -149,7 +153,7 @@ def _seed(pts: torch.Tensor, cw: torch.Tensor, cwx: torch.Tensor, k: int,
     """k-means++ seeding, per group, on a weighted quantile summary of the ordered points
     `pts` (G, B) whose prefix sums of weight and weight x value are `cw`, `cwx` (G, B + 1)."""
     g, b = pts.shape
-    m = min(b, SEED_POINTS)
+    m = min(b, SEED_POINTS, max(256, 32 * k))
     total = cw[:, -1:]
     # SEED_POINTS summary points of equal weight (quantiles), each the mean of its slice
     targets = total * torch.linspace(0, 1, m + 1, dtype=torch.float64).view(1, -1)
@@ -160,17 +164,24 @@ def _seed(pts: torch.Tensor, cw: torch.Tensor, cwx: torch.Tensor, k: int,
     summ = torch.where(mass > 0, summ, mid)
     mass = mass + 1e-12 * total.clamp_min(1e-300) / m  # no point has zero probability
     centers = torch.empty(g, k, dtype=torch.float64)
-    first = torch.multinomial(mass.float(), 1, generator=gen)
-    centers[:, 0] = summ.gather(1, first)[:, 0]
+    u = torch.rand(g, k, generator=gen, dtype=torch.float64)
+    centers[:, 0] = summ.gather(1, _draw(mass, u[:, :1]))[:, 0]
     d2 = (summ - centers[:, :1]) ** 2
     for j in range(1, k):
         p = mass * d2
         dead = p.sum(1) <= 0  # every point is already a center: any pick is a duplicate
         p[dead] = mass[dead]
-        pick = torch.multinomial(p.float().clamp_min(0) + 1e-38, 1, generator=gen)
-        centers[:, j] = summ.gather(1, pick)[:, 0]
+        centers[:, j] = summ.gather(1, _draw(p, u[:, j:j + 1]))[:, 0]
         d2 = torch.minimum(d2, (summ - centers[:, j:j + 1]) ** 2)
     return centers.sort(dim=1).values
+
+
+def _draw(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row drawn with probability proportional to `p` (G, M), by inverting the
+    cumulative sum at the uniform draws `u` (G, 1)."""
+    c = p.cumsum(1)
+    return torch.searchsorted(c, (u * c[:, -1:]).contiguous(), right=True).clamp_max(
+        p.shape[1] - 1)
 
 
 def kmeans_1d(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
@@ -194,7 +205,8 @@ def kmeans_1d(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None
     w = None if importance is None else importance.detach().float().clamp_min(0)
     lo = x.amin(1, keepdim=True)
     span = (x.amax(1, keepdim=True) - lo).clamp_min(1e-30)
-    nb = min(HIST_BINS, max(1024, 1 << (n - 1).bit_length()))  # no finer than the data
+    # a few values per bin at most, at least 64 bins per cluster
+    nb = min(HIST_BINS, max(64 * k, 1 << max(n // 4 - 1, 1).bit_length()))
     bins = ((x - lo) * (nb / span)).long().clamp_(0, nb - 1)
     bins += torch.arange(g).view(-1, 1) * nb
     flat = bins.view(-1)
@@ -204,22 +216,32 @@ def kmeans_1d(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None
                          minlength=g * nb).view(g, nb)
     centers = lo.double() + span.double() * (torch.arange(nb, dtype=torch.float64) + 0.5) / nb
     pts = torch.where(hw > 0, hwx / hw.clamp_min(1e-300), centers)  # non-decreasing per row
-    zero = torch.zeros(g, 1, dtype=torch.float64)
-    cw = torch.cat([zero, hw.cumsum(1)], 1)
-    cwx = torch.cat([zero, hwx.cumsum(1)], 1)
+    hwx2 = torch.bincount(flat, ((x * x) if w is None else w * x * x).reshape(-1).double(),
+                          minlength=g * nb).view(g, nb)
+    # N_INIT seedings per group, as extra rows, Lloyd on all at once; the best row per group
+    r = N_INIT
+    zero = torch.zeros(g * r, 1, dtype=torch.float64)
+    pts = pts.repeat(r, 1).contiguous()
+    cw = torch.cat([zero, hw.cumsum(1).repeat(r, 1)], 1)
+    cwx = torch.cat([zero, hwx.cumsum(1).repeat(r, 1)], 1)
+    cwx2 = torch.cat([zero, hwx2.cumsum(1).repeat(r, 1)], 1)
     gen = torch.Generator().manual_seed(seed)
     c = _seed(pts, cw, cwx, k, gen)
     bounds = None
-    for _ in range(iters):
-        b = torch.searchsorted(pts.contiguous(), ((c[:, 1:] + c[:, :-1]) / 2).contiguous())
+    for _ in range(iters + 1):
+        b = torch.searchsorted(pts, ((c[:, 1:] + c[:, :-1]) / 2).contiguous())
+        edges = torch.cat([torch.zeros(g * r, 1, dtype=torch.long), b,
+                           torch.full((g * r, 1), nb, dtype=torch.long)], 1)
+        wsum = cw.gather(1, edges[:, 1:]) - cw.gather(1, edges[:, :-1])
+        xsum = cwx.gather(1, edges[:, 1:]) - cwx.gather(1, edges[:, :-1])
         if bounds is not None and torch.equal(b, bounds):
             break
         bounds = b
-        edges = torch.cat([torch.zeros(g, 1, dtype=torch.long), b,
-                           torch.full((g, 1), nb, dtype=torch.long)], 1)
-        wsum = cw.gather(1, edges[:, 1:]) - cw.gather(1, edges[:, :-1])
-        xsum = cwx.gather(1, edges[:, 1:]) - cwx.gather(1, edges[:, :-1])
         c = torch.where(wsum > 0, xsum / wsum.clamp_min(1e-300), c).sort(dim=1).values
+    x2sum = cwx2.gather(1, edges[:, 1:]) - cwx2.gather(1, edges[:, :-1])
+    cost = (x2sum - xsum ** 2 / wsum.clamp_min(1e-300)).sum(1).view(r, g)
+    best = cost.argmin(0)  # first best on ties: deterministic
+    c = c.view(r, g, k)[best, torch.arange(g)]
     # exact final step: every element to its nearest centroid, centroids to their members' means
     mids = ((c[:, 1:] + c[:, :-1]) / 2).float().contiguous()
     idx = torch.searchsorted(mids, x.contiguous())
@@ -415,6 +437,28 @@ def make_config(chosen: list[Candidate]) -> ShareConfig:
     """The pass config for the chosen candidates that carry sharing."""
     return ShareConfig({c.layer.name: c.payload["share"] for c in chosen
                         if "share" in c.payload})
+
+
+def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
+                   lut_int8: bool = False, stats: Mapping | None = None, seed: int = 0,
+                   ) -> ShareConfig:
+    """Every layer of `gm` shared at one width, outside the planner (benchmarks, fixed-budget
+    use). `stats` maps a layer's node name to its calibration `LayerStats`, for importance
+    weighting; layers whose weight is read by several nodes are left alone, as the planner
+    does."""
+    specs = {}
+    for lay in find_layers(gm):
+        if lay.shared_with:
+            continue
+        w = get_attr(gm, lay.weight_target).detach()
+        if not w.is_floating_point():
+            continue
+        st = stats.get(lay.node) if stats else None
+        cov = st.covariance if st is not None and st.gram is not None else None
+        imp = _importance(lay.op, w, lay.groups, cov)
+        cb = cluster(w, bits, group_count(w.shape[0], grouped), imp, lut_int8, seed)
+        specs[lay.name] = ShareSpec(bits, grouped, lut_int8, seed, ((w, cb),))
+    return ShareConfig(specs)
 
 
 # --- the pass -----------------------------------------------------------------------------

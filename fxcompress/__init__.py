@@ -13,6 +13,7 @@ the report, and the two exception types.
 
 from fxcompress.api import DEFAULT_TOLERANCE, compile
 from fxcompress.errors import FxCompressError, InternalError
+from fxcompress.export import export
 from fxcompress.hardware_profiles import Profile, list_profiles, load_profile
 from fxcompress.passes_infra import PassResult
 from fxcompress.report import Report
@@ -25,6 +26,7 @@ __all__ = [
     "Profile",
     "Report",
     "compile",
+    "export",
     "list_profiles",
     "load_profile",
 ]

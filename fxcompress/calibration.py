@@ -125,6 +125,16 @@ class Calibration:
             raise FxCompressError("the model's outputs on the calibration data are all zero, so "
                                   "relative error is undefined; pass real calibration inputs")
 
+    def sensitivity_batches(self, examples: int = 128) -> int:
+        """How many leading batches hold at least `examples` examples (all, if fewer)."""
+        seen = 0
+        for i, batch in enumerate(self.batches):
+            first = next((x for x in batch if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+            seen += 1 if first is None else int(first.shape[0])
+            if seen >= examples:
+                return i + 1
+        return len(self.batches)
+
     def error(self, overrides: Mapping[str, Override] | None = None, limit: int | None = None,
               ) -> float:
         """Relative output error of the graph with `overrides` over the calibration batches

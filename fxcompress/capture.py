@@ -10,6 +10,7 @@ cannot be captured with a dynamic batch it is captured static and the reason is 
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,29 @@ def _widen_batch(inputs: tuple) -> tuple:
 
 def _export(model: nn.Module, inputs: tuple, dynamic_shapes) -> ExportedProgram:
     return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def inference_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """`ep.module()` makes `eval()` and `train()` raise NotImplementedError; user code calls
+    `model.eval()` all the time. The captured graph is already in inference form (batch norm
+    uses running statistics, dropout is gone), so `eval()` is a no-op, and `train()` says why
+    it cannot switch and what to use instead."""
+
+    def _eval(self):
+        return self
+
+    def _train(self, mode: bool = True):
+        if mode:
+            raise FxCompressError(
+                "a compiled fxcompress graph is captured for inference: train() cannot switch "
+                "batch norm or dropout back to training behaviour; fine-tune the original "
+                "model before compiling, or pass recover= to fxcompress.compile")
+        return self
+
+    nn.Module.train(gm, False)  # report eval mode, so code that saves and restores it works
+    gm.eval = types.MethodType(_eval, gm)
+    gm.train = types.MethodType(_train, gm)
+    return gm
 
 
 def _describe_failure(e: Exception) -> str:
@@ -81,7 +105,7 @@ def capture(model, example_inputs=None, dynamic_shapes=None) -> Captured:
         example_inputs = check_inputs(example_inputs)
         gm = ep.module()
         dynamic = any(not isinstance(s, int) for s in _input_batch_sizes(ep))
-        return Captured(gm, example_inputs, None, dynamic,
+        return Captured(inference_graph(gm), example_inputs, None, dynamic,
                         "" if dynamic else "the ExportedProgram was captured with a static batch")
     if not isinstance(model, nn.Module):
         raise FxCompressError(f"model must be an nn.Module, a torch.export.ExportedProgram or a "
@@ -97,13 +121,14 @@ def capture(model, example_inputs=None, dynamic_shapes=None) -> Captured:
             raise FxCompressError(
                 f"torch.export could not capture the model with the dynamic_shapes given "
                 f"({_describe_failure(e)}); fix dynamic_shapes or leave it None") from e
-        return Captured(ep.module(), example_inputs, dynamic_shapes, True, "")
+        return Captured(inference_graph(ep.module()), example_inputs, dynamic_shapes, True, "")
     widened = _widen_batch(example_inputs)
     try:
         ep = _export(model, widened, _batch_dims(widened))
         dynamic = any(not isinstance(s, int) for s in _input_batch_sizes(ep))
         note = "" if dynamic else "the model fixes its batch size (export specialized dim 0)"
-        return Captured(ep.module(), example_inputs, _batch_dims(widened) if dynamic else None,
+        return Captured(inference_graph(ep.module()), example_inputs,
+                        _batch_dims(widened) if dynamic else None,
                         dynamic, note)
     except Exception as dyn_error:
         try:
@@ -114,7 +139,7 @@ def capture(model, example_inputs=None, dynamic_shapes=None) -> Captured:
                 "failing construct traceable (data-dependent Python control flow, unsupported "
                 "ops, non-tensor outputs), or pass an ExportedProgram you exported yourself"
             ) from e
-        return Captured(ep.module(), example_inputs, None, False,
+        return Captured(inference_graph(ep.module()), example_inputs, None, False,
                         f"captured with a static batch: {_describe_failure(dyn_error)}")
 
 

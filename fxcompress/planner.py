@@ -5,7 +5,8 @@
    candidates. Each candidate is costed on the profile (roofline latency, stored bytes). A
    candidate that does not improve the objective on the target is dropped, with the reason.
 2. **Sensitivity.** Each remaining candidate's error is measured alone: the original graph is
-   run on the calibration data with only that layer simulated as rewritten.
+   run on the first calibration batches (at least 128 examples) with only that layer simulated
+   as rewritten. The chosen plan is verified on all of the calibration data.
 3. **Selection.** A greedy sequence of plans: each step upgrades the one layer whose next
    rewrite adds the most gain on the objective per unit of added squared error. The plan for a
    tolerance is the longest prefix of that sequence whose estimated error (the root of the sum
@@ -33,6 +34,7 @@ from torch import fx
 
 from fxcompress.calibration import Calibration
 from fxcompress.candidates import Candidate, Shapes, step_of_layer
+from fxcompress.capture import inference_graph
 from fxcompress.errors import FxCompressError
 from fxcompress.graph import Layer, get_attr
 from fxcompress.hardware_profiles import Profile
@@ -142,6 +144,7 @@ def measure(options: list[LayerOptions], calib: Calibration, progress: Callable 
     value) the remaining candidates are dropped with that reason; returns how many were."""
     total = sum(len(o.candidates) for o in options)
     done = dropped = 0
+    limit = calib.sensitivity_batches()
     for opt in options:
         kept = []
         for c in opt.candidates:
@@ -149,7 +152,7 @@ def measure(options: list[LayerOptions], calib: Calibration, progress: Callable 
                 opt.rejected.append((c.describe(), "not measured within the time budget"))
                 dropped += 1
                 continue
-            c.error = calib.error(c.simulation())
+            c.error = calib.error(c.simulation(), limit=limit)
             kept.append(c)
             done += 1
             if progress:
@@ -210,7 +213,9 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
     passes = []
     for tech in sorted((REGISTRY[t] for t in by_tech), key=lambda t: t.order):
         passes.append((tech.name, tech.apply, tech.make_config(by_tech[tech.name])))
-    return run_passes(work, passes)
+    result = run_passes(work, passes)
+    inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train
+    return result
 
 
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,

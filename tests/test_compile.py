@@ -162,3 +162,12 @@ def test_unknown_technique():
 def test_missing_example_inputs():
     with pytest.raises(FxCompressError, match="example_inputs is required"):
         fxcompress.compile(_model())
+
+
+def test_eval_is_a_no_op_and_train_says_what_to_do(compiled):
+    _, _, small = compiled
+    assert small.eval() is small
+    assert not small.training  # save-and-restore of the mode (model.train(was_training)) works
+    small.train(False)
+    with pytest.raises(FxCompressError, match="captured for inference.*recover="):
+        small.train()

@@ -1,0 +1,582 @@
+"""`fxcompress.export`: a compiled model into a deployable file (DESIGN §1).
+
+The suffix of the path picks the format:
+
+- ``.pt2``: `torch.export.save`; the compile report rides along in the archive as an extra
+  file (``fxcompress_report.json``), so ``fxcompress report OUT.pt2`` can print it later.
+- ``.pte``: ExecuTorch, lowered with the profile's delegate (XNNPACK for mobile-arm), or to
+  ExecuTorch's portable kernels where the profile names none.
+- ``.onnx``: the dynamo ONNX exporter. int8 held as ``quantized_decomposed`` Q/DQ ops becomes
+  QuantizeLinear / DequantizeLinear, the pattern ONNX Runtime fuses into int8 kernels; the
+  report is kept in the model's metadata.
+
+Every file is written to a temporary name beside the target, loaded back in its own runtime
+(torch.export / the ExecuTorch runtime / ONNX Runtime) and run on the example inputs; only when
+its outputs agree with the compiled model is it moved into place, so a failed export never
+leaves a partial or wrong file behind.
+
+`lower_to_pte` and `count_delegated` are the lowering and the delegation census on their own,
+for code that wants to know which ops a backend takes (e.g. whether int8 ops were delegated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import Dim, ExportedProgram
+from torch.utils import _pytree as pytree
+
+from fxcompress.errors import FxCompressError, InternalError
+from fxcompress.hardware_profiles import EXPORT_FORMATS, Profile, load_profile
+
+REPORT_KEY = "fxcompress_report"
+#: Name of the report inside a `.pt2` archive (an extra file) and in `.onnx` metadata.
+REPORT_FILE = "fxcompress_report.json"
+
+#: ExecuTorch delegates a profile's `backend.delegate` may name: the module and class of its
+#: partitioner, and what to install when it cannot be imported.
+DELEGATES: dict[str, tuple[str, str, str]] = {
+    "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner",
+                "XnnpackPartitioner", "pip install 'fxcompress[executorch]'"),
+    "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner",
+               "pip install 'fxcompress[executorch]' coremltools (on macOS)"),
+    "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner",
+            "an ExecuTorch build with the MPS backend (on macOS)"),
+    "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner",
+               "VulkanPartitioner", "an ExecuTorch build with the Vulkan backend"),
+    "qnn": ("executorch.backends.qualcomm.partition.qnn_partitioner", "QnnPartitioner",
+            "an ExecuTorch build with the Qualcomm QNN backend and the QNN SDK"),
+}
+
+# Relative output error allowed between the written file, run in its runtime, and the compiled
+# model run in eager PyTorch. Float graphs differ only by kernel rounding; graphs with int8
+# activations run real int8 kernels there, which round intermediate values differently from
+# the reference Q/DQ arithmetic by up to one quantization step.
+FLOAT_CHECK_TOLERANCE = 1e-3
+INT8_CHECK_TOLERANCE = 5e-2
+
+
+@dataclass
+class ExportResult:
+    """What `export` wrote."""
+
+    path: Path  # the file written
+    format: str  # ".pt2", ".pte" or ".onnx"
+    size_bytes: int  # bytes on disk, an .onnx file's external data included
+    check_error: float  # relative output error of the file's runtime vs the compiled model
+    runtime: str  # what ran the check: "torch.export", "executorch", "onnxruntime"
+    delegate: str | None = None  # the ExecuTorch delegate a .pte was lowered with
+    delegated_ops: dict[str, int] = field(default_factory=dict)  # .pte: ops the delegate took
+    undelegated_ops: dict[str, int] = field(default_factory=dict)  # .pte: ops left portable
+    dynamic_batch: bool = False  # whether the file accepts any batch size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return {"path": str(self.path), "format": self.format, "size_bytes": self.size_bytes,
+                "check_error": self.check_error, "runtime": self.runtime,
+                "delegate": self.delegate, "delegated_ops": dict(self.delegated_ops),
+                "undelegated_ops": dict(self.undelegated_ops),
+                "dynamic_batch": self.dynamic_batch}
+
+
+@dataclass
+class Delegation:
+    """Which ops a delegate took and which were left to ExecuTorch's portable kernels, by op
+    name (e.g. ``"aten.convolution.default"``,
+    ``"quantized_decomposed.dequantize_per_channel.default"``)."""
+
+    delegated: Counter = field(default_factory=Counter)
+    undelegated: Counter = field(default_factory=Counter)
+    partitions: int = 0  # number of delegated subgraphs
+
+    def count(self, substring: str, delegated: bool = True) -> int:
+        """How many delegated (or undelegated) ops have `substring` in their name."""
+        ops = self.delegated if delegated else self.undelegated
+        return sum(n for name, n in ops.items() if substring in name)
+
+
+# --- formats --------------------------------------------------------------------------------
+def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: str | Path, *,
+           profile: str | Path | Profile | None = None,
+           check_tolerance: float | None = None) -> ExportResult:
+    """Write `gm` (usually the result of `fxcompress.compile`) to `path`; its suffix picks the
+    format (``.pt2``, ``.pte``, ``.onnx``).
+
+    `profile` names the target whose delegate a ``.pte`` is lowered with; by default the one
+    in ``gm.meta["fxcompress_report"]``. The file is run in its runtime on `example_inputs`
+    and compared with ``gm`` before it is moved into place (atomically); a mismatch larger
+    than `check_tolerance` (relative output error; by default 1e-3, or 5e-2 for graphs with
+    int8 activations) raises `InternalError` and writes nothing. A ``.pte`` holds a program for
+    the example inputs' shapes; ``.pt2`` and ``.onnx`` keep a dynamic batch where the model
+    has one. User mistakes (an unknown suffix, a runtime not installed) raise
+    `FxCompressError`."""
+    path = Path(path)
+    fmt = path.suffix.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise FxCompressError(f"cannot tell the format of {str(path)!r} from its suffix; name "
+                              f"the file with one of {', '.join(EXPORT_FORMATS)}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple | list):
+        raise FxCompressError(f"example_inputs must be a tuple of inputs, not "
+                              f"{type(example_inputs).__name__}; wrap it: (x,)")
+    example_inputs = tuple(example_inputs)
+    if not isinstance(gm, torch.nn.Module):
+        raise FxCompressError(f"export takes the GraphModule fxcompress.compile returned (or "
+                              f"any nn.Module), not {type(gm).__name__}")
+    if not path.parent.is_dir():
+        raise FxCompressError(f"the folder {str(path.parent)!r} does not exist; create it "
+                              "first or write somewhere else")
+    report = _report_of(gm)
+    with torch.no_grad():
+        expected = gm(*_clones(example_inputs))
+    tol = check_tolerance
+    if tol is None:
+        tol = INT8_CHECK_TOLERANCE if has_quantized_activations(gm) else FLOAT_CHECK_TOLERANCE
+    if fmt == ".pt2":
+        return _export_pt2(gm, example_inputs, path, report, expected, tol)
+    if fmt == ".onnx":
+        return _export_onnx(gm, example_inputs, path, report, expected, tol)
+    prof = _resolve_profile(profile, report)
+    return _export_pte(gm, example_inputs, path, prof, expected, tol)
+
+
+def _report_of(gm) -> Any:
+    meta = getattr(gm, "meta", None)
+    return meta.get(REPORT_KEY) if isinstance(meta, dict) else None
+
+
+def _report_json(report) -> str | None:
+    if report is None:
+        return None
+    return json.dumps(report.to_dict() if hasattr(report, "to_dict") else report)
+
+
+def _resolve_profile(profile, report) -> Profile:
+    if profile is not None:
+        return load_profile(profile)
+    name = getattr(report, "profile", None)
+    if name is None:
+        raise FxCompressError("a .pte is lowered for a target's backend, and this model carries "
+                              "no fxcompress report naming one; pass profile='mobile-arm' (or "
+                              "another profile)")
+    try:
+        return load_profile(name)
+    except FxCompressError as e:
+        raise FxCompressError(f"the model was compiled for profile {name!r}, which cannot be "
+                              f"loaded here ({e}); pass profile= (a name or a profile file)"
+                              ) from None
+
+
+def _clones(inputs: tuple) -> tuple:
+    # a view saves its whole storage into the file: export and run with clones
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def has_quantized_activations(gm: torch.nn.Module) -> bool:
+    """Whether the graph quantizes activations (``quantized_decomposed.quantize_*`` ops)."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return False
+    return any(n.op == "call_function" and "quantized_decomposed.quantize" in str(n.target)
+               for n in graph.nodes)
+
+
+def to_exported_program(gm: torch.nn.Module, example_inputs: tuple,
+                        dynamic_batch: bool) -> tuple[ExportedProgram, bool]:
+    """`torch.export` of `gm` with cloned inputs; with `dynamic_batch`, dim 0 of every input
+    is exported as dynamic where the model allows it. Returns the program and whether its
+    batch is dynamic."""
+    inputs = _clones(example_inputs)
+    if dynamic_batch:
+        widened = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0
+                        and x.shape[0] == 1 else x for x in inputs)
+        dims = tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                     for x in widened)
+        try:
+            ep = torch.export.export(gm, widened, dynamic_shapes=dims, strict=False)
+            if _batch_is_dynamic(ep):
+                return ep, True
+        except Exception:  # noqa: BLE001 - fall back to a static batch, as capture does
+            pass
+    try:
+        return torch.export.export(gm, inputs, strict=False), False
+    except Exception as e:
+        raise FxCompressError(f"torch.export cannot capture this model for export "
+                              f"({type(e).__name__}: {str(e).strip()[:300]}); pass the "
+                              "GraphModule fxcompress.compile returned") from e
+
+
+def _batch_is_dynamic(ep: ExportedProgram) -> bool:
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name != "USER_INPUT":
+            continue
+        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], int):
+            return True
+    return False
+
+
+def relative_error(actual, expected) -> float:
+    """``‖a − e‖ / ‖e‖`` over every floating-point output leaf (flattened in order)."""
+    a = [torch.as_tensor(t) for t in _leaves(actual)]
+    e = [t for t in _leaves(expected)]
+    if len(a) != len(e):
+        return float("inf")
+    num = den = 0.0
+    for x, y in zip(a, e, strict=True):
+        y = torch.as_tensor(y).detach().float()
+        x = x.detach().float().reshape(y.shape) if x.numel() == y.numel() else None
+        if x is None:
+            return float("inf")
+        num += float((x - y).pow(2).sum())
+        den += float(y.pow(2).sum())
+    return (num ** 0.5) / max(den ** 0.5, 1e-30)
+
+
+def _leaves(out) -> list:
+    leaves = []
+    for t in pytree.tree_leaves(out):
+        if hasattr(t, "dtype") and not isinstance(t, torch.Tensor):
+            t = torch.from_numpy(t)  # numpy arrays from ONNX Runtime
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            leaves.append(t)
+    return leaves
+
+
+@contextlib.contextmanager
+def _staged(path: Path, extra_suffixes: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A temporary path in the target's folder; on success the file (and any companion files
+    named path + suffix) are moved into place with `os.replace`, companions first so the main
+    file never points at a missing one. On failure everything staged is removed."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staged = tmpdir / path.name
+    try:
+        yield staged
+        for suf in extra_suffixes:
+            comp = tmpdir / (path.name + suf)
+            if comp.exists():
+                os.replace(comp, path.parent / (path.name + suf))
+        os.replace(staged, path)
+    finally:
+        for p in tmpdir.iterdir():
+            p.unlink()
+        tmpdir.rmdir()
+
+
+def _check(err: float, tol: float, fmt: str, runtime: str) -> None:
+    if not err <= tol:
+        raise InternalError(f"the {fmt} file run in {runtime} disagrees with the compiled model "
+                            f"(relative output error {err:.3g} > {tol:g}); nothing was written. "
+                            "Please report this")
+
+
+def _export_pt2(gm, inputs, path, report, expected, tol) -> ExportResult:
+    dynamic = bool(getattr(report, "dynamic_batch", True))
+    ep, dynamic = to_exported_program(gm, inputs, dynamic)
+    extra = {}
+    rj = _report_json(report)
+    if rj is not None:
+        extra[REPORT_FILE] = rj
+    with _staged(path) as tmp:
+        torch.export.save(ep, tmp, extra_files=extra)
+        loaded = load_program(tmp)
+        with torch.no_grad():
+            got = loaded.module()(*_clones(inputs))
+        err = relative_error(got, expected)
+        _check(err, tol, ".pt2", "torch.export")
+        size = tmp.stat().st_size
+    return ExportResult(path, ".pt2", size, err, "torch.export", dynamic_batch=dynamic)
+
+
+# --- ExecuTorch -----------------------------------------------------------------------------
+def _require(module: str, what: str, install: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise FxCompressError(f"{what} needs {module.split('.')[0]}, which cannot be imported "
+                              f"here ({e}); install it: {install}") from None
+
+
+def _partitioner(delegate: str | None) -> list:
+    if delegate is None:
+        return []
+    if delegate not in DELEGATES:
+        raise FxCompressError(f"the profile's delegate {delegate!r} is not one fxcompress can "
+                              f"lower to; known delegates: {', '.join(DELEGATES)}")
+    module, cls, install = DELEGATES[delegate]
+    mod = _require(module, f"lowering to the ExecuTorch {delegate} delegate", install)
+    return [getattr(mod, cls)()]
+
+
+def _lower(ep: ExportedProgram, delegate: str | None):
+    exir = _require("executorch.exir", "writing a .pte", "pip install 'fxcompress[executorch]'")
+    # registers the out-variants of quantized_decomposed ops that a delegate leaves behind
+    _require("executorch.kernels.quantized", "writing a .pte with int8 ops",
+             "pip install 'fxcompress[executorch]'")
+    partitioners = _partitioner(delegate)
+    try:
+        return exir.to_edge_transform_and_lower(ep, partitioner=partitioners)
+    except FxCompressError:
+        raise
+    except Exception as e:
+        raise InternalError(f"ExecuTorch could not lower the model to "
+                            f"{delegate or 'portable kernels'} ({type(e).__name__}: "
+                            f"{str(e).strip()[:300]}); please report this") from e
+
+
+def lower_to_pte(ep: ExportedProgram, delegate: str | None) -> bytes:
+    """The bytes of a `.pte` ExecuTorch program for `ep`, lowered with `delegate` (a key of
+    `DELEGATES`, e.g. ``"xnnpack"``; None: portable kernels only)."""
+    return _to_pte(_lower(ep, delegate))
+
+
+def _to_pte(edge) -> bytes:
+    try:
+        return bytes(edge.to_executorch().buffer)
+    except Exception as e:
+        raise InternalError(f"ExecuTorch could not serialize the lowered program "
+                            f"({type(e).__name__}: {str(e).strip()[:300]}); please report this"
+                            ) from e
+
+
+def _op_name(target) -> str:
+    # an edge-dialect op wraps the ATen overload, whose str is e.g. "aten.addmm.default"
+    return str(getattr(target, "_op", target))
+
+
+def _census(program) -> Delegation:
+    """Count ops inside and outside delegated subgraphs of a lowered program."""
+    if hasattr(program, "exported_program"):
+        program = program.exported_program()
+    graph_module = program.graph_module
+    result = Delegation()
+
+    def walk(gm: fx.GraphModule, inside: bool) -> None:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                sub = getattr(gm, node.target, None)
+                original = getattr(sub, "original_module", None)
+                if original is not None:  # a LoweredBackendModule: what the delegate took
+                    result.partitions += 1
+                    walk(original.graph_module, True)
+                continue
+            if node.op != "call_function":
+                continue
+            name = _op_name(node.target)
+            if "executorch_call_delegate" in name or name.startswith("<built-in"):
+                continue
+            (result.delegated if inside else result.undelegated)[name] += 1
+
+    walk(graph_module, False)
+    return result
+
+
+def count_delegated(ep: ExportedProgram, delegate: str | None = "xnnpack") -> Delegation:
+    """Lower `ep` with `delegate` and count, by op name, the ops the delegate took and the ops
+    left to portable kernels. Also accepts an already lowered program (an ExecuTorch
+    `EdgeProgramManager`, or its edge `ExportedProgram`), which is then only counted."""
+    if hasattr(ep, "exported_program") or _is_lowered(ep):
+        return _census(ep)
+    return _census(_lower(ep, delegate))
+
+
+def _is_lowered(ep) -> bool:
+    return isinstance(ep, ExportedProgram) and any(
+        "executorch_call_delegate" in str(n.target) for n in ep.graph.nodes)
+
+
+def _run_pte(data: bytes, inputs: tuple):
+    rt_mod = _require("executorch.runtime", "checking a .pte", "pip install "
+                      "'fxcompress[executorch]'")
+    runtime = rt_mod.Runtime.get()
+    program = runtime.load_program(data)
+    method = program.load_method("forward")
+    flat = [x for x in pytree.tree_leaves(_clones(inputs))]
+    return method.execute(flat)
+
+
+def _export_pte(gm, inputs, path, prof: Profile, expected, tol) -> ExportResult:
+    # ExecuTorch plans memory for fixed shapes: the program is exported for the example shapes
+    ep, _ = to_exported_program(gm, inputs, dynamic_batch=False)
+    edge = _lower(ep, prof.delegate)
+    census = _census(edge)
+    data = _to_pte(edge)
+    with _staged(path) as tmp:
+        tmp.write_bytes(data)
+        got = _run_pte(tmp.read_bytes(), inputs)
+        err = relative_error(list(got), expected)
+        _check(err, tol, ".pte", "the ExecuTorch runtime")
+        size = tmp.stat().st_size
+    return ExportResult(path, ".pte", size, err, "executorch", delegate=prof.delegate,
+                        delegated_ops=dict(census.delegated),
+                        undelegated_ops=dict(census.undelegated))
+
+
+# --- ONNX -----------------------------------------------------------------------------------
+# Models above this size keep their weights in an external data file (path + ".data"): a
+# single protobuf cannot exceed 2 GiB.
+ONNX_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
+    install = "pip install 'fxcompress[onnx]'"
+    _require("onnxscript", "writing an .onnx", install)
+    ort = _require("onnxruntime", "checking an .onnx", install)
+    dynamic = bool(getattr(report, "dynamic_batch", True))
+    ep, dynamic = to_exported_program(gm, inputs, dynamic)
+    try:
+        # the exporter prints its progress on stdout, which belongs to the caller (--json)
+        with contextlib.redirect_stdout(io.StringIO()):
+            onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False)
+    except Exception as e:
+        raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
+                            f"{str(e).strip()[:300]}); please report this") from e
+    rj = _report_json(report)
+    if rj is not None:
+        onnx_program.model.metadata_props[REPORT_FILE] = rj
+    weight_bytes = sum(int(t.numel() * t.element_size()) for t in ep.state_dict.values()
+                       if isinstance(t, torch.Tensor))
+    external = weight_bytes > ONNX_EXTERNAL_DATA_BYTES
+    with _staged(path, extra_suffixes=(".data",)) as tmp:
+        onnx_program.save(tmp, external_data=external)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        flat = [x.numpy() if isinstance(x, torch.Tensor) else x
+                for x in pytree.tree_leaves(_clones(inputs))]
+        got = session.run(None, dict(zip(names, flat, strict=True)))
+        err = relative_error(got, expected)
+        _check(err, tol, ".onnx", "ONNX Runtime")
+        size = file_size(tmp)
+    return ExportResult(path, ".onnx", size, err, "onnxruntime", dynamic_batch=dynamic)
+
+
+def file_size(path: str | Path) -> int:
+    """Bytes on disk of an exported file; an `.onnx` file's external data files included."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix.lower() == ".onnx":
+        size += sum(p.stat().st_size for p in _onnx_external_files(path))
+    return size
+
+
+def _onnx_external_files(path: Path) -> list[Path]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return [path.parent / loc for loc in sorted(locations)]
+
+
+# --- safe loading ---------------------------------------------------------------------------
+def load_program(path: str | Path) -> ExportedProgram:
+    """Load a program saved with `torch.export.save`, refusing anything that would unpickle
+    (only tensors and the JSON graph are read). Raises `FxCompressError` for a missing file, a
+    file that is not a saved program, or one that holds pickled objects."""
+    path = Path(path)
+    _check_archive(path)
+    try:
+        return torch.export.load(path)
+    except Exception as e:
+        raise FxCompressError(f"{str(path)!r} could not be loaded as a saved program "
+                              f"({type(e).__name__}: {str(e).strip()[:200]}); save it with "
+                              "torch.export.save(torch.export.export(model, (x,)), path)") from e
+
+
+def read_report(path: str | Path) -> dict[str, Any] | None:
+    """The report fxcompress stored in a `.pt2` or `.onnx` file, as plain data (None if the
+    file carries none). `.pte` files carry no report."""
+    path = Path(path)
+    if not path.is_file():
+        raise FxCompressError(f"{str(path)!r} does not exist; check the path")
+    fmt = path.suffix.lower()
+    if fmt == ".onnx":
+        onnx = _require("onnx", "reading an .onnx", "pip install 'fxcompress[onnx]'")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:
+            raise FxCompressError(f"{str(path)!r} is not an ONNX model ({type(e).__name__}); "
+                                  "give a file fxcompress export wrote") from e
+        for prop in model.metadata_props:
+            if prop.key == REPORT_FILE:
+                return json.loads(prop.value)
+        return None
+    if fmt == ".pte":
+        raise FxCompressError(f"{str(path)!r} is a .pte, which keeps no report; export to .pt2 "
+                              "or .onnx as well to keep one")
+    names = _check_archive(path)
+    with zipfile.ZipFile(path) as z:
+        entry = next((n for n in names if n.endswith(f"/extra/{REPORT_FILE}")), None)
+        if entry is None:
+            return None
+        return json.loads(z.read(entry))
+
+
+def _check_archive(path: Path) -> list[str]:
+    """The entry names of a torch.export archive, after checking it holds nothing pickled."""
+    if not path.exists():
+        raise FxCompressError(f"{str(path)!r} does not exist; check the path")
+    if not path.is_file():
+        raise FxCompressError(f"{str(path)!r} is not a file")
+    hint = ("save the model with torch.export.save(torch.export.export(model, (x,)), "
+            "'model.pt2')")
+    if not zipfile.is_zipfile(path):
+        raise FxCompressError(f"{str(path)!r} is not a saved program (not a torch.export "
+                              f"archive); {hint}")
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            raise FxCompressError(f"{str(path)!r} is a pickle (torch.save output); fxcompress "
+                                  f"only loads programs safely, without unpickling: {hint}")
+        if not any(n.endswith("/archive_format") for n in names) or not any(
+                "/models/" in n and n.endswith(".json") for n in names):
+            raise FxCompressError(f"{str(path)!r} is a zip file but not a torch.export "
+                                  f"archive; {hint}")
+        for n in names:
+            if "/data/weights/" in n and n.endswith(".pt") or "/data/constants/" in n and \
+                    n.endswith(".pt"):
+                raise FxCompressError(f"{str(path)!r} uses the legacy pickled weight format, "
+                                      f"which fxcompress does not load; re-save it: {hint}")
+            if n.endswith("_config.json") and ("/data/weights/" in n or "/data/constants/" in n):
+                config = json.loads(z.read(n)).get("config", {})
+                for fqn, meta in config.items():
+                    pickled = meta.get("use_pickle") or not str(
+                        meta.get("path_name", "")).startswith(("weight_", "tensor_"))
+                    if pickled:
+                        raise FxCompressError(
+                            f"{str(path)!r} holds a pickled object ({fqn}); fxcompress only "
+                            "loads tensors, without unpickling: save a program whose "
+                            "weights and constants are plain tensors")
+            if "/data/sample_inputs/" in n:
+                try:
+                    torch.load(io.BytesIO(z.read(n)), weights_only=True)
+                except Exception as e:
+                    raise FxCompressError(
+                        f"{str(path)!r} holds example inputs that are not plain tensors "
+                        f"({type(e).__name__}); fxcompress only loads tensors: {hint}"
+                    ) from None
+    return names
+
+
+__all__ = ["export", "ExportResult", "Delegation", "lower_to_pte", "count_delegated",
+           "load_program", "read_report", "file_size", "DELEGATES"]

@@ -1,0 +1,107 @@
+"""The planner on a trained model: plans differ by target, hold on held-out data, nest by
+tolerance, respect memory budgets, and combine techniques to beat each alone."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress import FxCompressError, load_profile
+from fxcompress.models import accuracy
+
+
+def rel_error(a, b, x):
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    return float((ya - yb).norm() / yb.norm())
+
+
+@pytest.fixture(scope="module")
+def per_profile(digits_cnn, digits):
+    batches, x_cal, _, _ = digits
+    out = {}
+    for name in fxcompress.list_profiles():
+        out[name] = fxcompress.compile(digits_cnn, (x_cal[:32],), profile=name,
+                                       calibration=batches, tolerance=0.05)
+    return out
+
+
+def test_six_profiles_give_different_plans(per_profile):
+    plans = {name: tuple(lay.applied for lay in gm.meta["fxcompress_report"].layers)
+             for name, gm in per_profile.items()}
+    assert len(plans) == 6
+    assert len(set(plans.values())) >= 5, plans
+    for name, gm in per_profile.items():
+        rep = gm.meta["fxcompress_report"]
+        assert rep.profile == name
+        assert any(lay.applied != "none" for lay in rep.layers), name
+
+
+def test_plans_hold_on_held_out_data(per_profile, digits_cnn, digits):
+    _, _, x_test, y_test = digits
+    base = accuracy(digits_cnn, x_test, y_test)
+    for name, gm in per_profile.items():
+        err = rel_error(gm, digits_cnn, x_test)
+        assert err <= 0.05, f"{name}: held-out error {err:.4f}"
+        assert accuracy(gm, x_test, y_test) >= base - 2.0, name
+
+
+def test_int8_only_target_quantizes_every_layer(per_profile):
+    rep = per_profile["mcu-int8"].meta["fxcompress_report"]
+    for lay in rep.layers:
+        assert "int8" in lay.applied, (lay.name, lay.applied)
+
+
+def test_tolerance_sweep_is_monotone(digits_cnn, digits):
+    batches, x_cal, _, _ = digits
+    sizes, lats = [], []
+    for tol in (0.005, 0.02, 0.08):
+        rep = fxcompress.compile(digits_cnn, (x_cal[:32],), profile="mobile-arm",
+                                 calibration=batches, tolerance=tol).meta["fxcompress_report"]
+        sizes.append(rep.serialized_bytes_after)
+        lats.append(rep.latency_after_us)
+    assert sizes == sorted(sizes, reverse=True)
+    assert lats == sorted(lats, reverse=True)
+
+
+def test_evaluate_bounds_the_metric_drop(digits_cnn, digits):
+    batches, x_cal, x_test, y_test = digits
+    _, y_cal = __import__("fxcompress.models", fromlist=["digits_data"]).digits_data("calib")
+
+    def score(m):
+        return accuracy(m, x_cal, y_cal)
+
+    gm = fxcompress.compile(digits_cnn, (x_cal[:32],), profile="mobile-arm",
+                            calibration=batches, evaluate=score, tolerance=1.0)
+    rep = gm.meta["fxcompress_report"]
+    assert rep.metric == "evaluate() drop"
+    assert rep.score_before - rep.score_after <= 1.0
+    assert rep.serialized_bytes_after < 0.35 * rep.serialized_bytes_before
+
+
+def test_weight_budget_that_cannot_be_met_says_by_how_much(digits_cnn, digits):
+    batches, x_cal, _, _ = digits
+    tiny = dataclasses.replace(load_profile("mcu-int8"), weight_budget_bytes=4096)
+    with pytest.raises(FxCompressError, match=r"more than mcu-int8's weight budget of 4,096"):
+        fxcompress.compile(digits_cnn, (x_cal[:32],), profile=tiny, calibration=batches,
+                           tolerance=0.05)
+
+
+def test_time_budget_drops_unmeasured_candidates_with_a_reason(digits_cnn, digits):
+    batches, x_cal, _, _ = digits
+    gm = fxcompress.compile(digits_cnn, (x_cal[:32],), profile="mobile-arm",
+                            calibration=batches, tolerance=0.05, time_budget=0.0)
+    reasons = [c.verdict for lay in gm.meta["fxcompress_report"].layers for c in lay.candidates]
+    assert "not measured within the time budget" in reasons
+
+
+def test_combined_plan_beats_each_technique_alone(digits_cnn, digits):
+    batches, x_cal, _, _ = digits
+    best = {}
+    for techs in (None, ["int8"], ["svd"]):
+        rep = fxcompress.compile(digits_cnn, (x_cal[:32],), profile="mobile-arm",
+                                 calibration=batches, tolerance=0.03, techniques=techs,
+                                 objective="size").meta["fxcompress_report"]
+        best[str(techs)] = rep.serialized_bytes_after
+    assert best["None"] <= min(best["['int8']"], best["['svd']"])

@@ -157,8 +157,11 @@ class Candidate:
             return self.overrides
         steps = self.steps
 
+        # aten.embedding(weight, indices): the layer's input is its second argument
+        inp = 1 if self.layer.op == "embedding" else 0
+
         def run(args, kwargs):
-            x = args[1] if steps[0].op == "embedding" else args[0]  # embedding(weight, ids)
+            x = args[inp]
             for s in steps:
                 x = s.run(x)
             return x

@@ -218,9 +218,14 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
 
 def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
           ) -> Candidate | None:
-    """int8 on every step of another candidate's chain (e.g. both SVD factors)."""
+    """int8 on every step of another candidate's chain (e.g. both SVD factors). None over a
+    chain that is already quantized, binary, or shared (palettized): a shared weight is computed
+    from a lookup table, which the int8 pass does not re-quantize; share offers int8
+    lookup-table entries itself."""
     if base.payload.get("int8") or base.payload.get("binary"):
         return None  # already quantized
+    if any(s.fmt == "shared" for s in base.steps):
+        return None
     p = ctx.profile
     rep, act = p.int8_representation, p.int8_activations
     modes = [step_mode(s.op, s.groups, rep, act) for s in base.steps]

@@ -1,0 +1,260 @@
+"""Weight sharing: k-means palettes, packed indices decoded in the graph, stacking."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from fxcompress.hardware_profiles import load_profile
+from fxcompress.passes import int8 as int8_mod
+from fxcompress.passes import share
+from fxcompress.passes import svd as svd_mod
+from torch import nn
+
+import fxcompress
+from fxcompress.calibration import Calibration
+from fxcompress.candidates import Candidate, step_of_layer
+from fxcompress.capture import capture
+from fxcompress.graph import find_layers, get_attr
+from fxcompress.planner import build
+from fxcompress.technique import ProposeContext
+
+
+class Tiny(nn.Module):
+    """An embedding, a conv and two linears: every layer kind share rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(400, 32)
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, ids, img):
+        h = self.emb(ids).mean(1) + self.conv(img).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def _inputs(seed=0, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 400, (batch, 6), generator=g), torch.randn(batch, 3, 6, 6,
+                                                                         generator=g))
+
+
+def _captured():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    cap = capture(model, _inputs())
+    return model, cap.graph_module
+
+
+def _shared(gm, specs):
+    out = copy.deepcopy(gm)
+    find_layers(out)
+    res = share.share_pass(out, share.ShareConfig(specs))
+    res.graph_module.graph.lint()
+    res.graph_module.recompile()  # as the pass manager does after every pass
+    return res
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_roundtrip_every_width(bits):
+    g = torch.Generator().manual_seed(bits)
+    idx = torch.randint(0, 1 << bits, (3, 37), generator=g)  # 37: padding in every layout
+    packed = share.pack(idx, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == 3 * share.math.ceil(37 * bits / 8 / (share._chunk(bits)[1])) * \
+        share._chunk(bits)[1]
+    assert torch.equal(share.unpack(packed, bits, 37), idx)
+
+
+def test_error_falls_as_bits_grow_and_is_deterministic():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    errs = []
+    for bits in range(1, 9):
+        cb = share.cluster(w, bits, groups=4, seed=3)
+        again = share.cluster(w, bits, groups=4, seed=3)
+        assert torch.equal(cb.indices, again.indices) and torch.equal(cb.lut, again.lut)
+        assert int(cb.indices.max()) < (1 << bits)
+        errs.append(float((cb.decode() - w).norm() / w.norm()))
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    # Lloyd-Max on Gaussian data: 1 bit ~ 0.60, 4 bits ~ 0.10 relative error
+    assert 0.55 < errs[0] < 0.65 and errs[3] < 0.12 and errs[7] < 0.01
+
+
+def test_importance_weighting_protects_important_inputs():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 16, generator=g)
+    imp = torch.ones(1, 16)
+    imp[0, :4] = 100.0  # four inputs carry most of the signal
+    plain = share.cluster(w, 2, seed=0)
+    aware = share.cluster(w, 2, importance=imp, seed=0)
+
+    def weighted(cb):
+        return float((imp * (cb.decode() - w) ** 2).sum())
+
+    assert weighted(aware) < 0.9 * weighted(plain)
+
+
+@pytest.mark.parametrize("bits,grouped,lut_int8", [(4, False, False), (3, True, False),
+                                                   (2, True, True), (8, False, True),
+                                                   (6, False, False)])
+def test_pass_decodes_exactly_the_clustered_weights(bits, grouped, lut_int8):
+    model, gm = _captured()
+    layers = find_layers(gm)
+    specs, books = {}, {}
+    for lay in layers:
+        w = get_attr(gm, lay.weight_target)
+        groups = share.group_count(w.shape[0], grouped)
+        cb = share.cluster(w, bits, groups, lut_int8=lut_int8, seed=0)
+        books[lay.weight_target] = cb
+        specs[lay.name] = share.ShareSpec(bits, grouped, lut_int8, 0, ((w.detach(), cb),))
+    res = _shared(gm, specs)
+    out = res.graph_module
+    out.graph.lint()
+    assert res.modified
+    targets = {n.target for n in out.graph.nodes if n.op == "get_attr"}
+    assert not targets & set(books)  # the full-width weights are gone
+    packed = [getattr(out, t) for t in targets if "share_idx" in t]
+    assert all(p.dtype == torch.uint8 for p in packed)
+    # one lookup table per tensor: one packed stream per width (emb + fc1 share one)
+    streams = {cb.shape[-1] for cb in books.values() if cb.fusible}
+    assert len(packed) == len(streams) + sum(not cb.fusible for cb in books.values())
+    n_ops = sum(n.op == "call_function" for n in out.graph.nodes) - \
+        sum(n.op == "call_function" for n in gm.graph.nodes)
+    per_layer = sum(cb.decode_ops for cb in books.values())
+    assert per_layer <= n_ops <= per_layer + 7 * len(streams)  # + each stream's unpacking
+    # reference: the original model with the clustered weights put in, computed exactly
+    ref = copy.deepcopy(model)
+    sd = ref.state_dict()
+    for t, cb in books.items():
+        sd[t] = cb.decode()
+    ref.load_state_dict(sd)
+    x = _inputs(1)
+    with torch.no_grad():
+        assert torch.equal(out(*x), ref(*x))
+    ep = torch.export.export(out, x, strict=False)
+    assert torch.equal(ep.module()(*x), out(*x))
+
+
+def _file_bytes(m, x) -> int:
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(m, x, strict=False), buf)
+    return buf.getbuffer().nbytes
+
+
+@pytest.mark.parametrize("bits,grouped", [(4, False), (3, True)])
+def test_size_accounting_matches_the_file(bits, grouped):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    x = (torch.randn(2, 256),)
+    gm = capture(model, x).graph_module
+    specs, accounted = {}, 0
+    for lay in find_layers(gm):
+        w = get_attr(gm, lay.weight_target)
+        cb = share.cluster(w, bits, share.group_count(w.shape[0], grouped), seed=0)
+        specs[lay.name] = share.ShareSpec(bits, grouped, False, 0, ((w.detach(), cb),))
+        accounted += w.numel() * 4 - cb.file_bytes
+        assert cb.stored_bytes == cb.packed_bytes + cb.lut_bytes
+        assert cb.packed_bytes == share.math.ceil(w.numel() / cb.groups * bits / 8 /
+                                                  share._chunk(bits)[1]) \
+            * share._chunk(bits)[1] * cb.groups
+    out = _shared(gm, specs).graph_module
+    saved = _file_bytes(gm, x) - _file_bytes(out, x)
+    # the file saves what the candidates account for (decode graph included) within 1 %
+    assert abs(saved - accounted) < 0.01 * accounted
+
+
+def _context(gm, layer, profile="apple-ane"):
+    calib = Calibration(gm, [_inputs(2, 16)], {lay.node: lay.op for lay in find_layers(gm)})
+    w = get_attr(gm, layer.weight_target).detach()
+    b = get_attr(gm, layer.bias_target).detach() if layer.bias_target else None
+    ctx = ProposeContext(load_profile(profile), "size", calib.stats[layer.node], None, w, b, 0,
+                         True, True)
+    return calib, Candidate("none", layer, {}, (step_of_layer(layer, w, b),)), ctx
+
+
+def test_propose_offers_every_profile_width_and_counts_packed_bytes():
+    _, gm = _captured()
+    fc1 = next(lay for lay in find_layers(gm) if lay.name == "fc1")
+    calib, base, ctx = _context(gm, fc1)
+    cands, why = share.propose(fc1, base, ctx)
+    assert why is None
+    prof = load_profile("apple-ane")
+    assert sorted({c.params["bits"] for c in cands}) == sorted(prof.share_bits)
+    for c in cands:
+        cb = c.payload["share"].codebooks[0][1]
+        step = c.steps[0]
+        assert step.fmt == "shared"
+        assert step.weight_bytes == cb.file_bytes > cb.packed_bytes + cb.lut_bytes
+        assert torch.equal(step.weight, cb.decode())
+    # a target without palettized weights gets none, with the reason
+    _, base, ctx = _context(gm, fc1, "fpga-binary")
+    cands, why = share.propose(fc1, base, ctx)
+    assert not cands and "palettized" in why
+
+
+def test_stacks_on_svd_factors_and_int8_leaves_shared_weights_alone():
+    _, gm = _captured()
+    layers = find_layers(gm)
+    fc1 = next(lay for lay in layers if lay.name == "fc1")
+    calib, base, ctx = _context(gm, fc1)
+    svd_cand = next(c for c in svd_mod.propose(fc1, base, ctx)[0])
+    stacked = share.stack(svd_cand, ctx)
+    assert stacked.technique == "svd+share" and len(stacked.steps) == 2
+    assert all(s.fmt == "shared" for s in stacked.steps)
+    # int8 never re-quantizes a palettized chain; share offers int8 LUT entries itself
+    assert int8_mod.stack(stacked, ctx) is None
+    built = build(gm, {fc1.name: stacked}).graph_module
+    built.graph.lint()
+    fc1_ops = [n for n in built.graph.nodes if n.meta.get("fxcompress_layer") == "fc1"
+               and n.target is torch.ops.aten.linear.default]
+    assert len(fc1_ops) == 2
+    assert all(n.args[1].op == "call_function" for n in fc1_ops)  # decoded, not stored
+    # what the planner measured is what was built
+    assert calib.error_of(built) == pytest.approx(calib.error(stacked.simulation()), rel=1e-5)
+    again = int8_mod.int8_pass(copy.deepcopy(built), int8_mod.Int8Config(frozenset({"fc1"})))
+    assert not again.modified
+
+
+def test_pass_reclusters_a_weight_changed_upstream():
+    """A weight the planner never saw (pruned or refactored before share ran) is clustered
+    from the graph as it is, at the planned width."""
+    _, gm = _captured()
+    fc1 = next(lay for lay in find_layers(gm) if lay.name == "fc1")
+    stale = torch.randn(fc1.weight_shape[0] * 2, fc1.weight_shape[1])
+    spec = share.ShareSpec(2, False, False, 0, ((stale, share.cluster(stale, 2)),))
+    out = _shared(gm, {"fc1": spec}).graph_module
+    out.graph.lint()
+    idx = next(n.target for n in out.graph.nodes if n.op == "get_attr"
+               and n.target.startswith("share_idx"))
+    assert out.fc1_share_lut.numel() == 4
+    w = get_attr(gm, fc1.weight_target)
+    cb = share.cluster(w, 2, seed=0)
+    assert torch.equal(share.unpack(getattr(out, idx), 2, w.numel()), cb.indices.long())
+
+
+def test_compile_apple_ane_shares_the_layers_that_pay():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = _inputs()
+    before = copy.deepcopy(model.state_dict())
+    out = fxcompress.compile(model, x, profile="apple-ane", techniques=["share"],
+                             calibration=[_inputs(i, 8) for i in range(3)], tolerance=0.05)
+    rep = out.meta["fxcompress_report"]
+    applied = {lay.name: lay.applied for lay in rep.layers}
+    assert applied["emb"].startswith("share(") and applied["fc1"].startswith("share(")
+    # fc2's 512 weights cannot repay the decode ops' graph description: left alone, with why
+    assert applied["fc2"] == "none"
+    assert "larger than the original" in next(lay.reason for lay in rep.layers
+                                              if lay.name == "fc2")
+    assert rep.error <= 0.05
+    saved = rep.serialized_bytes_before - rep.serialized_bytes_after
+    planned = sum(lay.bytes_before - lay.bytes_after for lay in rep.layers)
+    assert saved > 0.3 * rep.serialized_bytes_before
+    # the report's bytes are the file's, but for the one packed stream's unpacking (<= 7 ops)
+    assert abs(saved - planned) < 0.05 * planned + 7 * share.GRAPH_BYTES_PER_OP
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.export.export(out, _inputs(5), strict=False)

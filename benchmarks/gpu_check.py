@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from fxcompress.hardware_profiles import load_profile
+from torch.export.passes import move_to_device_pass
 
 
 def cuda_median(fn, runs: int = 20, warmup: int = 3) -> float:
@@ -132,8 +133,9 @@ def model_rows() -> list[dict]:
                "est_ratio": rep.latency_after_us / rep.latency_before_us,
                "batch": tuple(xb.shape)}
         # export bakes device=cpu into factory ops: move the program, not just its tensors
-        ep = torch.export.export(small, (example,), strict=False)
-        moved = torch.export.passes.move_to_device_pass(ep, "cuda").module()
+        ep = torch.export.export(small, (example,), strict=False,
+                                 dynamic_shapes=({0: torch.export.Dim("batch")},))
+        moved = move_to_device_pass(ep, "cuda").module()
         row.update(_time_on_gpu(model.cuda(), moved, xb))
         rows.append(row)
     return rows

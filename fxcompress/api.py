@@ -123,14 +123,14 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
     base_score = float(score_fn(gm)) if score_fn is not None else None
     budget = prof.weight_budget_bytes
-    fits = (lambda choice: True) if budget is None else \
-        (lambda choice: weight_bytes(options, choice) <= budget)
+    fits = (lambda built: True) if budget is None else \
+        (lambda built: weight_bytes(built) <= budget)
     plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log, fits)
     if recover is not None:
         plan, _ = recover_plan(gm, options, calib, plan, tol, obj, score_fn, base_score,
                                recover, seed, log)
     result = plan.graph_module
-    budget_notes = enforce_budgets(prof, options, plan.choice)
+    budget_notes = enforce_budgets(prof, options, plan.choice, result)
     try:
         ep_after = torch.export.export(result, _export_args(cap.example_inputs),
                                        dynamic_shapes=cap.dynamic_shapes, strict=False)

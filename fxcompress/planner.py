@@ -243,7 +243,7 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
            tolerance: float, objective: str, evaluate: Callable | None,
            base_score: float | None, log: Callable[[str], None],
-           fits: Callable[[dict[str, Candidate]], bool] = lambda plan: True) -> Plan:
+           fits: Callable[[fx.GraphModule], bool] = lambda gm: True) -> Plan:
     """The longest prefix of the greedy sequence whose *built* graph is within the tolerance.
 
     Without evaluate(), the first try is the longest prefix whose estimated error is within
@@ -299,22 +299,22 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
 
 
 def _fit(plan: Plan, sequence, k: int, check, fits) -> Plan:
-    """`plan` if it fits the target's memory, else the next longer prefix that fits and holds
-    (size-first pressure) — or `plan` unchanged, for `enforce_budgets` to report."""
-    if fits(plan.choice):
+    """`plan` if its built graph fits the target's memory, else the first longer prefix that
+    fits and holds the tolerance (more compression) — or `plan` unchanged, for
+    `enforce_budgets` to report by how much it misses."""
+    if fits(plan.graph_module):
         return plan
     for j in range(k + 1, len(sequence)):
-        if fits(sequence[j]):
-            cand, ok = check(j)
-            if ok:
-                return cand
-            break
+        cand, ok = check(j)
+        if ok and fits(cand.graph_module):
+            return cand
     return plan
 
 
-def weight_bytes(options: list[LayerOptions], choice: dict[str, Candidate]) -> int:
-    """Bytes of every layer's stored weights under `choice`."""
-    return sum((choice.get(o.layer.name) or o.base).stored_bytes for o in options)
+def weight_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of every parameter and buffer the built graph holds (what the target stores)."""
+    return sum(t.numel() * t.element_size()
+               for t in list(gm.parameters()) + list(gm.buffers()))
 
 
 def peak_activation_bytes(options: list[LayerOptions], choice: dict[str, Candidate],
@@ -332,11 +332,11 @@ def peak_activation_bytes(options: list[LayerOptions], choice: dict[str, Candida
 
 
 def enforce_budgets(profile: Profile, options: list[LayerOptions],
-                    choice: dict[str, Candidate]) -> list[str]:
+                    choice: dict[str, Candidate], gm: fx.GraphModule) -> list[str]:
     """The user error when the plan does not fit the target's memory; otherwise lines for
     the report saying how it fits."""
     notes = []
-    w = weight_bytes(options, choice)
+    w = weight_bytes(gm)
     budget = profile.weight_budget_bytes
     if budget is not None:
         if w > budget:

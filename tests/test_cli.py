@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+                         nn.Linear(8 * 64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
 
 
 class _Evil:

@@ -72,9 +72,12 @@ def test_pte_runs_in_executorch_with_xnnpack(compiled, tmp_path):
     assert out.delegate == "xnnpack" and out.runtime == "executorch"
     assert sum(out.delegated_ops.values()) > 0
     got = ex.PteProgram(out.path)(X)[0]
+    # the fixture quantizes activations (static Q/DQ): XNNPACK's int8 kernels round differently
+    # from torch's reference Q/DQ, so agreement is within the int8 check tolerance
     with torch.no_grad():
-        assert _rel(got, small(X)) < 1e-3
-    assert out.check_error < 1e-3
+        assert _rel(got, small(X)) < ex.INT8_CHECK_TOLERANCE
+    assert out.check_error < ex.INT8_CHECK_TOLERANCE
+    assert (got.argmax(1) == small(X).argmax(1)).float().mean() >= 0.9
 
 
 def test_onnx_runs_in_onnxruntime_with_any_batch(compiled, tmp_path):
@@ -84,8 +87,8 @@ def test_onnx_runs_in_onnxruntime_with_any_batch(compiled, tmp_path):
     session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
     x5 = torch.randn(5, 1, 8, 8)
     got = session.run(None, {session.get_inputs()[0].name: x5.numpy()})[0]
-    with torch.no_grad():
-        assert _rel(torch.from_numpy(got), small(x5)) < 1e-4
+    with torch.no_grad():  # ONNX Runtime's int8 kernels: within the int8 check tolerance
+        assert _rel(torch.from_numpy(got), small(x5)) < ex.INT8_CHECK_TOLERANCE
     assert ex.read_report(out.path)["profile"] == "mobile-arm"
 
 

@@ -29,13 +29,15 @@ def _data(n=256) -> torch.Tensor:
     return torch.randn(n, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _plan(techniques=("svd", "int8")):
+def _plan(techniques=("svd", "int8"), profile="nvidia-gpu"):
     """The graph, its options and a plan with every layer at its most compressed candidate."""
     x = _data()
     gm = capture(_model(), (x[:4],), None).graph_module
     layers = find_layers(gm)
     calib = Calibration(gm, [(x,)], {lay.node: lay.op for lay in layers})
-    options = build_options(gm, layers, calib, load_profile("mobile-arm"), "size", techniques, 0,
+    # nvidia-gpu runs int8 weight-only, whose candidates simulate through their steps: those are
+    # the ones recovery trains (static Q/DQ int8 keeps a custom simulation and stays frozen)
+    options = build_options(gm, layers, calib, load_profile(profile), "size", techniques, 0,
                             calibrated=True, user_techniques=True, scale_batch=1.0)
     measure(options, calib)
     choice = {}
@@ -106,7 +108,7 @@ def test_compile_with_recover_is_deterministic_exportable_and_reported():
 
 
 def test_labels_mix_in_hard_targets():
-    gm, options, calib, choice, x = _plan(("svd",))
+    gm, options, calib, choice, x = _plan(("svd",), profile="mobile-arm")
     labels = gm(x).argmax(-1)
     student = Student(gm, options, choice, train_unchanged=False)
     fine_tune(student, gm, Recover(steps=30, lr=2e-3, labels=labels, alpha=0.7), (x,), labels,
@@ -114,8 +116,11 @@ def test_labels_mix_in_hard_targets():
     new_gm, trained = student.write_back()
     after = build(new_gm, {n: trained.get(n, c) for n, c in choice.items()}).graph_module
     before = build(gm, choice).graph_module
-    agree = lambda g: float((g(x).argmax(-1) == labels).float().mean())  # noqa: E731
-    assert agree(after) >= agree(before)
+    # the model is random, its logits near uniform, so argmax agreement is noise; what mixing in
+    # labels must do is lower the hard-target loss
+    with torch.no_grad():
+        ce = lambda g: float(torch.nn.functional.cross_entropy(g(x), labels))  # noqa: E731
+        assert ce(after) < 0.95 * ce(before)
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 import fxcompress.passes  # noqa: F401  (registers the techniques)
+from fxcompress.built_cost import built_costs
 from fxcompress.calibration import Calibration, check_calibration
 from fxcompress.capture import capture
 from fxcompress.errors import FxCompressError, InternalError
@@ -139,7 +140,8 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
                             f"{str(e)[:300]}); please report this") from e
     ep_before = torch.export.export(gm, _export_args(cap.example_inputs),
                                     dynamic_shapes=cap.dynamic_shapes, strict=False)
-    report = _report(options, plan, prof, obj, tol, seed, evaluate is not None, base_score)
+    report = _report(options, plan, prof, obj, tol, seed, evaluate is not None, base_score,
+                     example_batch or 1)
     report.serialized_bytes_before = serialized_size(ep_before)
     report.serialized_bytes_after = serialized_size(ep_after)
     report.dynamic_batch = cap.dynamic_batch
@@ -164,13 +166,17 @@ def _batch_of(inputs: tuple) -> int | None:
     return None
 
 
-def _report(options, plan, prof, obj, tol, seed, with_eval, base_score) -> Report:
+def _report(options, plan, prof, obj, tol, seed, with_eval, base_score, batch) -> Report:
     from fxcompress.planner import gain
+
+    # "after" figures come from the graph that was built (see fxcompress.built_cost); a row
+    # for a multi-layer rewrite (a pruned group) shows the decision, and its effect shows in
+    # the rows of the layers it shrank
+    built = built_costs(plan.graph_module, plan.choice, prof, batch)
 
     layers = []
     for o in options:
         chosen = plan.choice.get(o.layer.name)
-        final = chosen or o.base
         cands = []
         for c in o.candidates:
             if c is chosen:
@@ -194,15 +200,20 @@ def _report(options, plan, prof, obj, tol, seed, with_eval, base_score) -> Repor
         else:
             reason = "no technique applies"
         st_shape = list(o.base.steps[0].weight.shape)
+        b = built.get(o.layer.name)
+        if b is not None:
+            after = (b.params, b.stored_bytes, b.macs, b.latency)
+        else:
+            after = (o.base.param_count, o.base.stored_bytes, o.base.macs, o.base.latency)
         layers.append(LayerReport(
             name=o.layer.name, op=o.layer.op, weight_shape=st_shape,
             input_shape=[], output_shape=[],
             applied=chosen.describe() if chosen else "none",
             params=dict(chosen.params) if chosen else {},
-            params_before=o.base.param_count, params_after=final.param_count,
-            bytes_before=o.base.stored_bytes, bytes_after=final.stored_bytes,
-            macs_before=o.base.macs, macs_after=final.macs,
-            latency_before_us=o.base.latency * 1e6, latency_after_us=final.latency * 1e6,
+            params_before=o.base.param_count, params_after=after[0],
+            bytes_before=o.base.stored_bytes, bytes_after=after[1],
+            macs_before=o.base.macs, macs_after=after[2],
+            latency_before_us=o.base.latency * 1e6, latency_after_us=after[3] * 1e6,
             error=chosen.error if chosen else None, reason=reason, candidates=cands))
     return Report(
         profile=prof.name, objective=obj, tolerance=tol,

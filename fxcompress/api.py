@@ -211,7 +211,10 @@ def _report(options, plan, prof, obj, tol, seed, with_eval, base_score, batch) -
             applied=chosen.describe() if chosen else "none",
             params=dict(chosen.params) if chosen else {},
             params_before=o.base.param_count, params_after=after[0],
-            bytes_before=o.base.stored_bytes, bytes_after=after[1],
+            # bytes: the candidates' accounting, which includes the serialized description of
+            # decode ops (share measures it against the file); MACs and latency: as built
+            bytes_before=o.base.stored_bytes,
+            bytes_after=(chosen or o.base).stored_bytes,
             macs_before=o.base.macs, macs_after=after[2],
             latency_before_us=o.base.latency * 1e6, latency_after_us=after[3] * 1e6,
             error=chosen.error if chosen else None, reason=reason, candidates=cands))

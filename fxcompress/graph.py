@@ -68,14 +68,22 @@ def add_buffer(gm: fx.GraphModule, name_hint: str, value: torch.Tensor,
     return node
 
 
+def fake_mode_of(graph: fx.Graph):
+    """The fake-tensor mode the graph's `meta["val"]` tensors live in, or None."""
+    for n in graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
+    return None
+
+
 def _fake_like(anchor: fx.Node, value: torch.Tensor):
     """A meta['val'] for a new constant: a fake tensor from the graph's fake mode if it has
     one, else the real tensor's meta twin."""
-    for n in anchor.graph.nodes:
-        v = n.meta.get("val")
-        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
-            with v.fake_mode:
-                return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+    mode = fake_mode_of(anchor.graph)
+    if mode is not None:
+        with mode:
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
 
 

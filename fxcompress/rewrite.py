@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx
 
-from fxcompress.graph import LAYER_META
+from fxcompress.graph import LAYER_META, fake_mode_of
 
 
 def _val(a: Any):
     return a.meta.get("val") if isinstance(a, fx.Node) else a
-
-
-def fake_mode_of(graph: fx.Graph):
-    """The fake-tensor mode the graph's `meta["val"]` tensors live in, or None."""
-    for n in graph.nodes:
-        v = n.meta.get("val")
-        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
-            return v.fake_mode
-    return None
 
 
 def set_val(node: fx.Node) -> None:

@@ -99,7 +99,7 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
             opt.skip_reason = "weight is not floating point"
             continue
         ctx = ProposeContext(profile, objective, st, opt.shapes, weight, bias, seed, calibrated,
-                             user_techniques, index, len(layers))
+                             user_techniques, index, len(layers), calib)
         proposed: list[Candidate] = []
         for tech in ordered:
             cands, why = tech.propose(layer, base, ctx)

@@ -43,6 +43,9 @@ class ProposeContext:
     user_techniques: bool  # the user named the techniques (do not skip for cost reasons)
     layer_index: int = 0  # position of the layer among the graph's layers (first = 0)
     layer_count: int = 1  # how many layers the graph has (binary keeps first and last wider)
+    # the Calibration (graph, batches, reference outputs), for techniques that measure how a
+    # layer's output error reaches the model's outputs (share: an embedding's output Hessian)
+    calib: Any = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ any other weight (its shape changed upstream) is clustered afresh with the same 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -69,6 +70,13 @@ GRAPH_BYTES_PER_TENSOR = 300
 #: Bits stacked on another technique's chain (one stacked candidate per chain): the common
 #: palettization sweet spot, or the closest width the profile decodes.
 STACK_BITS = 4
+#: GPTQ-style assignment: ridge added to the Hessian, relative to its mean diagonal, and the
+#: columns updated together before the rest of the row is.
+DAMP = 0.01
+GPTQ_BLOCK = 128
+#: Output projections that estimate an embedding's output Hessian (exact below this many
+#: output values per example).
+PROBES = 32
 
 
 # --- clustering ---------------------------------------------------------------------------
@@ -266,24 +274,129 @@ def kmeans_1d(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None
 
 def cluster(weight: torch.Tensor, bits: int, groups: int = 1,
             importance: torch.Tensor | None = None, lut_int8: bool = False,
-            seed: int = 0) -> Codebook:
+            seed: int = 0, hessian: torch.Tensor | None = None) -> Codebook:
     """The codebook of `weight` with `groups` lookup tables of 2^bits entries over consecutive
     output channels (dim 0). `importance` broadcasts to the weight's shape (e.g. E[x_j^2] per
-    input column). With `lut_int8` the entries are stored as int8 with one scale per group."""
+    input column). With `lut_int8` the entries are stored as int8 with one scale per group.
+
+    `hessian` (a 2-D weight's columns x columns, e.g. the input second moment of a linear):
+    the lookup tables are clustered as above (weighted by its diagonal when no `importance` is
+    given), then the indices are chosen column by column with the rounding error of each
+    column pushed onto the columns not yet assigned (`gptq_assign`), which minimizes the
+    error as seen through `hessian` rather than element by element."""
     w = weight.detach()
     if w.shape[0] % groups:
         raise ValueError(f"{groups} groups do not divide {w.shape[0]} output channels")
+    if hessian is not None and (w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1])):
+        hessian = None  # not the weight's columns (a conv, a stale statistic)
+    if hessian is not None and importance is None:
+        importance = hessian.diagonal().float().clamp_min(0).view(1, -1)
     rows = w.reshape(groups, -1)
     imp = None
     if importance is not None:
         imp = importance.expand(w.shape).reshape(groups, -1)
     c, idx = kmeans_1d(rows, bits, imp, seed)
-    idx = idx.to(torch.uint8)  # a byte per index while planning; packed tighter in the graph
     if lut_int8:
         scale = (c.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12).float()
         q = torch.round(c.float() / scale).clamp(-127, 127).to(torch.int8)
-        return Codebook(bits, tuple(w.shape), idx, (q.float() * scale).to(w.dtype), q, scale)
-    return Codebook(bits, tuple(w.shape), idx, c.to(w.dtype))
+        lut = (q.float() * scale).to(w.dtype)
+    else:
+        q = scale = None
+        lut = c.to(w.dtype)
+    if hessian is not None:
+        idx = gptq_assign(w, lut.repeat_interleave(w.shape[0] // groups, 0), hessian)
+        idx = idx.reshape(groups, -1)
+    idx = idx.to(torch.uint8)  # a byte per index while planning; packed tighter in the graph
+    return Codebook(bits, tuple(w.shape), idx, lut, q, scale)
+
+
+def gptq_assign(weight: torch.Tensor, lut_rows: torch.Tensor, hessian: torch.Tensor,
+                damp: float = DAMP, block: int = GPTQ_BLOCK) -> torch.Tensor:
+    """Indices (R, C) int64 into each row's sorted lookup table `lut_rows` (R, K) for the 2-D
+    `weight` (R, C), minimizing sum_r (w_r - q_r) H (w_r - q_r)^T greedily, as GPTQ does:
+    columns are assigned in order, each to its nearest entry, and its rounding error is
+    propagated onto the later columns through the Cholesky factor of H^-1 (the optimal
+    update of the rest of the row given this column's error). Deterministic (no draws)."""
+    w = weight.detach().double().clone()
+    r, c = w.shape
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() <= 0  # an input that is always zero: any index will do
+    h[dead, dead] = 1.0
+    h += damp * float(h.diagonal().mean()) * torch.eye(c, dtype=torch.float64)
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:  # numerically singular despite the damping: plain nearest entries
+        u = torch.eye(c, dtype=torch.float64)
+    lut = lut_rows.detach().double()
+    mids = ((lut[:, 1:] + lut[:, :-1]) / 2).contiguous()
+    idx = torch.empty(r, c, dtype=torch.long)
+    for b0 in range(0, c, block):
+        b1 = min(b0 + block, c)
+        wb = w[:, b0:b1]
+        err = torch.empty_like(wb)
+        ub = u[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            v = wb[:, j:j + 1]
+            i = torch.searchsorted(mids, v.contiguous())
+            idx[:, b0 + j] = i[:, 0]
+            e = (v - lut.gather(1, i)) / ub[j, j]
+            wb[:, j + 1:] -= e * ub[j:j + 1, j + 1:]
+            err[:, j:j + 1] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return idx
+
+
+def output_hessian(gm: fx.GraphModule, node: str, batches: list[tuple], seed: int = 0,
+                   probes: int = PROBES) -> torch.Tensor | None:
+    """E[J^T J] of the graph's floating-point outputs with respect to the output of `node`
+    (its last dimension: D x D), summed over the calibration `batches` and every other
+    dimension: how an error added to that node's output reaches the model's outputs, to
+    first order. Exact (one backward pass per output coordinate) when the outputs have at
+    most `probes` values per example, else estimated with `probes` Rademacher projections
+    (E[J^T r r^T J] = J^T J), drawn from `seed`. None when the outputs do not depend on the
+    node differentiably."""
+    from fxcompress.calibration import OverrideInterpreter, float_leaves
+
+    target = next((n for n in gm.graph.nodes if n.name == node), None)
+    if target is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    total = None
+    for batch in batches:
+        held = {}
+
+        def leaf(args, kwargs, target=target, held=held):
+            out = target.target(*args, **kwargs).detach().requires_grad_(True)
+            held["x"] = out
+            return out
+
+        with torch.enable_grad():
+            outs = float_leaves(OverrideInterpreter(gm, {node: leaf}).run(*batch))
+            x = held.get("x")
+            outs = [o for o in outs if o.requires_grad]
+            if x is None or not outs or not x.is_floating_point():
+                return None
+            per_example = sum(o[0].numel() if o.dim() else 1 for o in outs)
+            exact = per_example <= probes and all(o.dim() >= 1 for o in outs)
+            dirs = []
+            if exact:
+                for k, o in enumerate(outs):
+                    for j in range(o[0].numel()):
+                        r = [torch.zeros_like(t) for t in outs]
+                        r[k].view(o.shape[0], -1)[:, j] = 1.0
+                        dirs.append(r)
+            else:
+                for _ in range(probes):
+                    dirs.append([(torch.randint(0, 2, o.shape, generator=gen) * 2 - 1).to(o.dtype)
+                                 for o in outs])
+            for i, r in enumerate(dirs):
+                g, = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, r, strict=True)),
+                                         x, retain_graph=i + 1 < len(dirs), allow_unused=True)
+                if g is None:
+                    return None
+                g = g.detach().reshape(-1, g.shape[-1]).double()
+                total = g.T @ g if total is None else total + g.T @ g
+    return total
 
 
 # --- packing ------------------------------------------------------------------------------
@@ -361,11 +474,41 @@ class ShareSpec:
     codebooks: tuple[tuple[torch.Tensor, Codebook], ...] = ()
 
 
+def _hessian(op: str, weight: torch.Tensor, cov: torch.Tensor | None,
+             out_h: torch.Tensor | None) -> torch.Tensor | None:
+    """What the error-compensating assignment minimizes through: a linear's input second
+    moment, an embedding's output Hessian (its rows' inputs are one-hot, so only the output
+    side couples its columns); None for convs (their calibration moment is per channel, not
+    per kernel element) and when the statistic does not match the weight."""
+    if op == "linear" and cov is not None and weight.dim() == 2 \
+            and cov.shape == (weight.shape[1], weight.shape[1]):
+        return cov
+    if op == "embedding" and out_h is not None and out_h.shape == (weight.shape[1],) * 2:
+        return out_h
+    return None
+
+
+_OUT_HESSIANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def embedding_hessian(calib, node: str, seed: int = 0) -> torch.Tensor | None:
+    """The output Hessian of embedding `node` over the calibration's sensitivity batches
+    (`output_hessian`), computed once per calibration, node and seed."""
+    if calib is None:
+        return None
+    cache = _OUT_HESSIANS.setdefault(calib, {})
+    if (node, seed) not in cache:
+        batches = calib.batches[:calib.sensitivity_batches(256)]
+        cache[(node, seed)] = output_hessian(calib.gm, node, batches, seed)
+    return cache[(node, seed)]
+
+
 def _shared_step(step: Step, spec: ShareSpec, cov: torch.Tensor | None,
-                 ) -> tuple[Step, Codebook]:
+                 out_h: torch.Tensor | None = None) -> tuple[Step, Codebook]:
     groups = group_count(step.weight.shape[0], spec.grouped)
     imp = _importance(step.op, step.weight, step.groups, cov)
-    cb = cluster(step.weight, spec.bits, groups, imp, spec.lut_int8, spec.seed)
+    cb = cluster(step.weight, spec.bits, groups, imp, spec.lut_int8, spec.seed,
+                 _hessian(step.op, step.weight, cov, out_h))
     return replace(step, weight=cb.decode(), fmt="shared", weight_bytes=cb.file_bytes,
                    input_quant=None), cb
 
@@ -373,12 +516,14 @@ def _shared_step(step: Step, spec: ShareSpec, cov: torch.Tensor | None,
 def _candidate(base: Candidate, ctx: ProposeContext, bits: int, grouped: bool, lut_int8: bool,
                technique: str) -> Candidate | None:
     cov = ctx.stats.covariance if ctx.stats.gram is not None else None
+    out_h = embedding_hessian(ctx.calib, base.layer.node, ctx.seed) \
+        if base.layer.op == "embedding" and ctx.calibrated else None
     spec = ShareSpec(bits, grouped, lut_int8, ctx.seed)
     steps, books = [], []
     for i, s in enumerate(base.steps):
         if s.fmt != "fp32":
             return None  # already stored in a compact format: nothing to share
-        st, cb = _shared_step(s, spec, cov)
+        st, cb = _shared_step(s, spec, cov, out_h)
         steps.append(st)
         books.append((s.weight, cb))
         # the next step's input is this step's output: carry its second moment where linear
@@ -451,11 +596,15 @@ def make_config(chosen: list[Candidate]) -> ShareConfig:
 
 def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
                    lut_int8: bool = False, stats: Mapping | None = None, seed: int = 0,
-                   ) -> ShareConfig:
+                   calib=None, compensate: bool = True) -> ShareConfig:
     """Every layer of `gm` shared at one width, outside the planner (benchmarks, fixed-budget
     use). `stats` maps a layer's node name to its calibration `LayerStats`, for importance
-    weighting; layers whose weight is read by several nodes are left alone, as the planner
-    does."""
+    weighting and (with `compensate`) the error-compensating assignment of linears; `calib`,
+    a `Calibration` of `gm` (its stats are used when `stats` is None), also gives embeddings
+    their output Hessian. Layers whose weight is read by several nodes are left alone, as
+    the planner does."""
+    if stats is None and calib is not None:
+        stats = calib.stats
     specs = {}
     for lay in find_layers(gm):
         if lay.shared_with:
@@ -466,7 +615,11 @@ def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
         st = stats.get(lay.node) if stats else None
         cov = st.covariance if st is not None and st.gram is not None else None
         imp = _importance(lay.op, w, lay.groups, cov)
-        cb = cluster(w, bits, group_count(w.shape[0], grouped), imp, lut_int8, seed)
+        hess = None
+        if compensate:
+            out_h = embedding_hessian(calib, lay.node, seed) if lay.op == "embedding" else None
+            hess = _hessian(lay.op, w, cov, out_h)
+        cb = cluster(w, bits, group_count(w.shape[0], grouped), imp, lut_int8, seed, hess)
         specs[lay.name] = ShareSpec(bits, grouped, lut_int8, seed, ((w, cb),))
     return ShareConfig(specs)
 

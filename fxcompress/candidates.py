@@ -183,11 +183,12 @@ class Candidate:
 def compatible(a: Candidate, b: Candidate) -> bool:
     """Whether two rewrites can be built together. A rewrite that changes the shapes of other
     layers (`touches`: a pruned dependency group) cannot be combined with a rewrite of one of
-    those layers whose weights were computed for the old shapes (SVD factors); int8 reads the
-    weight from the graph when it applies, so it stacks on pruned layers, and pruned groups
-    combine with each other in one pass."""
+    those layers whose weights were computed for the old shapes (SVD factors); int8 and share
+    read the weight from the graph when they apply (share re-clusters a weight whose shape
+    changed), so they stack on pruned layers, and pruned groups combine with each other in
+    one pass."""
     for x, y in ((a, b), (b, a)):
         if x.touches and not y.touches and y.layer.name in x.touches \
-                and y.technique != "int8":
+                and y.technique not in ("int8", "share"):
             return False
     return True

@@ -472,6 +472,9 @@ class ShareSpec:
     seed: int = 0
     # (the weight the planner clustered, its codebook), per step of the candidate's chain
     codebooks: tuple[tuple[torch.Tensor, Codebook], ...] = ()
+    # the first step's error-compensation Hessian (`_hessian`), for re-clustering a weight
+    # whose rows changed upstream (pruned output channels keep the input columns)
+    hessian: torch.Tensor | None = None
 
 
 def _hessian(op: str, weight: torch.Tensor, cov: torch.Tensor | None,
@@ -514,8 +517,12 @@ def _shared_step(step: Step, spec: ShareSpec, cov: torch.Tensor | None,
 
 
 def _candidate(base: Candidate, ctx: ProposeContext, bits: int, grouped: bool, lut_int8: bool,
-               technique: str) -> Candidate | None:
-    cov = ctx.stats.covariance if ctx.stats.gram is not None else None
+               technique: str, cov: torch.Tensor | None = None) -> Candidate | None:
+    """`base` shared; `cov`: the layer's input second moment (computed once per layer by the
+    caller, so that its candidates hold one copy of it)."""
+    if cov is None:
+        cov = ctx.stats.covariance
+    layer_cov = cov
     out_h = embedding_hessian(ctx.calib, base.layer.node, ctx.seed) \
         if base.layer.op == "embedding" and ctx.calibrated else None
     spec = ShareSpec(bits, grouped, lut_int8, ctx.seed)
@@ -530,7 +537,9 @@ def _candidate(base: Candidate, ctx: ProposeContext, bits: int, grouped: bool, l
         cov = s.weight.double() @ cov @ s.weight.double().T \
             if cov is not None and s.op == "linear" and i + 1 < len(base.steps) \
             and cov.shape[0] == s.weight.shape[1] else None
-    spec = replace(spec, codebooks=tuple(books))
+    first = base.steps[0]
+    spec = replace(spec, codebooks=tuple(books),
+                   hessian=_hessian(first.op, first.weight, layer_cov, out_h))
     params = dict(base.params, bits=bits, clusters=1 << bits,
                   granularity="grouped" if grouped else "tensor",
                   lut="int8" if lut_int8 else "float")
@@ -545,7 +554,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         return [], f"share: {ctx.profile.name} does not decode palettized weights"
     if layer.op == "conv2d" and ctx.weight.numel() < (1 << max(ctx.profile.share_bits)):
         return [], "share: the weight has fewer elements than the palette"
-    cands = []
+    cands, cov = [], ctx.stats.covariance
     for bits in sorted(ctx.profile.share_bits):
         variants = [False]
         if group_count(layer.weight_shape[0], True) > 1:
@@ -553,7 +562,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         for grouped in variants:
             groups = group_count(layer.weight_shape[0], grouped)
             lut_int8 = _int8_lut_pays(ctx, groups, bits)
-            c = _candidate(base, ctx, bits, grouped, lut_int8, "share")
+            c = _candidate(base, ctx, bits, grouped, lut_int8, "share", cov)
             if c is not None:
                 cands.append(c)
     return cands, None
@@ -620,7 +629,7 @@ def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
             out_h = embedding_hessian(calib, lay.node, seed) if lay.op == "embedding" else None
             hess = _hessian(lay.op, w, cov, out_h)
         cb = cluster(w, bits, group_count(w.shape[0], grouped), imp, lut_int8, seed, hess)
-        specs[lay.name] = ShareSpec(bits, grouped, lut_int8, seed, ((w, cb),))
+        specs[lay.name] = ShareSpec(bits, grouped, lut_int8, seed, ((w, cb),), hess)
     return ShareConfig(specs)
 
 
@@ -630,7 +639,7 @@ def _codebook_for(weight: torch.Tensor, spec: ShareSpec) -> Codebook:
         if src.shape == weight.shape and torch.equal(src, weight.detach()):
             return cb
     groups = group_count(weight.shape[0], spec.grouped)
-    return cluster(weight, spec.bits, groups, None, spec.lut_int8, spec.seed)
+    return cluster(weight, spec.bits, groups, None, spec.lut_int8, spec.seed, spec.hessian)
 
 
 def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:

@@ -605,13 +605,15 @@ def make_config(chosen: list[Candidate]) -> ShareConfig:
 
 def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
                    lut_int8: bool = False, stats: Mapping | None = None, seed: int = 0,
-                   calib=None, compensate: bool = True) -> ShareConfig:
+                   calib=None, compensate: tuple[str, ...] = ("linear", "embedding"),
+                   ) -> ShareConfig:
     """Every layer of `gm` shared at one width, outside the planner (benchmarks, fixed-budget
     use). `stats` maps a layer's node name to its calibration `LayerStats`, for importance
-    weighting and (with `compensate`) the error-compensating assignment of linears; `calib`,
-    a `Calibration` of `gm` (its stats are used when `stats` is None), also gives embeddings
-    their output Hessian. Layers whose weight is read by several nodes are left alone, as
-    the planner does."""
+    weighting and the error-compensating assignment of linears; `calib`, a `Calibration` of
+    `gm` (its stats are used when `stats` is None), also gives embeddings their output
+    Hessian. `compensate`: the layer kinds whose indices are assigned with error
+    compensation (`gptq_assign`); the others get their nearest entries. Layers whose weight
+    is read by several nodes are left alone, as the planner does."""
     if stats is None and calib is not None:
         stats = calib.stats
     specs = {}
@@ -625,7 +627,7 @@ def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
         cov = st.covariance if st is not None and st.gram is not None else None
         imp = _importance(lay.op, w, lay.groups, cov)
         hess = None
-        if compensate:
+        if lay.op in compensate:
             out_h = embedding_hessian(calib, lay.node, seed) if lay.op == "embedding" else None
             hess = _hessian(lay.op, w, cov, out_h)
         cb = cluster(w, bits, group_count(w.shape[0], grouped), imp, lut_int8, seed, hess)

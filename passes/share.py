@@ -389,13 +389,17 @@ def output_hessian(gm: fx.GraphModule, node: str, batches: list[tuple], seed: in
                 for _ in range(probes):
                     dirs.append([(torch.randint(0, 2, o.shape, generator=gen) * 2 - 1).to(o.dtype)
                                  for o in outs])
+            part = None
             for i, r in enumerate(dirs):
                 g, = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, r, strict=True)),
                                          x, retain_graph=i + 1 < len(dirs), allow_unused=True)
                 if g is None:
                     return None
                 g = g.detach().reshape(-1, g.shape[-1]).double()
-                total = g.T @ g if total is None else total + g.T @ g
+                part = g.T @ g if part is None else part + g.T @ g
+            if not exact:
+                part /= probes  # each projection alone estimates J^T J
+            total = part if total is None else total + part
     return total
 
 

@@ -258,3 +258,108 @@ def test_compile_apple_ane_shares_the_layers_that_pay():
     assert abs(saved - planned) < 0.05 * planned + 7 * share.GRAPH_BYTES_PER_OP
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     torch.export.export(out, _inputs(5), strict=False)
+
+
+def test_compensated_assignment_cuts_output_error_with_the_same_palette():
+    g = torch.Generator().manual_seed(4)
+    # correlated inputs (most of their energy in 12 directions), as a layer's inputs are
+    x = torch.randn(2048, 12, generator=g) @ torch.randn(12, 48, generator=g) \
+        + 0.1 * torch.randn(2048, 48, generator=g)
+    w = torch.randn(32, 48, generator=g)
+    h = x.T.double() @ x.double() / len(x)
+    plain = share.cluster(w, 3, groups=2, importance=h.diagonal().float().view(1, -1))
+    comp = share.cluster(w, 3, groups=2, hessian=h)
+    again = share.cluster(w, 3, groups=2, hessian=h)
+    assert torch.equal(comp.indices, again.indices)
+    assert torch.equal(comp.lut, plain.lut) and not torch.equal(comp.indices, plain.indices)
+    assert int(comp.indices.max()) < 8
+
+    def out_err(cb):
+        return float(((cb.decode() - w) @ x.T).norm() / (w @ x.T).norm())
+
+    assert out_err(comp) < 0.7 * out_err(plain), (out_err(comp), out_err(plain))
+    # a Hessian that does not match the weight's columns (a conv, a stale one) is ignored
+    conv = torch.randn(8, 4, 3, 3, generator=g)
+    assert torch.equal(share.cluster(conv, 2, hessian=h).indices, share.cluster(conv, 2).indices)
+
+
+class EmbMean(nn.Module):
+    """Embedding, mean over the sequence, a linear head: logits = A mean_s(E[ids])."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 4, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_output_hessian_is_exact_for_few_outputs_and_estimated_for_many():
+    torch.manual_seed(0)
+    model = EmbMean().eval()
+    ids = torch.randint(0, 50, (64, 5), generator=torch.Generator().manual_seed(1))
+    gm = capture(model, (ids[:2],)).graph_module
+    node = next(lay.node for lay in find_layers(gm) if lay.op == "embedding")
+    a = model.head.weight.detach().double()
+    # d logits / d emb-output at each of the 64 x 5 positions is A / 5
+    want = 64 * 5 * (a.T @ a) / 25
+    exact = share.output_hessian(gm, node, [(ids,)])
+    assert torch.allclose(exact, want, rtol=1e-5)
+    est = share.output_hessian(gm, node, [(ids,)], seed=3, probes=2)  # 4 outputs > 2 probes
+    assert torch.equal(est, share.output_hessian(gm, node, [(ids,)], seed=3, probes=2))
+    assert float((est - want).norm() / want.norm()) < 0.3
+    assert share.output_hessian(gm, "no_such_node", [(ids,)]) is None
+
+
+def test_pass_reclusters_a_pruned_weight_through_the_planned_hessian():
+    _, gm = _captured()
+    fc1 = next(lay for lay in find_layers(gm) if lay.name == "fc1")
+    w = get_attr(gm, fc1.weight_target).detach()
+    h = torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h = h @ h.T
+    stale = torch.randn(w.shape[0] * 2, w.shape[1])
+    spec = share.ShareSpec(3, False, False, 0, ((stale, share.cluster(stale, 3)),), h)
+    out = _shared(gm, {"fc1": spec}).graph_module
+    idx = next(n.target for n in out.graph.nodes if n.op == "get_attr"
+               and n.target.startswith("share_idx"))
+    want = share.cluster(w, 3, seed=0, hessian=h)
+    assert not torch.equal(want.indices, share.cluster(w, 3, seed=0).indices)
+    assert torch.equal(share.unpack(getattr(out, idx), 3, w.numel()), want.indices.long())
+
+
+def test_prune_then_share_stacks_per_layer_and_shrinks_the_file_further():
+    from fxcompress.candidates import compatible
+    from fxcompress.planner import build_options
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    x = (torch.randn(4, 64),)
+    gm = capture(model, x).graph_module
+    layers = find_layers(gm)
+    calib = Calibration(gm, [(torch.randn(512, 64, generator=torch.Generator().manual_seed(1)),)],
+                        {lay.node: lay.op for lay in layers})
+    opts = build_options(gm, layers, calib, load_profile("apple-ane"), "size",
+                         ("prune", "share", "svd"), 0, True, True, 1.0)
+    group = next(o for o in opts if o.layer.name.startswith("prune[") and o.candidates)
+    pruned = group.candidates[0]
+    shares = {o.layer.name: next(c for c in o.candidates if c.technique == "share"
+                                 and c.params["bits"] == 4)
+              for o in opts if o.layer.name in pruned.touches}
+    assert len(shares) == 2 and all(compatible(pruned, c) for c in shares.values())
+    svd_share = next(c for o in opts for c in o.candidates if c.technique == "svd+share")
+    assert not compatible(pruned, svd_share)  # factors computed for the unpruned shapes
+    sizes, errs = {}, {}
+    for name, choice in (("prune", {group.layer.name: pruned}), ("share", shares),
+                         ("both", {group.layer.name: pruned, **shares})):
+        built = build(gm, choice).graph_module
+        built.graph.lint()
+        sizes[name], errs[name] = _file_bytes(built, x), calib.error_of(built)
+        if name == "both":
+            luts = [n for n in built.graph.nodes if n.op == "get_attr" and "share_lut" in n.target]
+            assert len(luts) == 2
+            lins = [n for n in built.graph.nodes if n.target is torch.ops.aten.linear.default]
+            assert all(n.args[1].op == "call_function" for n in lins)  # decoded weights
+            assert lins[0].args[1].meta["val"].shape[0] < 256  # the pruned rows are gone
+    assert sizes["both"] < min(sizes["prune"], sizes["share"])
+    assert errs["both"] < (errs["prune"] ** 2 + errs["share"] ** 2) ** 0.5 * 1.5 + 1e-3

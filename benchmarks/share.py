@@ -178,8 +178,8 @@ def digits_rows() -> list[str]:
         print(rows[-1], flush=True)
     rows += ["", "### Through the planner", "", *PLANNER_HEAD]
     notes = []
-    for techs in (["share"], ["share", "int8"], ["prune", "share", "int8"],
-                  ["prune", "svd", "share", "int8"]):
+    for techs in (["share"], ["share", "int8"], ["svd", "share", "int8"],
+                  ["prune", "share", "int8"], ["prune", "svd", "share", "int8"]):
         row, note = planner_row(model, gm, x, techs, [(xc,)], xt, yt, acc0)
         rows.append(row)
         notes.append(note)

@@ -7,6 +7,13 @@ iterations on the sorted values with prefix sums, so one iteration costs O(2^n l
 and every group of every tensor is clustered in the same vectorized call. Each element is
 weighted by how much its error reaches the layer's output: the second moment of the input it
 multiplies, E[x_j^2], from the calibration activations (the diagonal of the input covariance).
+Then the indices are chosen with error compensation (GPTQ-style, `gptq_assign`): column by
+column, each column's rounding error pushed onto the columns not yet assigned through the
+Cholesky factor of H^-1, with H the input second moment of a linear, or for an embedding (whose
+inputs are one-hot, so nothing couples its columns on the input side) the output Hessian
+E[J^T J] of the model's outputs with respect to the embedding's output, by autograd over the
+calibration batches (`output_hessian`). On the trained text transformer at 4 bits this halves
+the relative output error (9.4 % -> 4.7 %) at the same size; the palettes are unchanged.
 
 What is stored: the indices, packed into `uint8` (8 / n per byte where n divides 8; otherwise
 lcm(n, 8) / n indices in lcm(n, 8) / 8 bytes), and the palette (the lookup table, one per
@@ -20,7 +27,10 @@ Order 80: after pruning and factorization (sharing acts on the weights they leav
 (the int8 pass quantizes only weights that are still `get_attr`s, so it never re-quantizes a
 shared weight). The pass clusters the weights the graph holds when it runs: a weight equal to
 one the planner clustered reuses that exact codebook (what was measured is what is built);
-any other weight (its shape changed upstream) is clustered afresh with the same settings.
+any other weight (its shape changed upstream) is clustered afresh with the same settings and
+the planned Hessian where its columns are unchanged (a pruned layer's output rows). So share
+stacks on pruned dependency groups as int8 does (prune -> share -> int8 lookup-table entries:
+one share candidate per layer, the group a separate planner entry).
 """
 
 from __future__ import annotations

@@ -516,7 +516,10 @@ def embedding_hessian(calib, node: str, seed: int = 0) -> torch.Tensor | None:
     cache = _OUT_HESSIANS.setdefault(calib, {})
     if (node, seed) not in cache:
         batches = calib.batches[:calib.sensitivity_batches(256)]
-        cache[(node, seed)] = output_hessian(calib.gm, node, batches, seed)
+        try:
+            cache[(node, seed)] = output_hessian(calib.gm, node, batches, seed)
+        except RuntimeError:  # a graph autograd cannot run backward through (in-place on
+            cache[(node, seed)] = None  # an inference tensor...): nearest-entry indices
     return cache[(node, seed)]
 
 

@@ -32,6 +32,10 @@ INT8_ACTIVATIONS = ("static", "dynamic", "none")
 # Runtime fuse into int8 kernels ("qdq"); int8 matmul kernels that run fast in eager PyTorch and
 # Inductor on x86 ("int_mm"); or int8 storage dequantized to the compute dtype ("dequant").
 INT8_REPRESENTATIONS = ("qdq", "int_mm", "dequant")
+# The integer type of quantized activations in the "qdq" form: XNNPACK and ONNX Runtime read
+# signed int8; x86's oneDNN int8 GEMM (VNNI's vpdpbusd multiplies u8 by s8) wants unsigned
+# activations, and falls back to a reference kernel 4000x slower for signed ones (measured).
+INT8_ACTIVATION_DTYPES = ("int8", "uint8")
 SPARSITY_EFFECTS = ("compute", "storage", "none")
 SPARSITY_PATTERNS = ("structured", "semi_structured_2_4", "unstructured")
 EXPORT_FORMATS = (".pt2", ".pte", ".onnx")
@@ -65,6 +69,7 @@ class Profile:
     activation_budget_bytes: int | None  # RAM for activations, if bounded
     measure: bool  # throughput numbers to be replaced by host micro-benchmarks
     sources: dict[str, str] = field(default_factory=dict)  # where each number comes from
+    int8_activation_dtype: str = "int8"  # see INT8_ACTIVATION_DTYPES
 
     # --- questions the planner asks -------------------------------------------------------
     def allows(self, technique: str) -> bool:
@@ -121,7 +126,8 @@ class Profile:
             "techniques": list(self.techniques), "compute_dtype": self.compute_dtype,
             "peak_gops": dict(self.peak_gops), "bandwidth_gbs": self.bandwidth_gbs,
             "int8_activations": self.int8_activations,
-            "int8_representation": self.int8_representation, "alignment": self.alignment,
+            "int8_representation": self.int8_representation,
+            "int8_activation_dtype": self.int8_activation_dtype, "alignment": self.alignment,
             "weight_budget_bytes": self.weight_budget_bytes,
             "activation_budget_bytes": self.activation_budget_bytes,
         }
@@ -140,6 +146,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                    "bandwidth_gbs": ((int, float), True), "op_overhead_us": ((int, float), True),
                    "measure": (bool, False)},
     "int8": {"activations": (str, False), "representation": (str, False), "ops": (list, False),
+             "activation_dtype": (str, False),
              "weight_only_speedup": (bool, False), "required": (bool, False)},
     "sparsity": {p: (str, False) for p in SPARSITY_PATTERNS},
     "share": {"bits": (list, False)},
@@ -252,6 +259,9 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
                                     flat.get("int8.representation", "dequant"),
                                     INT8_REPRESENTATIONS),
         int8_ops=int8_ops,
+        int8_activation_dtype=_one_of(source, "int8.activation_dtype",
+                                      flat.get("int8.activation_dtype", "int8"),
+                                      INT8_ACTIVATION_DTYPES),
         weight_only_speedup=bool(flat.get("int8.weight_only_speedup", False)),
         int8_required=bool(flat.get("int8.required", False)),
         sparsity={p: _one_of(source, f"sparsity.{p}", flat.get(f"sparsity.{p}", default),

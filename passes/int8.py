@@ -11,8 +11,13 @@ how activations are quantized is the profile's `int8_activations`:
   input and on the output (the output pair is what lets the partitioner take the op: without it
   the op stays outside the delegate), weights through ``dequantize_per_channel``. Dynamic:
   ``choose_qparams.tensor`` then q/dq ``.tensor`` on the input. Activations are per-tensor
-  affine int8 in [-128, 127]; static ranges come from calibration through an observer
-  (`fxcompress.observers`).
+  affine, 256 levels; static ranges come from calibration through an observer
+  (`fxcompress.observers`). They are stored as int8 in [-128, 127] (XNNPACK, ONNX Runtime) or,
+  where the profile's `int8_activation_dtype` says so, as uint8 in [0, 255] with the zero point
+  shifted by 128: the same levels, in the form x86's oneDNN kernels (VNNI multiplies u8 by s8)
+  run. Under ``torch.compile`` with Inductor's ``freezing`` on, Inductor folds each such
+  dequantize -> linear -> quantize into one ``onednn.qlinear_pointwise`` and fuses the
+  element-wise ops between them.
 - ``int_mm`` (x86 under Inductor): the input is quantized per token (dynamic) or per tensor
   (static, symmetric), multiplied with ``torch._int_mm`` (int8 x int8 -> int32, VNNI) and
   rescaled. Eagerly that is several ops; under ``torch.compile`` the quantization and rescale
@@ -247,6 +252,7 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
     params = dict(base.params, bits=8,
                   activations=act if modes[0] not in ("weight_only", "embedding") else "none")
     payload = dict(base.payload, int8=True, int8_representation=rep, int8_activations=act,
+                   int8_act_dtype=p.int8_activation_dtype,
                    int8_act=tuple(act_params) if static else None)
     cand = Candidate(name, base.layer, params, tuple(steps), payload=payload)
     if any(q is not None for q in out_qps):
@@ -265,18 +271,28 @@ class Int8Config:
     # static activations: layer -> per op of the layer, in graph order, ((input scale, zero
     # point) or None where the previous op's output pair already quantized it, output qparams)
     act_params: Mapping[str, tuple] = field(default_factory=dict)
+    act_dtype: str = "int8"  # "int8" | "uint8": how qdq stores quantized activations
+
+
+def _act_range(act_dtype: str) -> tuple[int, int, int, torch.dtype]:
+    """(zero-point shift, qmin, qmax, dtype) of stored activations: the observers' int8 levels
+    [-128, 127], or the same levels moved to uint8 [0, 255]."""
+    if act_dtype == "uint8":
+        return 128, AQMIN + 128, AQMAX + 128, torch.uint8
+    return 0, AQMIN, AQMAX, torch.int8
 
 
 def make_config(chosen: list[Candidate]) -> Int8Config:
     """The pass config for the chosen candidates (any that carry int8)."""
     mine = [c for c in chosen if c.payload.get("int8")]
     kinds = {(c.payload.get("int8_representation", "dequant"),
-              c.payload.get("int8_activations", "none")) for c in mine}
+              c.payload.get("int8_activations", "none"),
+              c.payload.get("int8_act_dtype", "int8")) for c in mine}
     if len(kinds) > 1:
         raise ValueError(f"int8 candidates disagree on representation: {sorted(kinds)}")
-    rep, act = kinds.pop() if kinds else ("dequant", "none")
+    rep, act, dtype = kinds.pop() if kinds else ("dequant", "none", "int8")
     params = {c.layer.name: c.payload["int8_act"] for c in mine if c.payload.get("int8_act")}
-    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params)
+    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params, dtype)
 
 
 def _weight_buffers(gm, layer, node, weight, mode):
@@ -290,14 +306,15 @@ def _weight_buffers(gm, layer, node, weight, mode):
     return qn, scale
 
 
-def _qdq_pair(g, x, qp: QParams, layer) -> fx.Node:
+def _qdq_pair(g, x, qp: QParams, layer, act_dtype: str) -> fx.Node:
     s, z = qp
-    q = call(g, qd.quantize_per_tensor.default, (x, s, z, AQMIN, AQMAX, torch.int8), layer=layer)
-    return call(g, qd.dequantize_per_tensor.default, (q, s, z, AQMIN, AQMAX, torch.int8),
+    shift, lo, hi, dtype = _act_range(act_dtype)
+    q = call(g, qd.quantize_per_tensor.default, (x, s, z + shift, lo, hi, dtype), layer=layer)
+    return call(g, qd.dequantize_per_tensor.default, (q, s, z + shift, lo, hi, dtype),
                 layer=layer)
 
 
-def _rewrite_qdq(gm, node, layer, weight, mode, step_qp):
+def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype):
     g = gm.graph
     wi = weight_arg_index(op_type(node))
     qn, sn, zn = _weight_buffers(gm, layer, node, weight, mode)
@@ -306,16 +323,14 @@ def _rewrite_qdq(gm, node, layer, weight, mode, step_qp):
         wd = call(g, qd.dequantize_per_channel.default,
                   (qn, sn, zn, 0, -QMAX, QMAX, torch.int8), layer=layer)
         if mode == "qdq_dynamic":
-            cq = call(g, qd.choose_qparams.tensor, (x, AQMIN, AQMAX, EPS, torch.int8),
-                      layer=layer)
+            _, lo, hi, dtype = _act_range(act_dtype)
+            cq = call(g, qd.choose_qparams.tensor, (x, lo, hi, EPS, dtype), layer=layer)
             s = call(g, operator.getitem, (cq, 0), layer=layer)
             z = call(g, operator.getitem, (cq, 1), layer=layer)
-            xq = call(g, qd.quantize_per_tensor.tensor, (x, s, z, AQMIN, AQMAX, torch.int8),
-                      layer=layer)
-            x = call(g, qd.dequantize_per_tensor.tensor, (xq, s, z, AQMIN, AQMAX, torch.int8),
-                     layer=layer)
+            xq = call(g, qd.quantize_per_tensor.tensor, (x, s, z, lo, hi, dtype), layer=layer)
+            x = call(g, qd.dequantize_per_tensor.tensor, (xq, s, z, lo, hi, dtype), layer=layer)
         elif step_qp[0] is not None:
-            x = _qdq_pair(g, x, step_qp[0], layer)
+            x = _qdq_pair(g, x, step_qp[0], layer, act_dtype)
     args = list(node.args)
     args[0], args[wi] = x, wd
     node.args = tuple(args)
@@ -323,7 +338,7 @@ def _rewrite_qdq(gm, node, layer, weight, mode, step_qp):
         users = list(node.users)
         nxt = node.next  # the pair goes between the op and what followed it
         with g.inserting_before(nxt):
-            out = _qdq_pair(g, node, step_qp[1], layer)
+            out = _qdq_pair(g, node, step_qp[1], layer, act_dtype)
         for u in users:
             u.replace_input_with(node, out)
 
@@ -431,7 +446,7 @@ def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
             sym = step_qp[0][0] if mode == "int_mm_static" else None
             _rewrite_int_mm(gm, node, layer, weight, mode, sym)
         else:
-            _rewrite_qdq(gm, node, layer, weight, mode, step_qp)
+            _rewrite_qdq(gm, node, layer, weight, mode, step_qp, config.act_dtype)
         modified = True
     if modified:
         drop_unused_attrs(gm)

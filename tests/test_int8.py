@@ -237,3 +237,29 @@ def test_int8_stacks_on_svd_factors():
     err = float((y - y0).norm() / y0.norm())
     assert abs(err - out.meta["fxcompress_report"].error) < 1e-4
     torch.export.export(out, (x,), strict=False)
+
+
+@pytest.mark.parametrize("act", ["static", "dynamic"])
+def test_uint8_activations_are_the_int8_levels_shifted(act):
+    """x86's form stores activations as uint8 with the zero point moved by 128: the same 256
+    levels, so the built graph computes exactly what the int8 form computes, and still exports."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = _inputs()
+    calib = [_inputs(8, s) for s in range(3)]
+    outs = {}
+    for dtype in ("int8", "uint8"):
+        prof = dataclasses.replace(_profile("qdq", act), int8_activation_dtype=dtype)
+        gm = fxcompress.compile(model, x, profile=prof, techniques=["int8"], calibration=calib,
+                                tolerance=0.5, objective="size")
+        quant = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+            qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor)]
+        assert quant and {n.args[5] for n in quant} == {getattr(torch, dtype)}
+        assert {(n.args[3], n.args[4]) for n in quant} == \
+            ({(0, 255)} if dtype == "uint8" else {(-128, 127)})
+        with torch.no_grad():
+            outs[dtype] = gm(*x)
+        torch.export.export(gm, x, strict=False)
+    assert torch.equal(outs["int8"], outs["uint8"])
+    assert load_profile("x86-server").int8_activation_dtype == "uint8"
+    assert load_profile("mobile-arm").int8_activation_dtype == "int8"

@@ -8,14 +8,23 @@ recover between steps.
 
 How it fits the planner. The plan is `{layer name: Candidate}`, each a chain of `Step`s. The
 student is the original graph run through an `OverrideInterpreter` whose layers compute their
-steps from trainable *latent* weights; each step's format applies its straight-through
-quantizer in the forward (`FORMATS`), so the student computes exactly what the built graph
-will. After training the latents are written back through each technique's adapter
-(`TECHNIQUES`: new SVD factors in the payload, or the base graph's weight for layers whose pass
-re-encodes it, as int8 and binary do) and the plan is built by the normal passes, so the stored
-form and exportability are exactly those of a plan without recovery. A technique or format
-without an adapter is not trained (its layer stays as the planner made it, with a note):
-new techniques plug in by registering here.
+steps from trainable *latent* tensors, so the student computes exactly what the built graph
+will. The trainable form of each rewrite (`TECHNIQUES`):
+
+- SVD and Tucker factors train directly (new factors in the payload);
+- int8 and binary weights train a latent full-precision weight through a straight-through
+  estimator (`FORMATS`; binary: sign with the hardtanh window of BinaryConnect / BNN, the
+  per-channel scale differentiable), written back to the base graph's weight, which their
+  passes re-encode; static int8 activations keep their calibrated quantizers (STE), and binary
+  activation levels (mu, beta) train as learned quantizer parameters (LSQ-style) and are
+  stored in the candidate's payload, which is what the pass builds;
+- shared weights train their palettes with the indices fixed (centroid fine-tuning);
+- a pruned group's consumers train their kept columns (initialized by the pass's re-fit), and
+  are then stored as trained: the re-fit is dropped from the pass config for them.
+
+The plan is then built by the normal passes, so the stored form and exportability are exactly
+those of a plan without recovery. A technique without an adapter is not trained (its layer
+stays as the planner made it, with a note): new techniques plug in by registering here.
 """
 
 from __future__ import annotations

@@ -128,9 +128,10 @@ def test_shared_weights_keep_their_indices_and_train_their_palettes():
             assert cb1.lut.shape == cb0.lut.shape and not torch.equal(cb1.lut, cb0.lut)
 
 
-def test_compile_with_recover_is_deterministic_exportable_and_reported():
+@pytest.mark.parametrize("techniques", [["svd"], ["prune"], ["share"]])
+def test_compile_with_recover_is_deterministic_exportable_and_reported(techniques):
     x = _data()
-    kw = dict(profile="mobile-arm", calibration=[(x,)], tolerance=0.3, techniques=["svd"],
+    kw = dict(profile="mobile-arm", calibration=[(x,)], tolerance=0.3, techniques=techniques,
               objective="size", seed=0)
     plain = fxcompress.compile(_model(), (x[:4],), **kw)
     rec = Recover(steps=40, lr=2e-3, stages=0, features=True)
@@ -141,6 +142,7 @@ def test_compile_with_recover_is_deterministic_exportable_and_reported():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     ra, rp = a.meta["fxcompress_report"], plain.meta["fxcompress_report"]
+    assert {lay.applied.split("(")[0] for lay in ra.layers} - {"none"} == set(techniques)
     assert ra.error < rp.error
     assert ra.serialized_bytes_after == pytest.approx(rp.serialized_bytes_after, rel=0.02)
     lines = [n for n in ra.notes if n.startswith("recovery stage")]

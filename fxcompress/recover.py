@@ -149,7 +149,8 @@ def sign_ste(u: torch.Tensor) -> torch.Tensor:
 
 #: Half-width of the binary weights' straight-through window, in units of the channel's scale
 #: alpha = mean |W|: latent weights beyond it get no gradient (hardtanh STE). Measured on the
-#: digits CNN (fpga-binary, recovery on the train split): see benchmarks/results/recover.md.
+#: digits CNN (fpga-binary, 300 steps on the train split): 98.9 % test at 1 and 2, 98.4 %
+#: without the clip.
 BINARY_WINDOW = 2.0
 
 

@@ -174,6 +174,7 @@ def test_labels_mix_in_hard_targets():
     (dict(data=torch.zeros(3, 32)), "not a tensor"),
     (dict(labels=torch.zeros(3)), "int64 tensor"),
     (dict(time_budget=0), "seconds > 0"),
+    (dict(others_lr=0.0), "others_lr must be a positive number"),
 ])
 def test_recover_settings_are_validated(kwargs, words):
     with pytest.raises(fxcompress.FxCompressError, match=None) as e:

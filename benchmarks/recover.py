@@ -89,6 +89,11 @@ def main() -> None:
         "text_transformer", m, (xc[:8],), [(xc[i:i + 128],) for i in range(0, len(xc), 128)],
         lambda g: accuracy(g, xv, yv), (xt, yt), "mobile-arm", ["prune"], 1.0, "latency",
         fxcompress.Recover(steps=200, lr=5e-4, stages=3, train_others=True, others_lr=1e-4))
+    # the same, for size: palettes and int8 (recovery trains the palettes' entries)
+    rows += run_case(
+        "text_transformer", m, (xc[:8],), [(xc[i:i + 128],) for i in range(0, len(xc), 128)],
+        lambda g: accuracy(g, xv, yv), (xt, yt), "mobile-arm", ["share", "int8"], 1.0, "size",
+        fxcompress.Recover(steps=200, lr=5e-4, stages=3, train_others=True, others_lr=1e-4))
     lines = [
         "# Accuracy recovery (distillation from the original model)",
         "",

@@ -1,9 +1,11 @@
 """Accuracy recovery: what distillation buys over post-training rewrites alone.
 
 For each case the model is compiled twice with the same profile, techniques, tolerance and
-seed, without and with `recover=`; the table gives serialized size ratio (`torch.export.save`
-bytes), test accuracy, the end-to-end error, and the seconds recovery took. Writes
-`benchmarks/results/recover.md`. Threads: `FXC_THREADS` (default 2).
+seed, without and with `recover=`; the table gives the serialized size ratio
+(`torch.export.save` bytes), the MAC ratio (the report's cost model), test accuracy, the
+end-to-end error, and the seconds recovery took, with one line per recovery stage (error and
+score before / after). Writes `benchmarks/results/recover.md`. Threads: `FXC_THREADS`
+(default 2).
 
     .venv/bin/python benchmarks/recover.py
 """
@@ -19,32 +21,34 @@ import torch
 
 import fxcompress
 from fxcompress.models import accuracy, digits_data, load_pretrained, text_data
-from fxcompress.technique import REGISTRY
 
 OUT = Path(__file__).parent / "results" / "recover.md"
 
 
 def run_case(name, model, example, calib, evaluate, test, profile, techniques, tolerance,
-             rec) -> list[str]:
+             objective, rec) -> list[str]:
     """Rows for one case: without and with recovery."""
     rows = []
     for label, r in (("post-training only", None), ("with recovery", rec)):
         t0 = time.perf_counter()
         g = fxcompress.compile(model, example, profile=profile, calibration=calib,
                                tolerance=tolerance, evaluate=evaluate, techniques=techniques,
-                               objective="size", recover=r, seed=0)
+                               objective=objective, recover=r, seed=0)
         total = time.perf_counter() - t0
         rep = g.meta["fxcompress_report"]
         ratio = rep.serialized_bytes_before / rep.serialized_bytes_after
+        macs = rep.macs_before / max(rep.macs_after, 1)
         acc = accuracy(g, *test)
         stages = [n for n in rep.notes if n.startswith("recovery stage")]
+        # without recovery: the planner's verification trail (which longer plans missed)
+        trail = [n for n in rep.notes if n.startswith("plan ")] if r is None else []
         rec_s = sum(float(n.rsplit(", ", 1)[-1].split("s:")[0]) for n in stages) if stages \
             else 0.0
-        rows.append(f"| {name} | {profile} | {label} | {ratio:.2f}x | {acc:.2f} | "
-                    f"{rep.error:.4g} | {rec_s:.1f} | {total:.1f} |")
-        for n in stages:
-            rows.append(f"|  |  | {n} |  |  |  |  |  |")
-        print(rows[-1 - len(stages)], flush=True)
+        rows.append(f"| {name} | {profile} | {label} | {ratio:.2f}x | {macs:.2f}x | {acc:.2f} "
+                    f"| {rep.score_after:.2f} | {rep.error:.4g} | {rec_s:.1f} | {total:.1f} |")
+        for n in trail + stages:
+            rows.append(f"|  |  | {n} |  |  |  |  |  |  |  |")
+        print("\n".join(rows[-1 - len(trail) - len(stages):]), flush=True)
     return rows
 
 
@@ -54,40 +58,57 @@ def main() -> None:
     torch.set_num_threads(threads)
     rows = []
     base = {}
-    if "binary" in REGISTRY:
-        m = load_pretrained("digits_cnn")
-        xc, yc = digits_data("calib")
-        xtr, ytr = digits_data("train")
-        xt, yt = digits_data("test")
-        base["digits_cnn"] = accuracy(m, xt, yt)
-        rows += run_case(
-            "digits_cnn", m, (xc[:8],), [(xc,)], lambda g: accuracy(g, xc, yc), (xt, yt),
-            "fpga-binary", ["binary", "int8"], 100.0,
-            fxcompress.Recover(steps=300, lr=1e-3, data=[(xtr,)], labels=ytr, stages=0))
-    else:
-        rows.append("| digits_cnn | fpga-binary | binary is not in this version yet | | | | | |")
+    val = {}
+
+    # digits CNN, every hidden layer binary (weights and activations), first / last int8:
+    # recovery fine-tunes on the labelled train split
+    m = load_pretrained("digits_cnn")
+    xc, yc = digits_data("calib")
+    xtr, ytr = digits_data("train")
+    xt, yt = digits_data("test")
+    base["digits_cnn"] = accuracy(m, xt, yt)
+    rows += run_case(
+        "digits_cnn", m, (xc[:8],), [(xc,)], lambda g: accuracy(g, xc, yc), (xt, yt),
+        "fpga-binary", ["binary", "int8"], 100.0, "size",
+        fxcompress.Recover(steps=300, lr=1e-3, data=[(xtr,)], labels=ytr, stages=0,
+                           train_others=True, others_lr=1e-4))
+
+    # text transformer, structured pruning for MACs within 1 point. The teacher fits its train
+    # split at 99.7 %, so distilling on it teaches the student that split, not the task (the
+    # pruned student lost calib accuracy as its train-split KL fell); recovery distills on the
+    # unlabelled calibration split instead, so the tolerance is judged on held-out text: the
+    # first half of the test split (validation); accuracy is reported on the second half
     m = load_pretrained("text_transformer")
-    xc, yc = text_data("calib")
-    xtr, ytr = text_data("train")
+    xc, _ = text_data("calib")
     xt, yt = text_data("test")
+    xv, yv = xt[:360], yt[:360]
+    xt, yt = xt[360:], yt[360:]
     base["text_transformer"] = accuracy(m, xt, yt)
+    val["text_transformer"] = accuracy(m, xv, yv)
     rows += run_case(
         "text_transformer", m, (xc[:8],), [(xc[i:i + 128],) for i in range(0, len(xc), 128)],
-        lambda g: accuracy(g, xc, yc), (xt, yt), "mobile-arm", ["svd", "int8"], 1.0,
-        fxcompress.Recover(steps=100, lr=5e-4, data=[(xtr[:2048],)], stages=2,
-                           train_others=True))
+        lambda g: accuracy(g, xv, yv), (xt, yt), "mobile-arm", ["prune"], 1.0, "latency",
+        fxcompress.Recover(steps=200, lr=5e-4, stages=3, train_others=True, others_lr=1e-4))
+    # the same, for size: palettes and int8 (recovery trains the palettes' entries)
+    rows += run_case(
+        "text_transformer", m, (xc[:8],), [(xc[i:i + 128],) for i in range(0, len(xc), 128)],
+        lambda g: accuracy(g, xv, yv), (xt, yt), "mobile-arm", ["share", "int8"], 1.0, "size",
+        fxcompress.Recover(steps=200, lr=5e-4, stages=3, train_others=True, others_lr=1e-4))
     lines = [
         "# Accuracy recovery (distillation from the original model)",
         "",
         f"torch {torch.__version__}, {threads} thread(s), python {sys.version.split()[0]}. "
-        "Objective: size. Tolerance: evaluate() = accuracy on the calibration split, in "
-        "points (digits: 100 = no limit, to force every layer binary). Test accuracy on the "
-        "held-out test split. fp32 test accuracy: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in base.items()) + ".",
+        "Tolerance: the drop of evaluate() in accuracy points (digits: evaluate = calib "
+        "accuracy, tolerance 100 = no limit, to force every hidden layer binary; text: "
+        "evaluate = accuracy on the first 360 test windows, tolerance 1 point). Test "
+        "accuracy: digits on the test split; text on the other 360 test windows. fp32 test "
+        "accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items()) + "; fp32 "
+        "evaluate(): " + ", ".join(f"{k} {v:.2f}" for k, v in val.items()) + ". MAC ratio: "
+        "the report's cost model (text: the embeddings have none).",
         "",
-        "| model | profile | run | size ratio | test acc % | rel. error | recovery s | "
-        "compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | profile | run | size ratio | MAC ratio | test acc % | evaluate() | rel. "
+        "error | recovery s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -8,14 +8,23 @@ recover between steps.
 
 How it fits the planner. The plan is `{layer name: Candidate}`, each a chain of `Step`s. The
 student is the original graph run through an `OverrideInterpreter` whose layers compute their
-steps from trainable *latent* weights; each step's format applies its straight-through
-quantizer in the forward (`FORMATS`), so the student computes exactly what the built graph
-will. After training the latents are written back through each technique's adapter
-(`TECHNIQUES`: new SVD factors in the payload, or the base graph's weight for layers whose pass
-re-encodes it, as int8 and binary do) and the plan is built by the normal passes, so the stored
-form and exportability are exactly those of a plan without recovery. A technique or format
-without an adapter is not trained (its layer stays as the planner made it, with a note):
-new techniques plug in by registering here.
+steps from trainable *latent* tensors, so the student computes exactly what the built graph
+will. The trainable form of each rewrite (`TECHNIQUES`):
+
+- SVD and Tucker factors train directly (new factors in the payload);
+- int8 and binary weights train a latent full-precision weight through a straight-through
+  estimator (`FORMATS`; binary: sign with the hardtanh window of BinaryConnect / BNN, the
+  per-channel scale differentiable), written back to the base graph's weight, which their
+  passes re-encode; static int8 activations keep their calibrated quantizers (STE), and binary
+  activation levels (mu, beta) train as learned quantizer parameters (LSQ-style) and are
+  stored in the candidate's payload, which is what the pass builds;
+- shared weights train their palettes with the indices fixed (centroid fine-tuning);
+- a pruned group's consumers train their kept columns (initialized by the pass's re-fit), and
+  are then stored as trained: the re-fit is dropped from the pass config for them.
+
+The plan is then built by the normal passes, so the stored form and exportability are exactly
+those of a plan without recovery. A technique without an adapter is not trained (its layer
+stays as the planner made it, with a note): new techniques plug in by registering here.
 """
 
 from __future__ import annotations
@@ -52,9 +61,8 @@ class Recover:
     features: bool = False  # also match each compressed layer's output to the teacher's
     feature_weight: float = 1.0  # weight of the feature-matching loss
     train_unchanged: bool = True  # also fine-tune layers the plan leaves uncompressed
-    train_others: bool = False  # also fine-tune the other parameters (norm affines); off:
-    # binary activation levels are fixed from calibration, and shifting the norms under them
-    # hurt in our one trial (digits CNN, binary: 91 % off at lr 1e-3, 65 % on at lr 2e-3)
+    train_others: bool = False  # also fine-tune the other parameters (norm affines)
+    others_lr: float | None = None  # their Adam learning rate; None: `lr`
     stages: int = 3  # iterative schedule: attempts to extend the plan past the one-shot one
     time_budget: float | None = None  # seconds for all of recovery; stops training when spent
     # "kl": soft targets with the temperature (outputs are logits); "mse": relative output
@@ -73,6 +81,11 @@ class Recover:
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 0:
             raise FxCompressError(f"Recover(stages={self.stages!r}): stages must be an integer "
                                   ">= 0 (0: recover the planner's plan without extending it)")
+        if self.others_lr is not None and (
+                isinstance(self.others_lr, bool) or not isinstance(self.others_lr, int | float)
+                or not (self.others_lr > 0 and math.isfinite(self.others_lr))):
+            raise FxCompressError(f"Recover(others_lr={self.others_lr!r}): others_lr must be a "
+                                  "positive number, or None to use lr")
         for name in ("lr", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not (
@@ -126,11 +139,29 @@ def _int8_fake(w: torch.Tensor) -> torch.Tensor:
     return torch.round(w / scale).clamp(-127, 127) * scale
 
 
+def sign_ste(u: torch.Tensor) -> torch.Tensor:
+    """sign(u) (sign(0) = +1) in the forward; in the backward the hardtanh straight-through
+    estimator of BinaryConnect / BNN: gradient 1 where |u| <= 1, 0 outside (an element far past
+    its threshold gets no push that could not change its sign anyway)."""
+    c = u.clamp(-1.0, 1.0)
+    return c + (torch.where(u >= 0, 1.0, -1.0) - c).detach()
+
+
+#: Half-width of the binary weights' straight-through window, in units of the channel's scale
+#: alpha = mean |W|: latent weights beyond it get no gradient (hardtanh STE). On the digits
+#: CNN (fpga-binary, 300 steps on the train split) the weights' STE barely matters (98.4-99.1 %
+#: test with window 1, 2, none, or a plain identity STE); what recovery needs there is the
+#: trained binary activation levels with their clipped STE (59.6 % with them fixed).
+BINARY_WINDOW = 2.0
+
+
 def _binary_fake(w: torch.Tensor) -> torch.Tensor:
-    # sign(W) * mean|W| per output channel, sign(0) = +1, as passes/binary.py stores it
+    # sign(W) * mean|W| per output channel, sign(0) = +1, as passes/binary.py stores it; alpha
+    # is differentiable (its gradient trains the channel's scale through the latent magnitudes)
     dims = list(range(1, w.dim()))
     alpha = w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
-    return torch.where(w >= 0, 1.0, -1.0) * alpha
+    a = alpha.detach().clamp_min(1e-12) * BINARY_WINDOW
+    return sign_ste(w / a) * alpha
 
 
 #: step format -> latent weight to effective weight, differentiable (straight-through).
@@ -138,19 +169,22 @@ FORMATS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "fp32": lambda w: w,
     "fp16": straight_through(lambda w: w.half().float()),
     "int8": straight_through(_int8_fake),
-    "binary": straight_through(_binary_fake),
+    "binary": _binary_fake,
 }
 
 
 @dataclass(frozen=True)
 class TrainableTechnique:
     """How one technique's candidates train: `init(candidate, base_weight)` gives the latent
-    weight of every step (or None to defer to the next technique of a stack); `write(candidate,
-    latents, graph)` returns the candidate rebuilt from the trained latents, writing into the
-    student's copy of the base graph where that technique's pass reads its weight from there."""
+    tensor of every step (or None to defer to the technique below it in a stack);
+    `write(candidate, latents, graph)` returns the candidate rebuilt from the trained latents,
+    writing into the student's copy of the base graph where that technique's pass reads its
+    weight from there; `weight(candidate, step, latent)`, where given, is the step's effective
+    weight from its latent (else the step format's quantizer, `FORMATS`)."""
 
     init: Callable[[Candidate, torch.Tensor], list[torch.Tensor] | None]
     write: Callable[[Candidate, list[torch.Tensor], fx.GraphModule], Candidate]
+    weight: Callable[[Candidate, int, torch.Tensor], torch.Tensor] | None = None
 
 
 def _svd_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
@@ -177,25 +211,108 @@ def _reencoded_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModu
     return c  # stacked: the pass encodes the (already written) factors of the chain
 
 
+def _tucker_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
+    return [s.weight.detach().clone() for s in c.steps]  # first / core / last, as present
+
+
+def _tucker_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
+    f = c.payload["tucker"]
+    it = iter(t.contiguous() for t in latents)
+    first = next(it) if f.first is not None else None
+    core = next(it)
+    last = next(it) if f.last is not None else None
+    return replace(c, payload=dict(c.payload, tucker=replace(f, first=first, core=core,
+                                                             last=last)))
+
+
+# Shared weights train their palettes (centroid fine-tuning): each step's latent is its lookup
+# table (groups x 2^bits), the indices stay fixed, and the gathered weight's gradient sums into
+# the entries it was gathered from. Only the codebooks' public palette and indices are used.
+def _share_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
+    return [cb.lut.detach().float().clone() for _, cb in c.payload["share"].codebooks]
+
+
+def _lut_int8(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # int8 entries, one scale per table, as passes/share.py's cluster(lut_int8=True) stores them
+    scale = (lut.detach().abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
+    return torch.round(lut / scale).clamp(-127, 127), scale
+
+
+def _share_lut(cb, lut: torch.Tensor) -> torch.Tensor:
+    if cb.lut_q is None:
+        return lut
+    return straight_through(lambda t: _lut_int8(t)[0] * _lut_int8(t)[1])(lut)
+
+
+def _share_weight(c: Candidate, i: int, lut: torch.Tensor) -> torch.Tensor:
+    cb = c.payload["share"].codebooks[i][1]
+    return torch.gather(_share_lut(cb, lut), 1, cb.indices.long()).reshape(cb.shape)
+
+
+def _share_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
+    spec = c.payload["share"]
+    books = []
+    for (src, cb), lut in zip(spec.codebooks, latents, strict=True):
+        if cb.lut_q is not None:
+            q, scale = _lut_int8(lut)
+            cb = replace(cb, lut=(q * scale).to(cb.lut.dtype), lut_q=q.to(torch.int8),
+                         lut_scale=scale.float())
+        else:
+            cb = replace(cb, lut=lut.to(cb.lut.dtype).contiguous())
+        books.append((src, cb))  # same source weight: the pass reuses this codebook
+    return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=tuple(books))))
+
+
 #: technique name -> its trainable form. A candidate trains when every technique of its stack
-#: ("svd+int8") is here and every step's format is in `FORMATS`.
+#: ("svd+int8") is here and every step's weight has a differentiable form. The latents belong
+#: to the outermost technique of the stack that claims them (int8 defers on a chain, so the
+#: factors of "svd+int8" train; share claims its palettes, so "svd+share" trains those).
 TECHNIQUES: dict[str, TrainableTechnique] = {
     "svd": TrainableTechnique(_svd_init, _svd_write),
+    "tucker": TrainableTechnique(_tucker_init, _tucker_write),
     "int8": TrainableTechnique(_reencoded_init, _reencoded_write),
     "binary": TrainableTechnique(_reencoded_init, _reencoded_write),
+    "share": TrainableTechnique(_share_init, _share_write, _share_weight),
 }
+
+
+def _static_outputs(c: Candidate) -> tuple | None:
+    """The per-step output quantization (affine qparams or None) of an int8 chain with static
+    activations, as passes/int8.py simulates and builds it; None for any other candidate."""
+    act = c.payload.get("int8_act")
+    if not c.payload.get("int8") or act is None:
+        return None
+    from fxcompress.passes.int8 import step_mode
+
+    rep, kind = c.payload["int8_representation"], c.payload["int8_activations"]
+    modes = [step_mode(s.op, s.groups, rep, kind) for s in c.steps]
+    if len(act) != len(c.steps):
+        return None
+    return tuple(a[1] if m == "qdq_static" else None for a, m in zip(act, modes, strict=True))
+
+
+def _owner(c: Candidate) -> str | None:
+    """The technique of `c`'s stack whose latents train (see TECHNIQUES)."""
+    techs = [t for t in c.technique.split("+") if t != "none"]
+    for t in reversed(techs):
+        if TECHNIQUES[t].init(c, c.steps[0].weight) is not None:
+            return t
+    return None
 
 
 def trainable(c: Candidate) -> str | None:
     """None if candidate `c` can be fine-tuned, else why not."""
-    for t in c.technique.split("+"):
-        if t != "none" and t not in TECHNIQUES:
+    techs = [t for t in c.technique.split("+") if t != "none"]
+    for t in techs:
+        if t not in TECHNIQUES:
             return f"no trainable form of {t!r} yet"
-    for s in c.steps:
-        if s.fmt not in FORMATS:
-            return f"no straight-through quantizer for format {s.fmt!r} yet"
-    if c.overrides is not None:
+    if c.overrides is not None and _static_outputs(c) is None:
         return "custom simulation"
+    owner = _owner(c) if techs else None
+    if owner is None or TECHNIQUES[owner].weight is None:
+        for s in c.steps:
+            if s.fmt not in FORMATS:
+                return f"no straight-through quantizer for format {s.fmt!r} yet"
     return None
 
 
@@ -207,9 +324,25 @@ def trainable(c: Candidate) -> str | None:
 @dataclass
 class _Entry:
     cand: Candidate
+    owner: str | None  # the technique whose latents these are (None: the layer as it is)
     latents: list[torch.nn.Parameter]
     bias: torch.nn.Parameter | None  # the base graph's bias, trained, used by `bias_step`
     bias_step: int
+    mask: torch.Tensor | None = None  # a pruned group's consumer: its kept input columns
+    levels: tuple[torch.nn.Parameter, torch.nn.Parameter] | None = None  # binary act (mu, beta)
+    out_q: tuple | None = None  # int8 static: per step, the output's affine qparams or None
+
+    def latent(self, i: int) -> torch.Tensor:
+        """Latent `i`, the removed columns of a pruned consumer held at zero."""
+        p = self.latents[i]
+        return p if self.mask is None else p * self.mask
+
+    def weight(self, i: int) -> torch.Tensor:
+        """The effective weight of step `i`, differentiable in its latent."""
+        t = TECHNIQUES[self.owner] if self.owner else None
+        if t is not None and t.weight is not None:
+            return t.weight(self.cand, i, self.latent(i))
+        return FORMATS[self.cand.steps[i].fmt](self.latent(i))
 
 
 def _pass_gradient(simulation: Callable, target: Callable) -> Callable:
@@ -225,6 +358,18 @@ def _pass_gradient(simulation: Callable, target: Callable) -> Callable:
     return run
 
 
+def _binary_levels(mu: torch.Tensor, beta: torch.Tensor):
+    """x -> mu + beta * sign(x - mu), as passes/binary.py builds it, with the hardtanh
+    straight-through window |x - mu| <= beta for x and gradients into both levels (LSQ-style
+    learned activation quantizer)."""
+
+    def fq(x: torch.Tensor) -> torch.Tensor:
+        b = beta.clamp_min(1e-6)
+        return mu + b * sign_ste((x - mu) / b)
+
+    return fq
+
+
 class Student:
     """The original graph with every trainable layer computing its (candidate's) steps from
     latent weights. `gm` is the student's own copy of the base graph, whose weights and biases
@@ -238,11 +383,17 @@ class Student:
         self.entries: dict[str, _Entry] = {}
         self.frozen: dict[str, str] = {}  # layer -> why not trained
         self.fixed: dict[str, Callable] = {}  # overrides of untrainable chosen candidates
+        self.pruned = {n: c for n, c in choice.items() if "prune" in c.payload}
+        consumers = self._pruned_consumers()
         targets = {n.name: n.target for n in self.gm.graph.nodes}
+        layer_nodes = set()
         for o in options:
             lay = o.layer
+            if lay.node in layer_nodes:
+                continue  # an entry spanning layers (a pruned group): trained via its layers
+            layer_nodes.add(lay.node)
             cand = choice.get(lay.name)
-            if cand is None and not train_unchanged:
+            if cand is None and not train_unchanged and lay.name not in consumers:
                 continue
             c = cand or o.base
             why = trainable(c)
@@ -255,22 +406,24 @@ class Student:
                                        for n, fn in cand.simulation().items()})
                 continue
             base_w = get_attr(self.gm, lay.weight_target).detach()
-            latents = None
-            for t in c.technique.split("+"):
-                if t in TECHNIQUES:
-                    latents = TECHNIQUES[t].init(c, base_w)
-                    if latents is not None:
-                        break
-            if latents is None:
-                latents = [s.weight.detach().clone() for s in c.steps]
+            mask = None
+            if lay.name in consumers:
+                keep, base_w = consumers[lay.name]
+                mask = keep.to(base_w.dtype).view([1, -1] + [1] * (base_w.dim() - 2))
+            owner = _owner(c) if c.technique != "none" else None
+            latents = TECHNIQUES[owner].init(c, base_w) if owner else [base_w.clone()]
             bias, bias_step = None, -1
             if lay.bias_target is not None:
                 b = get_attr(self.gm, lay.bias_target).detach()
                 for i, s in enumerate(c.steps):
                     if s.bias is not None and s.bias.shape == b.shape:
                         bias, bias_step = torch.nn.Parameter(b.clone()), i
+            levels = c.payload.get("binary_act") if c.payload.get("binary") else None
+            if levels is not None:
+                levels = tuple(torch.nn.Parameter(torch.tensor(float(v))) for v in levels)
             self.entries[lay.name] = _Entry(
-                c, [torch.nn.Parameter(w.float().clone()) for w in latents], bias, bias_step)
+                c, owner, [torch.nn.Parameter(w.float().clone()) for w in latents], bias,
+                bias_step, mask, levels, _static_outputs(c))
         self.node_of = {o.layer.name: o.layer.node for o in options}
         # parameters that are no layer's weight or bias (norm scales and shifts): trained in
         # place in the student's graph, which the plan is built from
@@ -280,12 +433,21 @@ class Student:
         for p in self.others:
             p.requires_grad_(True)
 
+    def _pruned_consumers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Consumer layer -> (kept input columns, initial weight) of the chosen pruned groups."""
+        if not self.pruned:
+            return {}
+        from fxcompress.passes.prune import consumer_weights, make_config
+
+        return consumer_weights(self.gm, make_config(list(self.pruned.values())))
+
     def parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable tensors, in layer order."""
+        """The trainable tensors of the layers, in layer order (without `others`)."""
         out = []
         for e in self.entries.values():
             out += e.latents + ([e.bias] if e.bias is not None else [])
-        return out + self.others
+            out += list(e.levels or ())
+        return out
 
     def overrides(self, record: dict | None = None) -> dict[str, Callable]:
         """Node overrides computing every trained layer from its latents (recording each
@@ -297,15 +459,21 @@ class Student:
 
     @staticmethod
     def _runner(name: str, e: _Entry, record: dict | None):
+        from fxcompress.observers import fake_quant_affine
+
         def run(args, kwargs):
             x = args[1] if e.cand.layer.op == "embedding" else args[0]  # aten.embedding(w, ids)
             for i, s in enumerate(e.cand.steps):
-                if s.input_quant is not None:
+                if i == 0 and e.levels is not None:
+                    x = _binary_levels(*e.levels)(x)
+                elif s.input_quant is not None:
                     x = straight_through(s.input_quant)(x) if x.is_floating_point() \
                         else s.input_quant(x)
-                w = FORMATS[s.fmt](e.latents[i])
                 b = e.bias if i == e.bias_step else s.bias
-                x = replace(s, weight=w, bias=b, input_quant=None).run(x)
+                x = replace(s, weight=e.weight(i), bias=b, input_quant=None).run(x)
+                if e.out_q is not None and e.out_q[i] is not None:
+                    qp = e.out_q[i]
+                    x = straight_through(lambda t, qp=qp: fake_quant_affine(t, *qp))(x)
             if record is not None:
                 record[name] = x
             return x
@@ -318,25 +486,37 @@ class Student:
 
     def write_back(self) -> tuple[fx.GraphModule, dict[str, Candidate]]:
         """(the base graph with trained weights, the trained candidates of the chosen layers)."""
+        from fxcompress.passes.binary import binary_activation
+
         trained: dict[str, Candidate] = {}
+        refit_done = set()  # pruned consumers now trained: the pass slices them as they are
         for name, e in self.entries.items():
-            lat = [p.detach().clone() for p in e.latents]
-            if e.bias is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                lat = [e.latent(i).detach().clone() for i in range(len(e.latents))]
+                if e.bias is not None:
                     get_attr(self.gm, e.cand.layer.bias_target).copy_(e.bias)
+            if e.mask is not None:
+                refit_done.add(name)
             c = e.cand
-            if c.technique == "none":
+            if e.owner is None:
                 with torch.no_grad():
                     get_attr(self.gm, c.layer.weight_target).copy_(lat[0])
                 continue
-            for t in c.technique.split("+"):
-                c = TECHNIQUES[t].write(c, lat, self.gm)
+            c = TECHNIQUES[e.owner].write(c, lat, self.gm)
             steps = []
             with torch.no_grad():
                 for i, s in enumerate(c.steps):
                     b = e.bias.detach().clone() if i == e.bias_step else s.bias
-                    steps.append(replace(s, weight=FORMATS[s.fmt](lat[i]).detach(), bias=b))
+                    s = replace(s, weight=e.weight(i).detach().clone(), bias=b)
+                    if i == 0 and e.levels is not None:
+                        mu, beta = float(e.levels[0]), float(e.levels[1].clamp_min(1e-6))
+                        s = replace(s, input_quant=binary_activation(mu, beta))
+                        c = replace(c, payload=dict(c.payload, binary_act=(mu, beta)))
+                    steps.append(s)
             trained[name] = replace(c, steps=tuple(steps))
+        for name, c in self.pruned.items():
+            grams = {k: v for k, v in c.payload.get("grams", {}).items() if k not in refit_done}
+            trained[name] = replace(c, payload=dict(c.payload, grams=grams))
         return self.gm, trained
 
 
@@ -398,12 +578,16 @@ def fine_tune(student: Student, teacher: fx.GraphModule, rec: Recover, inputs: t
               labels: torch.Tensor | None, seed: int, deadline: float | None,
               label: str = "recovering", kind: str = "kl") -> int:
     """Train the student's latents by distillation from `teacher`; returns the steps run."""
-    params = student.parameters()
-    if not params:
+    groups = [{"params": student.parameters(), "lr": rec.lr}]
+    if student.others:
+        groups.append({"params": student.others,
+                       "lr": rec.lr if rec.others_lr is None else rec.others_lr})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         return 0
     gen = torch.Generator().manual_seed(seed)
     n = _n_examples(inputs)
-    opt = torch.optim.Adam(params, lr=rec.lr)
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, rec.steps)
     chosen_nodes = {name: student.node_of[name] for name, e in student.entries.items()
                     if e.cand.technique != "none"} if rec.features else {}

@@ -501,6 +501,29 @@ def propose_groups(ctx: GroupContext) -> list:
     return out
 
 
+def consumer_weights(gm: fx.GraphModule, config: PruneConfig,
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For every consumer layer whose input channels `config` removes: (keep mask over its
+    input channels, its weight as the pass computes it (re-fit where the config has its gram)
+    at full width with the removed columns zero). Fine-tuning trains these; a consumer whose
+    gram is then dropped from the config is sliced as it is (`_refit` without a gram)."""
+    dg = analyze(gm)
+    removed = removed_units(dg, config)
+    out = {}
+    for g in dg.groups:
+        for c in g.consumers:
+            if c.layer in out:
+                continue
+            keep = _param_keep(dg, c.labels, removed)
+            if bool(keep.all()):
+                continue
+            w = get_attr(gm, c.weight).detach()
+            full = torch.zeros_like(w)
+            full[:, keep] = _refit(w, keep, config.grams.get(c.layer), config.damp)
+            out[c.layer] = (keep, full)
+    return out
+
+
 def make_config(chosen: list[Candidate]) -> PruneConfig:
     """The pass config for the chosen group candidates."""
     remove, grams = {}, {}

@@ -126,7 +126,10 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     budget = prof.weight_budget_bytes
     fits = (lambda built: True) if budget is None else \
         (lambda built: weight_bytes(built) <= budget)
-    plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log, fits)
+    # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
+    # data: re-fitting on the example inputs alone would fit them, not the model's inputs
+    plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log, fits,
+                  refit=calibration is not None, seed=seed)
     if recover is not None:
         plan, _ = recover_plan(gm, options, calib, plan, tol, obj, score_fn, base_score,
                                recover, seed, log)

@@ -224,9 +224,12 @@ def estimated_error(plan: dict[str, Candidate]) -> float:
     return math.sqrt(sum(c.error ** 2 for c in plan.values()))
 
 
-def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
+def build(gm: fx.GraphModule, choice: dict[str, Candidate], calib: Calibration | None = None,
+          seed: int = 0) -> PassResult:
     """The rewritten graph for a plan: a copy of `gm` with the chosen rewrites applied, one
-    pass per technique, in the techniques' order."""
+    pass per technique, in the techniques' order. With `calib`, techniques that can re-fit
+    their chosen values to the whole plan (`Technique.refine`: SVD's sequential re-fit) do so
+    first; the candidates in `choice` are left as they are."""
     work = copy.deepcopy(gm)
     by_tech: dict[str, list[Candidate]] = {}
     for c in choice.values():
@@ -234,7 +237,11 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
             by_tech.setdefault(t, []).append(c)
     passes = []
     for tech in sorted((REGISTRY[t] for t in by_tech), key=lambda t: t.order):
-        passes.append((tech.name, tech.apply, tech.make_config(by_tech[tech.name])))
+        chosen = by_tech[tech.name]
+        if calib is not None and tech.refine is not None:
+            others = [c for c in choice.values() if tech.name not in c.technique.split("+")]
+            chosen = tech.refine(gm, chosen, others, calib.batches, seed)
+        passes.append((tech.name, tech.apply, tech.make_config(chosen)))
     result = run_passes(work, passes)
     inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train
     return result
@@ -243,8 +250,11 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate]) -> PassResult:
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
            tolerance: float, objective: str, evaluate: Callable | None,
            base_score: float | None, log: Callable[[str], None],
-           fits: Callable[[fx.GraphModule], bool] = lambda gm: True) -> Plan:
+           fits: Callable[[fx.GraphModule], bool] = lambda gm: True, refit: bool = False,
+           seed: int = 0) -> Plan:
     """The longest prefix of the greedy sequence whose *built* graph is within the tolerance.
+    With `refit`, each plan is built with its techniques' values re-fitted on the calibration
+    data (see `build`), and that is the graph measured and returned.
 
     Without evaluate(), the first try is the longest prefix whose estimated error is within
     0.9 x tolerance; with it, the longest prefix of all. If the built plan misses the
@@ -255,7 +265,7 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
     def check(k: int) -> tuple[Plan, bool]:
         if k not in cache:
             choice = sequence[k]
-            out = build(gm, choice).graph_module
+            out = build(gm, choice, calib if refit else None, seed).graph_module
             err = calib.error_of(out)
             score = None
             if evaluate is not None:

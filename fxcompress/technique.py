@@ -61,6 +61,10 @@ class Technique:
     # optional: rewrites that span several layers (pruning a dependency group), proposed once
     # per graph as extra planner entries: (GroupContext) -> list of planner.LayerOptions
     propose_groups: Callable[[GroupContext], list] | None = None
+    # optional: the chosen candidates of this technique with their values re-fitted on the
+    # calibration data once the whole plan is known (same structure and costs):
+    # (gm, chosen, other candidates of the plan, calibration batches, seed) -> candidates
+    refine: Callable[..., list[Candidate]] | None = None
 
 
 @dataclass

@@ -22,16 +22,27 @@ Rank selection: every route yields the layer's relative output error at every ra
 sqrt(tr(dW C dW^T) / tr(W C W^T)), exactly and at once (C = I without calibration: the weight's
 energy). The candidates are the smallest ranks that meet a ladder of local errors, rounded up to
 the profile's channel alignment; the planner then measures each one end to end.
+
+Sequential re-fit (`refit_factors`, the technique's `refine` hook): once the planner has chosen
+which layers to factor and at which rank, the factors are re-computed in graph order from the
+inputs the *already-rewritten* model feeds each layer (X~), against what the original layer
+computes on the original inputs (X): the reduced-rank regression min_{rank r} ||W X - W' X~||,
+solved as B = W (D + l I)(C + l I)^-1 with C = X~ X~^T, D = X X~^T, followed by the
+activation-aware rank-r truncation of B under C (what GPTQ's sequential mode and SVD-LLM's
+parameter update do). It corrects the error of the layers upstream instead of compounding it.
+The damping l pulls B towards W (with X~ = X, B = W exactly), so a layer whose inputs are
+unchanged keeps its one-shot factors. Ranks and graph structure do not change, only values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
 
+from fxcompress.calibration import OverrideInterpreter
 from fxcompress.candidates import Candidate, Step
 from fxcompress.graph import LAYER_META, add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes_infra import PassResult
@@ -51,6 +62,12 @@ RANDOMIZED_MIN_DIM = 768
 #: With the randomized route only ranks up to this share of min(m, n) are computed and offered:
 #: past it a factorization saves too little to pay for its second op.
 RANDOMIZED_MAX_SHARE = 0.25
+#: Whether compile() re-fits the chosen factors sequentially (see the module docstring) when
+#: the user passed calibration data. The switch for comparing against one-shot factors.
+SEQUENTIAL_REFIT = True
+#: Damping of the sequential re-fit's regression, relative to the mean input energy per
+#: feature: pulls the re-fit weight towards the original one where calibration rows are few.
+REFIT_DAMP = 1e-2
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class SVDConfig:
 
     # layer name -> (V: r x n first factor, U: m x r second factor), as float32 tensors
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # layer name -> a bias replacing the layer's own (the sequential re-fit's), float32
+    biases: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def whitening(cov: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +239,15 @@ def rank_ladder(dec: Decomposition, rmax: int, align: Callable[[int], int]) -> l
     return sorted(ranks)
 
 
+def _steps(layer, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+           ) -> tuple[Step, Step]:
+    if layer.op == "linear":
+        return Step("linear", v), Step("linear", u, bias)
+    return (Step("conv2d", v[:, :, None, None], None, layer.stride, layer.padding,
+                 layer.dilation),
+            Step("conv2d", u[:, :, None, None], bias))
+
+
 def propose(layer, base: Candidate, ctx: ProposeContext):
     """Factorizations of `layer` at the ranks of its local-error ladder."""
     w = _as_matrix(layer, ctx.weight)
@@ -243,12 +271,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     cands = []
     for r in ranks:
         v, u = dec.factors(r)
-        if layer.op == "linear":
-            steps = (Step("linear", v), Step("linear", u, ctx.bias))
-        else:
-            steps = (Step("conv2d", v[:, :, None, None], None, layer.stride, layer.padding,
-                          layer.dilation),
-                     Step("conv2d", u[:, :, None, None], ctx.bias))
+        steps = _steps(layer, v, u, ctx.bias)
         cands.append(Candidate("svd", layer, {"rank": r, "aware": dec.aware}, steps,
                                payload={"svd": (v, u), "local_error": dec.error_at(r)}))
     return cands, None
@@ -256,7 +279,9 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
 
 def make_config(chosen: list[Candidate]) -> SVDConfig:
     """The pass config for the chosen SVD candidates."""
-    return SVDConfig({c.layer.name: c.payload["svd"] for c in chosen})
+    return SVDConfig({c.layer.name: c.payload["svd"] for c in chosen},
+                     {c.layer.name: c.payload["bias"] for c in chosen
+                      if c.payload.get("bias") is not None})
 
 
 def svd_pass(gm: fx.GraphModule, config: SVDConfig) -> PassResult:
@@ -272,6 +297,10 @@ def svd_pass(gm: fx.GraphModule, config: SVDConfig) -> PassResult:
         if tuple(get_attr(gm, w.target).shape[:2]) != (u.shape[0], v.shape[1]):
             raise ValueError(f"factors of {layer} do not match its weight")
         g = gm.graph
+        if layer in config.biases:
+            if bias is None:
+                raise ValueError(f"{layer} has no bias to replace")
+            bias = add_buffer(gm, f"{layer}.svd_bias", config.biases[layer], node)
         if op_type(node) == "linear":
             vn = add_buffer(gm, f"{layer}.svd_v", v, node)
             un = add_buffer(gm, f"{layer}.svd_u", u, node)
@@ -296,5 +325,153 @@ def svd_pass(gm: fx.GraphModule, config: SVDConfig) -> PassResult:
     return PassResult(gm, modified)
 
 
+class _Reached(Exception):
+    """Raised to stop an interpreter run just before a node (see `_advance`)."""
+
+
+def _advance(gm: fx.GraphModule, batch: tuple, env: dict | None, overrides: Mapping,
+             target: fx.Node) -> tuple[torch.Tensor, dict]:
+    """Run `gm` on `batch` from the snapshot `env` up to (not including) `target`: the input
+    of `target`, and the snapshot to resume from (values garbage-collected as dead are None, so
+    a resumed run skips them)."""
+    seen: dict = {}
+
+    def on_reach(node, live):
+        seen["x"] = live[node.args[0]]
+        seen["env"] = {m: live.get(m) for m in before}
+        raise _Reached
+
+    nodes = list(gm.graph.nodes)
+    before = nodes[: nodes.index(target)]
+    try:
+        OverrideInterpreter(gm, overrides, reach=[target.name], on_reach=on_reach).run(
+            *batch, initial_env=dict(env) if env is not None else None)
+    except _Reached:
+        return seen["x"], seen["env"]
+    raise RuntimeError(f"{target.name} was not reached")  # every node runs in an FX graph
+
+
+def _rows(x: torch.Tensor, op: str) -> torch.Tensor:
+    # one row per input vector the layer's matrix multiplies, as calibration's LayerStats
+    if op == "linear":
+        return x.detach().reshape(-1, x.shape[-1]).double()
+    return x.detach().transpose(0, 1).reshape(x.shape[1], -1).T.double()
+
+
+def _effective(node: fx.Node, w: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    """Override that runs `node` with weight `w` (the product of its factors) and, when given,
+    bias `bias`."""
+    def run(args, kwargs):
+        rest = list(args[2:])
+        if bias is not None:
+            if rest:
+                rest[0] = bias
+            else:
+                kwargs = {**kwargs, "bias": bias}
+        return node.target(args[0], w, *rest, **kwargs)
+    return run
+
+
+def refit_factors(gm: fx.GraphModule, batches: list[tuple],
+                  factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                  overrides: Mapping[str, Callable] | None = None, damp: float = REFIT_DAMP,
+                  seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor,
+                                                    torch.Tensor | None]]:
+    """Sequentially re-fitted factors (same ranks) for the layers in `factors` (layer name ->
+    (V, U), as `SVDConfig`) of the original graph `gm`, on the calibration `batches`:
+    layer name -> (V, U, bias), the bias re-fitted too where the layer has one (None where not).
+
+    Layers are re-fitted in graph order; each sees the inputs of the graph in which the layers
+    before it run with their re-fitted factors and `overrides` (node name -> override, the other
+    rewrites of the plan) apply, and is fitted to the original layer's output on the original
+    inputs. With a bias the regression is on centred inputs and the bias absorbs the mean of
+    the error (the shift a truncated layer upstream leaves after a ReLU / GELU). Deterministic:
+    same graph, batches and factors give the same result."""
+    overrides = dict(overrides or {})
+    targets = [n for n in gm.graph.nodes if n.meta.get(LAYER_META) in factors
+               and op_type(n) in ("linear", "conv2d")]
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    orig_env: list[dict | None] = [None] * len(batches)
+    new_env: list[dict | None] = [None] * len(batches)
+    for node in targets:
+        name = node.meta[LAYER_META]
+        v0, u0 = factors[name]
+        weight = get_attr(gm, node.args[1].target).detach()
+        w = weight.double().reshape(weight.shape[0], -1)
+        if w.shape[1] != v0.shape[1]:
+            raise ValueError(f"factors of {name} do not match its weight")
+        bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = None if bias_node is None else get_attr(gm, bias_node.target).detach().double()
+        op = op_type(node)
+        n = w.shape[1]
+        c = torch.zeros(n, n, dtype=torch.float64)
+        d = torch.zeros(n, n, dtype=torch.float64)
+        sx = torch.zeros(n, dtype=torch.float64)
+        st = torch.zeros(n, dtype=torch.float64)
+        rows = 0
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                x, orig_env[i] = _advance(gm, batch, orig_env[i], {}, node)
+                xt, new_env[i] = _advance(gm, batch, new_env[i], overrides, node)
+                x, xt = _rows(x, op), _rows(xt, op)
+                c += xt.T @ xt
+                d += x.T @ xt
+                sx += x.sum(0)
+                st += xt.sum(0)
+                rows += x.shape[0]
+        rows = max(rows, 1)
+        mx, mt = sx / rows, st / rows
+        if bias is not None:
+            # centred second moments: the bias takes the means, the factors the rest
+            c = c - rows * torch.outer(mt, mt)
+            d = d - rows * torch.outer(mx, mt)
+        lam = damp * float(c.diagonal().mean().clamp_min(1e-30))
+        eye = torch.eye(n, dtype=torch.float64)
+        # B = W (D + l I)(C + l I)^-1, via a solve with the symmetric C + l I
+        b = torch.linalg.solve(c + lam * eye, (w @ (d + lam * eye)).T).T
+        rank = v0.shape[0]
+        dec = decompose(b, c / rows, aware=True, max_rank=rank, seed=seed)
+        v, u = dec.factors(rank)
+        new_bias = None
+        if bias is not None:
+            new_bias = (bias + w @ mx - u.double() @ (v.double() @ mt)).float()
+        out[name] = (v, u, new_bias)
+        eff = (u @ v).reshape(u.shape[0], *weight.shape[1:])
+        overrides[node.name] = _effective(node, eff, new_bias)
+    return out
+
+
+def refit_config(refitted: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                 ) -> SVDConfig:
+    """The pass config for the output of `refit_factors`."""
+    return SVDConfig({k: (v, u) for k, (v, u, _) in refitted.items()},
+                     {k: b for k, (_, _, b) in refitted.items() if b is not None})
+
+
+def refine(gm: fx.GraphModule, chosen: list[Candidate], others: list[Candidate],
+           batches: list[tuple], seed: int = 0) -> list[Candidate]:
+    """The chosen SVD candidates with sequentially re-fitted factors (`refit_factors`), the
+    rest of the plan (`others`) simulated upstream; same ranks, so the same costs. Stacked
+    candidates (svd+int8) keep their one-shot factors: their steps hold quantized weights."""
+    plain = [c for c in chosen if c.technique == "svd"]
+    if not SEQUENTIAL_REFIT or not plain:
+        return list(chosen)
+    sims: dict[str, Callable] = {}
+    for c in others + [c for c in chosen if c.technique != "svd"]:
+        sims.update(c.simulation())
+    new = refit_factors(gm, batches, {c.layer.name: c.payload["svd"] for c in plain}, sims,
+                        seed=seed)
+    out = []
+    for c in chosen:
+        if c.technique == "svd" and c.layer.name in new:
+            v, u, bias = new[c.layer.name]
+            if bias is None:
+                bias = c.steps[-1].bias
+            c = replace(c, steps=_steps(c.layer, v, u, bias),
+                        payload={**c.payload, "svd": (v, u), "bias": bias, "refit": True})
+        out.append(c)
+    return out
+
+
 TECHNIQUE = register(Technique("svd", order=20, propose=propose, make_config=make_config,
-                               apply=svd_pass))
+                               apply=svd_pass, refine=refine))

@@ -1,6 +1,6 @@
 """Low-rank factorization, measured: SVD on the digits MLP, Tucker-2 on the digits CNN,
-activation-aware vs plain SVD on the trained text transformer, and the SVD pass's compile time
-on a BERT-base-sized model.
+plain vs activation-aware SVD vs activation-aware + sequential re-fit on the trained text
+transformer, and the SVD pass's compile time on a BERT-base-sized model.
 
 Run: `.venv/bin/python benchmarks/lowrank.py` (a few minutes on 2 cores). Writes
 `benchmarks/results/lowrank.md`. Accuracy is on the held-out test splits of the trained models

@@ -15,7 +15,9 @@
 4. **Verification and back-off.** The plan is built for real and its end-to-end error (or the
    drop of the user's `evaluate`) measured. If it misses the tolerance, the last, least
    efficient upgrades are backed off: a binary search over shorter prefixes finds the longest
-   that holds.
+   that holds. With calibration data, each plan is built with its values re-fitted to the
+   whole plan first (`Technique.refine`: SVD re-fits its chosen factors in graph order from
+   the inputs the rewritten model gives each layer), at unchanged ranks and costs.
 
 Everything iterates in graph order and ties break by order, so the same inputs and seed give
 the same plan.

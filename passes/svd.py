@@ -427,8 +427,14 @@ def refit_factors(gm: fx.GraphModule, batches: list[tuple],
             d = d - rows * torch.outer(mx, mt)
         lam = damp * float(c.diagonal().mean().clamp_min(1e-30))
         eye = torch.eye(n, dtype=torch.float64)
-        # B = W (D + l I)(C + l I)^-1, via a solve with the symmetric C + l I
-        b = torch.linalg.solve(c + lam * eye, (w @ (d + lam * eye)).T).T
+        # B = W (D + l I)(C + l I)^-1: C + l I is symmetric positive definite, so Cholesky
+        # (a third of a general solve's cost on BERT-base's 3072-wide FFN inputs)
+        chol, info = torch.linalg.cholesky_ex(c + lam * eye)
+        rhs = (w @ (d + lam * eye)).T
+        if int(info) == 0:
+            b = torch.cholesky_solve(rhs, chol).T
+        else:  # round-off made it indefinite: the general solve still has an answer
+            b = torch.linalg.solve(c + lam * eye, rhs).T
         rank = v0.shape[0]
         dec = decompose(b, c / rows, aware=True, max_rank=rank, seed=seed)
         v, u = dec.factors(rank)

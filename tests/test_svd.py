@@ -278,3 +278,26 @@ def test_compile_builds_the_refitted_factors(monkeypatch):
     assert [lay.applied for lay in rep.layers] == [lay.applied for lay in rep0.layers]
     assert rep.error < rep0.error
     assert err < err0
+
+
+def test_sequential_refit_of_a_strided_padded_1x1_conv_and_a_linear():
+    m, x, gm, _ = _captured()
+    cal = [(torch.randn(8, 16, 8, 8, generator=_gen(40 + i)),) for i in range(2)]
+    w_fc = m.fc.weight.detach()
+    w_pw = m.pw.weight.detach()[:, :, 0, 0]
+    full = {"fc": decompose(w_fc).factors(min(w_fc.shape)),
+            "pw": decompose(w_pw).factors(min(w_pw.shape))}
+    refit = refit_factors(gm, cal, full)
+    out = svd_pass(capture(m, (x,)).graph_module, refit_config(refit)).graph_module
+    out.graph.lint()
+    out.recompile()
+    with torch.no_grad():
+        ref = m(x)
+        assert float((out(x) - ref).norm() / ref.norm()) < 1e-4
+    # at a low rank: same ranks back, a graph that exports
+    low = {"fc": decompose(w_fc).factors(4), "pw": decompose(w_pw).factors(4)}
+    refit = refit_factors(gm, cal, low)
+    assert {k: v.shape[0] for k, (v, _, _) in refit.items()} == {"fc": 4, "pw": 4}
+    out = svd_pass(capture(m, (x,)).graph_module, refit_config(refit)).graph_module
+    out.graph.lint()
+    torch.export.export(out, (x,), strict=False)

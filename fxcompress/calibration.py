@@ -25,8 +25,9 @@ Override = Callable[[tuple, dict], torch.Tensor]
 
 class OverrideInterpreter(fx.Interpreter):
     """Runs a graph with some nodes' computations replaced, and optionally records the inputs
-    (first argument) of watched nodes through `on_input(node_name, tensor)`, or hands the live
-    values to `on_reach(node, env)` just before evaluating a node named in `reach`."""
+    (first argument; an embedding's indices) of watched nodes through `on_input(node_name,
+    tensor)`, or hands the live values to `on_reach(node, env)` just before evaluating a node
+    named in `reach`."""
 
     def __init__(self, gm: fx.GraphModule, overrides: Mapping[str, Override] | None = None,
                  watch: Iterable[str] = (), on_input: Callable | None = None,
@@ -44,7 +45,10 @@ class OverrideInterpreter(fx.Interpreter):
             self.on_reach(n, self.env)
         if n.name in self.watch and self.on_input is not None:
             args, _ = self.fetch_args_kwargs_from_env(n)
-            self.on_input(n.name, args[0])
+            # the layer's input: the indices of an embedding (aten.embedding(weight, indices)),
+            # the first argument of every other layer op
+            self.on_input(n.name, args[1] if n.target is torch.ops.aten.embedding.default
+                          else args[0])
         fn = self.overrides.get(n.name)
         if fn is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)

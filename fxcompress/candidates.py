@@ -108,6 +108,9 @@ def chain_cost(steps: tuple[Step, ...], inp: tuple[int, ...], profile: Profile,
         act = _ACT_BYTES.get(profile.precision_of(s.fmt), 4)
         act_bytes = (math.prod(shape) + math.prod(out)) * act
         wbytes = s.stored_bytes
+        if s.op == "embedding":
+            # a gather reads the rows it looks up, not the table: at most one row per index
+            wbytes *= min(1.0, math.prod(shape) / s.weight.shape[0])
         if s.fmt in ("int8", "shared", "binary") and profile.precision_of(s.fmt) != s.fmt \
                 and not profile.weight_only_speedup:
             # weight-only, decoded in the graph: the decode is its own ops (convert, scale /

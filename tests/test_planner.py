@@ -107,3 +107,25 @@ def test_combined_plan_beats_each_technique_alone(digits_cnn, digits):
                                  objective="size").meta["fxcompress_report"]
         best[str(techs)] = rep.serialized_bytes_after
     assert best["None"] <= min(best["['int8']"], best["['svd']"])
+
+
+def test_an_embedding_is_costed_on_its_indices_and_the_rows_it_gathers():
+    """An embedding's input is its indices (not its table), and a gather reads the rows it
+    looks up: 1024 lookups into a 30,522-row table cost about 1024 rows of traffic."""
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(30522, 64)
+            self.fc = torch.nn.Linear(64, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    ids = torch.randint(0, 30522, (8, 128), generator=torch.Generator().manual_seed(0))
+    prof = load_profile("nvidia-gpu")
+    out = fxcompress.compile(Lookup().eval(), (ids,), profile=prof, calibration=[(ids,)],
+                             tolerance=0.02, techniques=["int8"])
+    (emb,) = [lay for lay in out.meta["fxcompress_report"].layers if lay.name == "emb"]
+    rows_bytes = 8 * 128 * 64 * 4  # the fp32 rows gathered
+    expected = prof.latency(0, rows_bytes + 2 * rows_bytes, 0, "fp32")  # + ids in, rows out
+    assert emb.latency_before_us == pytest.approx(expected * 1e6, rel=0.5)

@@ -99,17 +99,24 @@ PLANNER_HEAD = ["| rewrite | file bytes | size ratio | calib. error | test rel. 
                 "test accuracy | drop (points) | compile s |", "|---|---|---|---|---|---|---|---|"]
 
 
-def text_rows() -> list[str]:
-    """Sections 1 and 2."""
-    model = load_pretrained("text_transformer")
-    xc, _ = text_data("calib")
-    xt, yt = text_data("test")
+def _setup(name: str, data, calib_rows: int | None):
+    """The trained model, its calib / test data, its captured graph and layers, calibration
+    statistics from the first `calib_rows` calib examples (all: None), the graph's file bytes
+    and the model's test accuracy."""
+    model = load_pretrained(name)
+    xc, _ = data("calib")
+    xt, yt = data("test")
     x = (xc[:8].clone(),)
     gm = capture(model, x).graph_module
     layers = find_layers(gm)
-    calib = Calibration(gm, [(xc[:256],)], {lay.node: lay.op for lay in layers})
-    before = file_bytes(gm, x)
-    acc0 = accuracy(model, xt, yt)
+    calib = Calibration(gm, [(xc[:calib_rows],)], {lay.node: lay.op for lay in layers})
+    return model, xc, xt, yt, x, gm, layers, calib, file_bytes(gm, x), accuracy(model, xt, yt)
+
+
+def text_rows() -> list[str]:
+    """Sections 1 and 2."""
+    model, xc, xt, yt, x, gm, layers, calib, before, acc0 = _setup("text_transformer",
+                                                                   text_data, 256)
     rows = ["## Text transformer (trained on Python documentation), every layer shared", "",
             f"{sum(p.numel() for p in model.parameters())} parameters, {len(layers)} layers "
             f"(embeddings included); `torch.export.save` {before} bytes; test accuracy "
@@ -154,15 +161,8 @@ def text_rows() -> list[str]:
 
 def digits_rows() -> list[str]:
     """Section 3."""
-    model = load_pretrained("digits_cnn")
-    xc, yc = digits_data("calib")
-    xt, yt = digits_data("test")
-    x = (xc[:8].clone(),)
-    gm = capture(model, x).graph_module
-    layers = find_layers(gm)
-    calib = Calibration(gm, [(xc,)], {lay.node: lay.op for lay in layers})
-    before = file_bytes(gm, x)
-    acc0 = accuracy(model, xt, yt)
+    model, xc, xt, yt, x, gm, layers, calib, before, acc0 = _setup("digits_cnn", digits_data,
+                                                                   None)
     rows = ["## Digits CNN (trained on scikit-learn digits)", "",
             f"{sum(p.numel() for p in model.parameters())} parameters; `torch.export.save` "
             f"{before} bytes; test accuracy {acc0:.2f} %.", "",

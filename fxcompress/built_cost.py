@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from fxcompress.candidates import Candidate, Step, chain_cost
-from fxcompress.graph import LAYER_META, get_attr, op_type, weight_arg_index
+from fxcompress.graph import LAYER_META, get_attr, input_arg_index, op_type, weight_arg_index
 from fxcompress.hardware_profiles import Profile
 
 
@@ -70,7 +70,7 @@ def built_costs(gm: fx.GraphModule, chosen: dict[str, Candidate], profile: Profi
         for n in ops:
             op = op_type(n)
             w = n.args[weight_arg_index(op)]
-            x = n.args[1] if op == "embedding" else n.args[0]
+            x = n.args[input_arg_index(op)]
             wv, xv = w.meta.get("val"), getattr(x, "meta", {}).get("val")
             if not isinstance(wv, torch.Tensor) or not isinstance(xv, torch.Tensor):
                 continue

@@ -19,6 +19,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from fxcompress.errors import FxCompressError
+from fxcompress.graph import input_arg_index, op_type
 
 Override = Callable[[tuple, dict], torch.Tensor]
 
@@ -47,8 +48,7 @@ class OverrideInterpreter(fx.Interpreter):
             args, _ = self.fetch_args_kwargs_from_env(n)
             # the layer's input: the indices of an embedding (aten.embedding(weight, indices)),
             # the first argument of every other layer op
-            self.on_input(n.name, args[1] if n.target is torch.ops.aten.embedding.default
-                          else args[0])
+            self.on_input(n.name, args[input_arg_index(op_type(n))])
         fn = self.overrides.get(n.name)
         if fn is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxcompress.graph import Layer
+from fxcompress.graph import Layer, input_arg_index
 from fxcompress.hardware_profiles import Profile
 
 aten = torch.ops.aten
@@ -165,7 +165,7 @@ class Candidate:
         steps = self.steps
 
         # aten.embedding(weight, indices): the layer's input is its second argument
-        inp = 1 if self.layer.op == "embedding" else 0
+        inp = input_arg_index(self.layer.op)
 
         def run(args, kwargs):
             x = args[inp]

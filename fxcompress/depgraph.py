@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from fxcompress.graph import LAYER_META, get_attr, op_type, weight_arg_index
+from fxcompress.graph import LAYER_META, get_attr, input_arg_index, op_type, weight_arg_index
 
 aten = torch.ops.aten
 
@@ -342,7 +342,7 @@ class _Analysis:
         wi = weight_arg_index(kind)
         w = node.args[wi]
         weight = get_attr(self.gm, w.target)
-        x = node.args[1] if kind == "embedding" else node.args[0]
+        x = node.args[input_arg_index(kind)]
         e = self.lab(x)
         groups = 1
         if kind == "conv2d":

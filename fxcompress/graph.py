@@ -43,6 +43,11 @@ def weight_arg_index(op: str) -> int:
     return 0 if op == "embedding" else 1
 
 
+def input_arg_index(op: str) -> int:
+    """Position of the layer's input among a layer node's args (aten.embedding(weight, ids))."""
+    return 1 if op == "embedding" else 0
+
+
 def get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The tensor a `get_attr` target names."""
     obj = gm

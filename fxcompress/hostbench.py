@@ -5,10 +5,10 @@ per-operator overhead are measured here once (fp32 `linear`, the int8 GEMM that 
 int8 Q/DQ linears to, a large copy, a tiny op), rounded to two significant figures so small
 jitter does not change plans, and cached in `~/.cache/fxcompress/host-v2-<torch version>.json`
 (or `$FXCOMPRESS_CACHE`). Later compiles on the same machine read the cache, so the same inputs
-give the same plan. While the load average
-exceeds the core count, nothing is measured: other processes distort such figures by an order
-of magnitude (oversubscribed OpenMP threads spin), so the profile's own numbers are used for
-that compile, and the host is measured on a later, quieter one.
+give the same plan. While the load average exceeds the core count, nothing is measured: other
+processes distort such figures by an order of magnitude (oversubscribed OpenMP threads spin),
+so the profile's own numbers are used for that compile, and the host is measured on a later,
+quieter one.
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ def measure_host() -> dict[str, float]:
         m, k, n = 32, 1024, 1024  # a batch of token rows through a transformer linear
         a, w = torch.randn(m, k), torch.randn(n, k)
         fp32 = 2 * m * k * n / _median_time(lambda: torch.nn.functional.linear(a, w)) / 1e9
-        int8 = 2 * m * k * n / _median_time(_int8_gemm(m, k, n)) / 1e9 or fp32
+        try:
+            int8 = 2 * m * k * n / _median_time(_int8_gemm(m, k, n)) / 1e9
+        except RuntimeError:  # no int8 GEMM on this build: int8 gains nothing here
+            int8 = fp32
         big = torch.empty(64 * 1024 * 1024 // 4)
         dst = torch.empty_like(big)
         bw = 2 * big.numel() * 4 / _median_time(lambda: dst.copy_(big), runs=7) / 1e9

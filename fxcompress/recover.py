@@ -43,7 +43,7 @@ from torch import fx
 from fxcompress.calibration import Calibration, OverrideInterpreter, float_leaves
 from fxcompress.candidates import Candidate
 from fxcompress.errors import FxCompressError
-from fxcompress.graph import get_attr
+from fxcompress.graph import get_attr, input_arg_index
 from fxcompress.progress import Progress
 
 
@@ -462,7 +462,7 @@ class Student:
         from fxcompress.observers import fake_quant_affine
 
         def run(args, kwargs):
-            x = args[1] if e.cand.layer.op == "embedding" else args[0]  # aten.embedding(w, ids)
+            x = args[input_arg_index(e.cand.layer.op)]
             for i, s in enumerate(e.cand.steps):
                 if i == 0 and e.levels is not None:
                     x = _binary_levels(*e.levels)(x)

@@ -263,6 +263,48 @@ def _share_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) 
     return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=tuple(books))))
 
 
+def _share_on_kept(c: Candidate, kept: torch.Tensor, full: torch.Tensor) -> Candidate:
+    """The palette of a pruned group's member as the passes build it (prune slices the weight,
+    a consumer's re-fit first; share clusters what is left afresh), its indices widened back to
+    the full shape: removed entries pick entry 0, and are zero columns of a consumer (its mask)
+    or rows whose outputs only such columns read."""
+    from fxcompress.passes.share import _codebook_for
+
+    spec = c.payload["share"]
+    if len(spec.codebooks) != 1 or spec.codebooks[0][1].shape != tuple(full.shape):
+        return c  # a palette of factors: not the weight the prune pass slices
+    sliced = full[kept].reshape(_kept_shape(kept))
+    cb = _codebook_for(sliced, spec)
+    idx = torch.zeros(full.shape, dtype=cb.indices.dtype)
+    idx[kept] = cb.indices.reshape(-1)
+    wide = replace(cb, shape=tuple(full.shape), indices=idx.reshape(cb.groups, -1))
+    return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=((full, wide),))))
+
+
+def _kept_shape(kept: torch.Tensor) -> tuple[int, ...]:
+    # the shape of a tensor sliced by a product of per-axis masks
+    return tuple(int(kept.any(dim=[d for d in range(kept.dim()) if d != a]).sum())
+                 if kept.dim() > 1 else int(kept.sum()) for a in range(kept.dim()))
+
+
+def _share_sliced(c: Candidate, kept: torch.Tensor, gm: fx.GraphModule) -> Candidate:
+    """Undo `_share_on_kept` on the trained candidate: the codebook of the kept entries, keyed
+    by the weight the prune pass will slice out of `gm` (written there), so the share pass
+    stores this trained palette rather than clustering again."""
+    spec = c.payload["share"]
+    (_, wide), = spec.codebooks
+    if wide.shape != tuple(kept.shape):
+        return c
+    idx = wide.indices.reshape(wide.shape)[kept].reshape(wide.groups, -1)
+    cb = replace(wide, shape=_kept_shape(kept), indices=idx.contiguous())
+    src = cb.decode()
+    with torch.no_grad():
+        w = get_attr(gm, c.layer.weight_target)
+        w.zero_()
+        w[kept] = src.reshape(-1).to(w.dtype)
+    return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=((src, cb),))))
+
+
 #: technique name -> its trainable form. A candidate trains when every technique of its stack
 #: ("svd+int8") is here and every step's weight has a differentiable form. The latents belong
 #: to the outermost technique of the stack that claims them (int8 defers on a chain, so the
@@ -332,16 +374,24 @@ class _Entry:
     levels: tuple[torch.nn.Parameter, torch.nn.Parameter] | None = None  # binary act (mu, beta)
     out_q: tuple | None = None  # int8 static: per step, the output's affine qparams or None
 
+    def _gathered(self) -> bool:
+        # the owner computes the weight from latents of another shape (a palette)
+        return self.owner is not None and TECHNIQUES[self.owner].weight is not None
+
     def latent(self, i: int) -> torch.Tensor:
-        """Latent `i`, the removed columns of a pruned consumer held at zero."""
+        """Latent `i`; a pruned consumer's removed input columns held at zero where the latent
+        is the input side of its weight (the first step; not a palette, which is shared by
+        kept and removed columns and masked once gathered, in `weight`)."""
         p = self.latents[i]
-        return p if self.mask is None else p * self.mask
+        if self.mask is None or i != 0 or self._gathered():
+            return p
+        return p * self.mask
 
     def weight(self, i: int) -> torch.Tensor:
         """The effective weight of step `i`, differentiable in its latent."""
-        t = TECHNIQUES[self.owner] if self.owner else None
-        if t is not None and t.weight is not None:
-            return t.weight(self.cand, i, self.latent(i))
+        if self._gathered():
+            w = TECHNIQUES[self.owner].weight(self.cand, i, self.latent(i))
+            return w if self.mask is None or i != 0 else w * self.mask
         return FORMATS[self.cand.steps[i].fmt](self.latent(i))
 
 
@@ -385,6 +435,7 @@ class Student:
         self.fixed: dict[str, Callable] = {}  # overrides of untrainable chosen candidates
         self.pruned = {n: c for n, c in choice.items() if "prune" in c.payload}
         consumers = self._pruned_consumers()
+        self.sliced = self._pruned_weights()  # weight target -> entries the prune pass keeps
         targets = {n.name: n.target for n in self.gm.graph.nodes}
         layer_nodes = set()
         for o in options:
@@ -411,6 +462,8 @@ class Student:
                 keep, base_w = consumers[lay.name]
                 mask = keep.to(base_w.dtype).view([1, -1] + [1] * (base_w.dim() - 2))
             owner = _owner(c) if c.technique != "none" else None
+            if owner == "share" and lay.weight_target in self.sliced:
+                c = _share_on_kept(c, self.sliced[lay.weight_target], base_w)
             latents = TECHNIQUES[owner].init(c, base_w) if owner else [base_w.clone()]
             bias, bias_step = None, -1
             if lay.bias_target is not None:
@@ -440,6 +493,13 @@ class Student:
         from fxcompress.passes.prune import consumer_weights, make_config
 
         return consumer_weights(self.gm, make_config(list(self.pruned.values())))
+
+    def _pruned_weights(self) -> dict[str, torch.Tensor]:
+        if not self.pruned:
+            return {}
+        from fxcompress.passes.prune import make_config, weight_keeps
+
+        return weight_keeps(self.gm, make_config(list(self.pruned.values())))
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable tensors of the layers, in layer order (without `others`)."""
@@ -503,6 +563,8 @@ class Student:
                     get_attr(self.gm, c.layer.weight_target).copy_(lat[0])
                 continue
             c = TECHNIQUES[e.owner].write(c, lat, self.gm)
+            if e.owner == "share" and c.layer.weight_target in self.sliced:
+                c = _share_sliced(c, self.sliced[c.layer.weight_target], self.gm)
             steps = []
             with torch.no_grad():
                 for i, s in enumerate(c.steps):
@@ -738,6 +800,11 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
             else:
                 hi = nxt - 1
     best.history = list(plan.history) + [st.line() for st in info.stages]
+    if rec.data is None and evaluate is None:
+        best.history.append(
+            "recovery trained on the calibration data its error is judged on, so that error is "
+            "in-sample; pass Recover(data=...) with other inputs (the training inputs, say) for "
+            "a held-out judgment")
     for name, why in sorted(info.frozen.items()):
         best.history.append(f"recovery left {name} untrained: {why}")
     info.seconds = time.perf_counter() - start

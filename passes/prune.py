@@ -524,6 +524,27 @@ def consumer_weights(gm: fx.GraphModule, config: PruneConfig,
     return out
 
 
+def weight_keeps(gm: fx.GraphModule, config: PruneConfig) -> dict[str, torch.Tensor]:
+    """Weight target -> a mask of its shape, True at the entries the pass keeps (a product of
+    per-axis masks, so the kept entries in row-major order are the sliced tensor's), for every
+    layer weight `config` slices."""
+    dg = analyze(gm)
+    removed = removed_units(dg, config)
+    masks: dict[str, torch.Tensor] = {}
+
+    def narrow(target: str, axis: int, keep: torch.Tensor) -> None:
+        t = get_attr(gm, target)
+        m = masks.setdefault(target, torch.ones(t.shape, dtype=torch.bool))
+        m &= keep.view([-1 if i == axis else 1 for i in range(t.dim())])
+
+    for c in (c for g in dg.groups for c in g.consumers):
+        narrow(c.weight, 1, _param_keep(dg, c.labels, removed))  # `_refit`'s input columns
+    for target, axes in dg.param_labels.items():
+        for axis, labels in axes.items():
+            narrow(target, axis, _param_keep(dg, labels, removed))
+    return {t: m for t, m in masks.items() if not bool(m.all())}
+
+
 def make_config(chosen: list[Candidate]) -> PruneConfig:
     """The pass config for the chosen group candidates."""
     remove, grams = {}, {}

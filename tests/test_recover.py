@@ -61,12 +61,14 @@ def _plan(techniques=("svd", "int8"), profile="nvidia-gpu", kind="mlp"):
 LR = {"tucker": 5e-4}
 # a 2-bit palette per tensor trains 4 numbers per layer, from indices already chosen to
 # compensate each other's error (GPTQ-style): it moves least, and is given longer
-STEPS = {"share": 120}
+STEPS = {"share": 120, "prune+share": 120}
 CASES = {
     "svd+int8": (("svd", "int8"), "nvidia-gpu", "mlp"),
     "binary": (("binary", "int8"), "fpga-binary", "mlp"),
     "share": (("share",), "mobile-arm", "mlp"),
     "prune": (("prune",), "mobile-arm", "mlp"),
+    # palettes on the consumers of pruned groups (their kept-column mask is on the weight)
+    "prune+share": (("prune", "share"), "mobile-arm", "mlp"),
     "tucker": (("tucker",), "mobile-arm", "cnn"),
 }
 
@@ -76,6 +78,9 @@ def test_student_computes_the_built_graph_and_recovery_lowers_its_error(case):
     gm, options, calib, choice, x = _plan(*CASES[case])
     techs = {t for c in choice.values() for t in c.technique.split("+")}
     assert set(case.split("+")) <= techs, techs
+    if case == "prune+share":
+        pruned = {n for n, c in choice.items() if "prune" in c.payload}
+        assert any("share" in c.technique and n not in pruned for n, c in choice.items())
     before = build(gm, choice).graph_module
     before.graph.lint()
     student = Student(gm, options, choice, train_unchanged=True)
@@ -95,7 +100,7 @@ def test_student_computes_the_built_graph_and_recovery_lowers_its_error(case):
         torch.testing.assert_close(student(x), after(x), rtol=1e-4, atol=1e-5)
     err1 = calib.error_of(after)
     # (a 2-bit palette: about 0.90x after 120 steps, measured)
-    assert err1 < (0.95 if case == "share" else 0.8) * err0, (err0, err1)
+    assert err1 < (0.95 if "share" in case else 0.8) * err0, (err0, err1)
     # same stored form: every tensor of the built graph keeps its dtype and shape
     stored = {k: (v.dtype, tuple(v.shape)) for k, v in before.state_dict().items()}
     assert {k: (v.dtype, tuple(v.shape)) for k, v in after.state_dict().items()} == stored
@@ -150,6 +155,12 @@ def test_compile_with_recover_is_deterministic_exportable_and_reported(technique
     assert ra.serialized_bytes_after == pytest.approx(rp.serialized_bytes_after, rel=0.02)
     lines = [n for n in ra.notes if n.startswith("recovery stage")]
     assert len(lines) == 1 and "accepted" in lines[0]
+    # it trained on the calibration data it was judged on: the report says so
+    assert any("in-sample" in n for n in ra.notes)
+    other = torch.randn(256, 32, generator=torch.Generator().manual_seed(2))
+    held_out = Recover(steps=40, lr=2e-3, stages=0, data=[(other,)])
+    rh = fxcompress.compile(_model(), (x[:4],), recover=held_out, **kw)
+    assert not any("in-sample" in n for n in rh.meta["fxcompress_report"].notes)
 
 
 def test_labels_mix_in_hard_targets():

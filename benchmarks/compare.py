@@ -12,7 +12,9 @@ Python's documentation text) every row is built and measured in this one process
   the largest ratio whose calibration accuracy stays within the same budget fxcompress gets,
   no fine-tuning;
 - ``fxcompress.compile`` for each profile (``techniques=None``: whatever the installed code
-  and the profile support), ``.pte`` for profiles whose export format is ``.pte``.
+  and the profile support), ``.pte`` for profiles whose export format is ``.pte``; and the
+  same with ``recover=`` (distillation from the original on the training inputs, no labels),
+  unless ``--no-recover``.
 
 Columns: test accuracy, serialized size (bytes of the ``torch.export.save`` ``.pt2`` for
 eager rows, of the ``.pte`` for ExecuTorch rows), eager latency ratio vs fp32 eager, lowered
@@ -207,10 +209,22 @@ def tp_search(model: torch.nn.Module, example: torch.Tensor, x_cal: torch.Tensor
 
 
 # --- the run --------------------------------------------------------------------------------
+def recovery(name: str) -> fxcompress.Recover:
+    """The `recover=` of the "+ recover" rows: label-free distillation from the original model
+    on the inputs of the training split (the data a team that trained the model has; labels
+    are not used), judged, like every plan, by calibration-split accuracy, which it never
+    trains on."""
+    x_train, _ = MODELS[name]("train")
+    return fxcompress.Recover(steps=200, lr=5e-4, data=[(x_train,)], stages=3,
+                              train_others=True, others_lr=1e-4)
+
+
 def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                 log: Callable[[str], None],
-                on_row: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
-    """Build and measure every row for one model; `on_row` gets the rows so far after each."""
+                on_row: Callable[[list[Row]], None] = lambda rows: None,
+                recover: bool = True) -> list[Row]:
+    """Build and measure every row for one model; `on_row` gets the rows so far after each.
+    With `recover`, each profile also gets a row compiled with `recover=recovery(name)`."""
     data = MODELS[name]
     model = load_pretrained(name).eval()
     x_cal, y_cal = data("calib")
@@ -294,18 +308,20 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                    lowered_ratio=pte_ratio(p), runtime="executorch", compile_s=t,
                    extra={"pte_size": p.size})
 
-    def fx_row(profile: str) -> Callable[[], Row]:
+    def fx_row(profile: str, recover: bool = False) -> Callable[[], Row]:
         def build() -> Row:
             prof = load_profile(profile)
             evaluate = lambda g: accuracy(g, x_cal, y_cal)
             t0 = time.perf_counter()
             g = fxcompress.compile(model, example, profile=profile, calibration=calib,
-                                   evaluate=evaluate, tolerance=ACC_BUDGET, techniques=None)
+                                   evaluate=evaluate, tolerance=ACC_BUDGET, techniques=None,
+                                   recover=recovery(name) if recover else None, seed=0)
             t = time.perf_counter() - t0
             rep = g.meta["fxcompress_report"]
             applied = sorted({la.applied.split("(")[0] for la in rep.layers
                               if la.applied != "none"})
-            row = Row(name, f"fxcompress {profile}", accuracy=accuracy(g, x_test, y_test),
+            method = f"fxcompress {profile}" + (" + recover" if recover else "")
+            row = Row(name, method, accuracy=accuracy(g, x_test, y_test),
                       size=pt2_bytes(g, example),
                       eager_ratio=interleaved(fp32, lambda: g(batch), runs=runs).ratio,
                       compile_s=t, peer=False, note=", ".join(applied) or "nothing applied")
@@ -344,6 +360,9 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
     guarded("Torch-Pruning L1 group", tp_row)
     for p in profiles:
         guarded(f"fxcompress {p}", fx_row(p))
+    if recover:
+        for p in profiles:
+            guarded(f"fxcompress {p} + recover", fx_row(p, recover=True))
     return rows
 
 
@@ -418,8 +437,10 @@ def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_
         "own setting get the same budget: "
         f"at most {ACC_BUDGET:g} points of calibration-split accuracy lost (fxcompress: "
         "`evaluate=` with that tolerance; Torch-Pruning: the largest ratio within it, tried "
-        "from 0.01 in steps of 0.01 to 0.05 then 0.05, no fine-tuning). Compile: wall time "
-        "to produce the row's model or file.",
+        "from 0.01 in steps of 0.01 to 0.05 then 0.05, no fine-tuning). \"+ recover\" rows: "
+        "the same compile with `recover=`, label-free distillation from the original model on "
+        "the training split's inputs (200 steps per stage, up to 3 stages extending the plan); "
+        "no peer row is fine-tuned. Compile: wall time to produce the row's model or file.",
         "",
         *([] if complete else ["**Partial run**: it was interrupted; only the rows below "
                                "were measured.", ""]),
@@ -500,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-inductor", action="store_true",
                     help="skip the torch.compile rows (they dominate the run time)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-recover", action="store_true",
+                    help="skip the fxcompress rows compiled with recover= (distillation)")
     ap.add_argument("--from-json", action="store_true",
                     help=f"only rewrite the table and plot from {OUT_JSON.name}")
     args = ap.parse_args(argv)
@@ -519,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         done = list(rows)
         rows += bench_model(name, args.runs, tuple(args.profiles), not args.no_inductor, log,
                             lambda new, done=done: save_json(done + new, args.runs,
-                                                             time.perf_counter() - t0, False))
+                                                             time.perf_counter() - t0, False),
+                            recover=not args.no_recover)
     seconds = time.perf_counter() - t0
     save_json(rows, args.runs, seconds, complete=True)
     write_plot(rows)

@@ -271,10 +271,10 @@ def _share_on_kept(c: Candidate, kept: torch.Tensor, full: torch.Tensor) -> Cand
     from fxcompress.passes.share import _codebook_for
 
     spec = c.payload["share"]
-    if len(spec.codebooks) != 1 or spec.codebooks[0][1].shape != tuple(full.shape):
+    if c.technique != "share" or len(spec.codebooks) != 1:
         return c  # a palette of factors: not the weight the prune pass slices
     sliced = full[kept].reshape(_kept_shape(kept))
-    cb = _codebook_for(sliced, spec)
+    cb = _codebook_for(sliced, spec)  # a trained one (`_share_sliced`) where it is this weight
     idx = torch.zeros(full.shape, dtype=cb.indices.dtype)
     idx[kept] = cb.indices.reshape(-1)
     wide = replace(cb, shape=tuple(full.shape), indices=idx.reshape(cb.groups, -1))

@@ -98,6 +98,10 @@ def test_student_computes_the_built_graph_and_recovery_lowers_its_error(case):
     with torch.no_grad():
         # ... and still does after training: the trained form is the stored form
         torch.testing.assert_close(student(x), after(x), rtol=1e-4, atol=1e-5)
+        # a later stage trains on from the written-back graph and candidates
+        again = Student(new_gm, options, {n: trained.get(n, c) for n, c in choice.items()},
+                        train_unchanged=True)
+        torch.testing.assert_close(again(x), after(x), rtol=1e-4, atol=1e-5)
     err1 = calib.error_of(after)
     # (a 2-bit palette: about 0.90x after 120 steps, measured)
     assert err1 < (0.95 if "share" in case else 0.8) * err0, (err0, err1)
@@ -161,6 +165,25 @@ def test_compile_with_recover_is_deterministic_exportable_and_reported(technique
     held_out = Recover(steps=40, lr=2e-3, stages=0, data=[(other,)])
     rh = fxcompress.compile(_model(), (x[:4],), recover=held_out, **kw)
     assert not any("in-sample" in n for n in rh.meta["fxcompress_report"].notes)
+
+
+def test_stages_extend_plans_with_palettes_on_pruned_groups():
+    # each stage prunes more channels of layers whose palettes an earlier stage trained: the
+    # palettes of the kept entries are clustered again (as the passes do) and trained on
+    x = _data()
+    kw = dict(profile="mobile-arm", calibration=[(x,)], tolerance=0.2,
+              techniques=["prune", "share"], objective="size", seed=0)
+    plain = fxcompress.compile(_model(), (x[:4],), **kw)
+    g = fxcompress.compile(_model(), (x[:4],), recover=Recover(steps=60, lr=2e-3, stages=2),
+                           **kw)
+    torch.export.export(g, (x[:4].clone(),), strict=False)
+    r, rp = g.meta["fxcompress_report"], plain.meta["fxcompress_report"]
+    applied = [la.applied for la in r.layers]
+    assert any(a.startswith("prune") for a in applied)
+    assert any(a.startswith("share") for a in applied)
+    lines = [n for n in r.notes if n.startswith("recovery stage")]
+    assert len(lines) == 3 and "accepted" in lines[0]
+    assert r.error < rp.error <= 0.2
 
 
 def test_labels_mix_in_hard_targets():

@@ -18,7 +18,9 @@ will. The trainable form of each rewrite (`TECHNIQUES`):
   passes re-encode; static int8 activations keep their calibrated quantizers (STE), and binary
   activation levels (mu, beta) train as learned quantizer parameters (LSQ-style) and are
   stored in the candidate's payload, which is what the pass builds;
-- shared weights train their palettes with the indices fixed (centroid fine-tuning);
+- shared weights train their palettes with the indices fixed (centroid fine-tuning); on a
+  member of a pruned group the palette is the one the share pass clusters from the kept
+  entries, written back keyed to that sliced weight, so the pass stores it as trained;
 - a pruned group's consumers train their kept columns (initialized by the pass's re-fit), and
   are then stored as trained: the re-fit is dropped from the pass config for them.
 

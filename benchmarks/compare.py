@@ -14,12 +14,14 @@ Python's documentation text) every row is built and measured in this one process
 - ``fxcompress.compile`` for each profile (``techniques=None``: whatever the installed code
   and the profile support), ``.pte`` for profiles whose export format is ``.pte``; and the
   same with ``recover=`` (distillation from the original on the training inputs, no labels),
-  unless ``--no-recover``.
+  unless ``--no-recover``; for the profiles in ``ONNX_PROFILES``, also the same model written
+  as ``.onnx`` by ``fxcompress.export`` and run in ONNX Runtime, against the fp32 ``.onnx``.
 
 Columns: test accuracy, serialized size (bytes of the ``torch.export.save`` ``.pt2`` for
-eager rows, of the ``.pte`` for ExecuTorch rows), eager latency ratio vs fp32 eager, lowered
-runtime latency ratio vs fp32 in the same runtime (ExecuTorch+XNNPACK for ``.pte`` rows,
-Inductor for ``torch.compile`` rows), compile time. Ratios are interleaved medians
+eager rows, of the ``.pte`` / ``.onnx`` for ExecuTorch / ONNX Runtime rows), eager latency
+ratio vs fp32 eager, lowered runtime latency ratio vs fp32 in the same runtime
+(ExecuTorch+XNNPACK for ``.pte`` rows, ONNX Runtime for ``.onnx`` rows, Inductor for
+``torch.compile`` rows), compile time. Ratios are interleaved medians
 (`fxcompress.timing.interleaved`), batch 64. ``.pte`` accuracy is measured by running the
 file in ``executorch.runtime``.
 
@@ -58,6 +60,8 @@ OUT_PNG = ROOT / "benchmarks" / "results" / "compare.png"
 OUT_JSON = ROOT / "benchmarks" / "results" / "compare.json"
 BATCH = 64
 PROFILES = ("x86-server", "mobile-arm", "apple-ane", "mcu-int8")
+#: profiles whose targets also run the `.onnx` file in ONNX Runtime: an extra row each
+ONNX_PROFILES = ("x86-server",)
 #: Accuracy budget (percentage points on the calibration split) given to every lossy method
 #: that searches for its own setting: fxcompress's `evaluate` tolerance and the pruning ratio.
 #: 0: the same accuracy as the original, which is what the int8 peers keep.
@@ -114,8 +118,39 @@ class Pte:
         return self._method.execute([x])[0]
 
 
-def pte_accuracy(pte: Pte, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy (percent) of a fixed-batch `.pte`: the last batch is zero-padded."""
+class Onnx:
+    """An `.onnx` file in an ONNX Runtime CPU session (as many intra-op threads as torch
+    uses), called like a module on batches."""
+
+    def __init__(self, path: Path) -> None:
+        """Open the file at `path` (external data beside it included in `size`)."""
+        import onnxruntime as ort
+
+        self.size = sum(f.stat().st_size for f in path.parent.iterdir()
+                        if f.name.startswith(path.stem))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        self._session = ort.InferenceSession(str(path), opts,
+                                             providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the session on one batch."""
+        return torch.from_numpy(self._session.run(None, {self._input: x.numpy()})[0])
+
+
+def onnx_file(model: torch.nn.Module, batch: torch.Tensor, profile: str) -> Onnx:
+    """`model` written by `fxcompress.export` as `.onnx` and opened in ONNX Runtime (which
+    reads the file, and its external data, when the session is created)."""
+    with tempfile.TemporaryDirectory() as d:
+        fxcompress.export(model, (batch.clone(),), Path(d, "m.onnx"), profile=profile)
+        return Onnx(Path(d, "m.onnx"))
+
+
+def pte_accuracy(pte: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> float:
+    """Top-1 accuracy (percent) of a fixed-batch `.pte` (or any runner of batches of exactly
+    `BATCH` rows): the last batch is zero-padded."""
     correct = 0
     for s in range(0, len(y), BATCH):
         xb = x[s:s + BATCH]
@@ -235,18 +270,19 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
     fp32 = lambda: model(batch)
     rows: list[Row] = []
 
-    def guarded(method: str, fn: Callable[[], Row]) -> None:
+    def guarded(method: str, fn: Callable[[], Row | list[Row]]) -> None:
         t0 = time.perf_counter()
         try:
-            row = fn()
+            new = fn()
         except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
             traceback.print_exc()
-            row = Row(name, method, note=f"failed: {type(e).__name__}: {str(e)[:120]}")
-        rows.append(row)
+            new = Row(name, method, note=f"failed: {type(e).__name__}: {str(e)[:120]}")
+        for row in new if isinstance(new, list) else [new]:
+            rows.append(row)
+            log(f"{name:16s} {row.method:34s} acc={row.accuracy} size={row.size} "
+                f"eager={row.eager_ratio} lowered={row.lowered_ratio} "
+                f"({time.perf_counter() - t0:.0f} s) {row.note}")
         on_row(rows)
-        log(f"{name:16s} {method:34s} acc={row.accuracy} size={row.size} "
-            f"eager={row.eager_ratio} lowered={row.lowered_ratio} "
-            f"({time.perf_counter() - t0:.0f} s) {row.note}")
 
     base_pte = Pte(fp32_pte(model, batch))
     base_compiled = None
@@ -257,6 +293,25 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
 
     def pte_ratio(p: Pte) -> float:
         return interleaved(lambda: base_pte(batch), lambda: p(batch), runs=runs).ratio
+
+    base_onnx = onnx_file(model, batch, ONNX_PROFILES[0]) if any(
+        p in ONNX_PROFILES for p in profiles) else None
+
+    def fp32_onnx_row() -> Row:
+        return Row(name, "fp32 → .onnx", fmt=".onnx",
+                   accuracy=pte_accuracy(base_onnx, x_test, y_test), size=base_onnx.size,
+                   lowered_ratio=1.0, runtime="onnxruntime", compile_s=0.0)
+
+    def onnx_row(method: str, g: torch.nn.Module, profile: str, compile_s: float,
+                 note: str) -> Row:
+        t0 = time.perf_counter()
+        f = onnx_file(g, batch, profile)
+        return Row(name, f"{method} → .onnx", fmt=".onnx",
+                   accuracy=pte_accuracy(f, x_test, y_test), size=f.size,
+                   lowered_ratio=interleaved(lambda: base_onnx(batch), lambda: f(batch),
+                                             runs=runs).ratio,
+                   runtime="onnxruntime", compile_s=compile_s + time.perf_counter() - t0,
+                   peer=False, note=note)
 
     def fp32_row() -> Row:
         return Row(name, "fp32 eager (baseline)", accuracy=accuracy(model, x_test, y_test),
@@ -308,8 +363,8 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                    lowered_ratio=pte_ratio(p), runtime="executorch", compile_s=t,
                    extra={"pte_size": p.size})
 
-    def fx_row(profile: str, recover: bool = False) -> Callable[[], Row]:
-        def build() -> Row:
+    def fx_row(profile: str, recover: bool = False) -> Callable[[], list[Row]]:
+        def build() -> list[Row]:
             prof = load_profile(profile)
             evaluate = lambda g: accuracy(g, x_cal, y_cal)
             t0 = time.perf_counter()
@@ -348,11 +403,15 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                 row.runtime = "inductor"
                 row.lowered_ratio = interleaved(lambda: base_compiled(batch), lambda: c(batch),
                                                 runs=runs).ratio
-            return row
+            if profile not in ONNX_PROFILES:
+                return [row]
+            return [row, onnx_row(method, g, profile, t, row.note)]
         return build
 
     guarded("fp32 eager (baseline)", fp32_row)
     guarded("fp32 → XNNPACK .pte", fp32_pte_row)
+    if base_onnx is not None:
+        guarded("fp32 → .onnx", fp32_onnx_row)
     guarded("torchao int8 dyn (eager)", ao_row)
     if inductor:
         guarded("torchao int8 dyn + torch.compile", ao_compiled_row)
@@ -398,9 +457,11 @@ def verdicts(rows: list[Row]) -> list[str]:
         paths = []
         if r.fmt == ".pte":
             paths.append(("the .pte runtime", "lowered_ratio", "executorch"))
+        elif r.fmt == ".onnx":
+            paths.append(("ONNX Runtime", "lowered_ratio", "onnxruntime"))
         elif r.runtime == "inductor":
             paths.append(("Inductor", "lowered_ratio", "inductor"))
-        if r.fmt != ".pte":
+        if r.fmt == ".pt2":
             paths.append(("eager", "eager_ratio", None))
         for path, key, runtime in paths:
             same = [p for p in peers if getattr(p, key) is not None
@@ -428,10 +489,13 @@ def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_
         "Generated by `benchmarks/compare.py` (`make bench`); do not edit by hand. Every row was "
         f"built and measured in one run ({seconds / 60:.1f} min). Accuracy: top-1 on the test "
         "split (digits: scikit-learn digits; text: windows of Python's documentation), "
-        ".pte rows run in `executorch.runtime`. Size: bytes of the `torch.export.save` `.pt2` "
-        "(eager rows) or of the `.pte` (ExecuTorch rows). Eager: latency / fp32 eager. "
-        "Lowered: latency / fp32 in the same runtime (ExecuTorch + XNNPACK `.pte`, or "
-        "Inductor via `torch.compile`; fxcompress rows of Inductor profiles compile with "
+        ".pte rows run in `executorch.runtime`, .onnx rows (written by `fxcompress.export`) in "
+        "ONNX Runtime's CPU provider. Size: bytes of the `torch.export.save` `.pt2` "
+        "(eager rows), of the `.pte` (ExecuTorch rows) or of the `.onnx` (ONNX Runtime rows); "
+        "size / fp32 is against the fp32 model's file of the same format. Eager: latency / "
+        "fp32 eager. Lowered: latency / fp32 in the same runtime (ExecuTorch + XNNPACK `.pte`, "
+        "ONNX Runtime `.onnx`, or Inductor via `torch.compile`; fxcompress rows of Inductor "
+        "profiles compile with "
         "`torch._inductor.config.freezing = True`, their runtime). Ratios: interleaved "
         f"medians of {runs} runs, batch {BATCH}, below 1 is faster. Methods that choose their "
         "own setting get the same budget: "
@@ -448,10 +512,10 @@ def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_
         "| runtime | compile | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = {r.model: r.size for r in rows if r.method == "fp32 eager (baseline)" and r.size}
-    base_pte = {r.model: r.size for r in rows if r.method.startswith("fp32 →") and r.size}
+    # each file against the fp32 model's file of the same format
+    base = {(r.model, r.fmt): r.size for r in rows if r.method.startswith("fp32") and r.size}
     for r in rows:
-        ref = (base_pte if r.fmt == ".pte" else base).get(r.model)
+        ref = base.get((r.model, r.fmt))
         rel = r.size / ref if r.size and ref else None
         lines.append(
             f"| {r.model} | {r.method} | {r.fmt} | {_f(r.accuracy, '.2f')} "
@@ -485,12 +549,12 @@ def write_plot(rows: list[Row], path: Path = OUT_PNG) -> None:
             if r.model != name or r.size is None or r.accuracy is None:
                 continue
             color = "tab:red" if not r.peer else "tab:blue"
-            marker = "s" if r.fmt == ".pte" else "o"
+            marker = {".pte": "s", ".onnx": "^"}.get(r.fmt, "o")
             ax.scatter(r.size / 1024, r.accuracy, c=color, marker=marker)
             ax.annotate(r.method, (r.size / 1024, r.accuracy), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("serialized size (KiB; circles .pt2, squares .pte)")
+        ax.set_xlabel("serialized size (KiB; circles .pt2, squares .pte, triangles .onnx)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{name}: red fxcompress, blue alternatives")
         ax.grid(alpha=0.3)

@@ -63,3 +63,30 @@ def test_verdicts_and_table_say_where_fxcompress_loses(tmp_path):
     text = cmp.write_markdown(rows, runs=3, seconds=60, path=tmp_path / "B.md", plot=None)
     assert (tmp_path / "B.md").read_text() == text
     assert "| m | fxcompress p | .pt2 | 89.00 | 400 | 0.400 | 0.70 | — |" in text
+
+
+def test_files_are_compared_with_the_fp32_file_of_their_format(tmp_path):
+    cmp = _compare()
+    rows = [
+        cmp.Row("m", "fp32 eager (baseline)", accuracy=90.0, size=1000, eager_ratio=1.0),
+        cmp.Row("m", "fp32 → .onnx", fmt=".onnx", accuracy=90.0, size=800, lowered_ratio=1.0,
+                runtime="onnxruntime"),
+        cmp.Row("m", "peer", fmt=".onnx", accuracy=90.0, size=500, lowered_ratio=0.6,
+                runtime="onnxruntime"),
+        cmp.Row("m", "fxcompress p → .onnx", fmt=".onnx", accuracy=90.0, size=200,
+                lowered_ratio=0.8, runtime="onnxruntime", peer=False),
+    ]
+    (v,) = cmp.verdicts(rows)
+    assert "on ONNX Runtime (0.80×) slower than peer (0.60×)" in v and "eager" not in v
+    text = cmp.write_markdown(rows, runs=3, seconds=60, path=tmp_path / "B.md", plot=None)
+    assert "| fxcompress p → .onnx | .onnx | 90.00 | 200 | 0.250 | — | 0.80 | onnxruntime" in text
+
+
+def test_onnx_rows_run_the_exported_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cmp = _compare()
+    model, x, y = _tiny()
+    f = cmp.onnx_file(model, x[:cmp.BATCH], "x86-server")
+    assert f.size > 4 * sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(f(x[:cmp.BATCH]), model(x[:cmp.BATCH]), rtol=1e-4, atol=1e-5)
+    assert cmp.pte_accuracy(f, x, y) == 100.0  # the last, partial batch is padded

@@ -122,12 +122,11 @@ class Onnx:
     """An `.onnx` file in an ONNX Runtime CPU session (as many intra-op threads as torch
     uses), called like a module on batches."""
 
-    def __init__(self, path: Path) -> None:
-        """Open the file at `path` (external data beside it included in `size`)."""
+    def __init__(self, path: Path, size: int) -> None:
+        """Open the file at `path`, `size` bytes on disk with its external data."""
         import onnxruntime as ort
 
-        self.size = sum(f.stat().st_size for f in path.parent.iterdir()
-                        if f.name.startswith(path.stem))
+        self.size = size
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         self._session = ort.InferenceSession(str(path), opts,
@@ -143,21 +142,21 @@ def onnx_file(model: torch.nn.Module, batch: torch.Tensor, profile: str) -> Onnx
     """`model` written by `fxcompress.export` as `.onnx` and opened in ONNX Runtime (which
     reads the file, and its external data, when the session is created)."""
     with tempfile.TemporaryDirectory() as d:
-        fxcompress.export(model, (batch.clone(),), Path(d, "m.onnx"), profile=profile)
-        return Onnx(Path(d, "m.onnx"))
+        res = fxcompress.export(model, (batch.clone(),), Path(d, "m.onnx"), profile=profile)
+        return Onnx(res.path, res.size_bytes)
 
 
-def pte_accuracy(pte: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 y: torch.Tensor) -> float:
-    """Top-1 accuracy (percent) of a fixed-batch `.pte` (or any runner of batches of exactly
-    `BATCH` rows): the last batch is zero-padded."""
+def fixed_batch_accuracy(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                         y: torch.Tensor) -> float:
+    """Top-1 accuracy (percent) of a runner of batches of exactly `BATCH` rows (a `.pte`
+    plans memory for the exported shape): the last batch is zero-padded."""
     correct = 0
     for s in range(0, len(y), BATCH):
         xb = x[s:s + BATCH]
         n = len(xb)
         if n < BATCH:
             xb = torch.cat([xb, torch.zeros((BATCH - n, *xb.shape[1:]), dtype=xb.dtype)])
-        pred = pte(xb.contiguous())[:n].argmax(-1)
+        pred = run(xb.contiguous())[:n].argmax(-1)
         correct += int((pred == y[s:s + BATCH]).sum())
     return 100.0 * correct / len(y)
 
@@ -299,7 +298,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
 
     def fp32_onnx_row() -> Row:
         return Row(name, "fp32 → .onnx", fmt=".onnx",
-                   accuracy=pte_accuracy(base_onnx, x_test, y_test), size=base_onnx.size,
+                   accuracy=fixed_batch_accuracy(base_onnx, x_test, y_test), size=base_onnx.size,
                    lowered_ratio=1.0, runtime="onnxruntime", compile_s=0.0)
 
     def onnx_row(method: str, g: torch.nn.Module, profile: str, compile_s: float,
@@ -307,7 +306,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
         t0 = time.perf_counter()
         f = onnx_file(g, batch, profile)
         return Row(name, f"{method} → .onnx", fmt=".onnx",
-                   accuracy=pte_accuracy(f, x_test, y_test), size=f.size,
+                   accuracy=fixed_batch_accuracy(f, x_test, y_test), size=f.size,
                    lowered_ratio=interleaved(lambda: base_onnx(batch), lambda: f(batch),
                                              runs=runs).ratio,
                    runtime="onnxruntime", compile_s=compile_s + time.perf_counter() - t0,
@@ -320,7 +319,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
 
     def fp32_pte_row() -> Row:
         return Row(name, "fp32 → XNNPACK .pte", fmt=".pte",
-                   accuracy=pte_accuracy(base_pte, x_test, y_test), size=base_pte.size,
+                   accuracy=fixed_batch_accuracy(base_pte, x_test, y_test), size=base_pte.size,
                    lowered_ratio=1.0, runtime="executorch", compile_s=0.0)
 
     def ao_row() -> Row:
@@ -349,7 +348,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
         p = Pte(pt2e_xnnpack(model, batch, calib))
         t = time.perf_counter() - t0
         return Row(name, "PT2E XNNPACKQuantizer → .pte", fmt=".pte",
-                   accuracy=pte_accuracy(p, x_test, y_test), size=p.size,
+                   accuracy=fixed_batch_accuracy(p, x_test, y_test), size=p.size,
                    lowered_ratio=pte_ratio(p), runtime="executorch", compile_s=t)
 
     def tp_row() -> Row:
@@ -387,7 +386,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                     row.compile_s += time.perf_counter() - t0
                     p = Pte(Path(d, "m.pte").read_bytes())
                 row.fmt, row.size, row.runtime = ".pte", p.size, "executorch"
-                row.accuracy = pte_accuracy(p, x_test, y_test)
+                row.accuracy = fixed_batch_accuracy(p, x_test, y_test)
                 row.lowered_ratio = pte_ratio(p)
             elif inductor and prof.runtime == "inductor":
                 # the profile's runtime: Inductor with freezing, which folds int8 Q/DQ linears

@@ -269,12 +269,11 @@ def _share_on_kept(c: Candidate, kept: torch.Tensor, full: torch.Tensor) -> Cand
     """The palette of a pruned group's member as the passes build it (prune slices the weight,
     a consumer's re-fit first; share clusters what is left afresh), its indices widened back to
     the full shape: removed entries pick entry 0, and are zero columns of a consumer (its mask)
-    or rows whose outputs only such columns read."""
+    or rows whose outputs only such columns read. `c` is a plain "share" candidate (one
+    palette, of the layer's weight)."""
     from fxcompress.passes.share import _codebook_for
 
     spec = c.payload["share"]
-    if c.technique != "share" or len(spec.codebooks) != 1:
-        return c  # a palette of factors: not the weight the prune pass slices
     sliced = full[kept].reshape(_kept_shape(kept))
     cb = _codebook_for(sliced, spec)  # a trained one (`_share_sliced`) where it is this weight
     idx = torch.zeros(full.shape, dtype=cb.indices.dtype)
@@ -285,8 +284,8 @@ def _share_on_kept(c: Candidate, kept: torch.Tensor, full: torch.Tensor) -> Cand
 
 def _kept_shape(kept: torch.Tensor) -> tuple[int, ...]:
     # the shape of a tensor sliced by a product of per-axis masks
-    return tuple(int(kept.any(dim=[d for d in range(kept.dim()) if d != a]).sum())
-                 if kept.dim() > 1 else int(kept.sum()) for a in range(kept.dim()))
+    return tuple(int(kept.movedim(a, 0).reshape(kept.shape[a], -1).any(1).sum())
+                 for a in range(kept.dim()))
 
 
 def _share_sliced(c: Candidate, kept: torch.Tensor, gm: fx.GraphModule) -> Candidate:
@@ -295,8 +294,6 @@ def _share_sliced(c: Candidate, kept: torch.Tensor, gm: fx.GraphModule) -> Candi
     stores this trained palette rather than clustering again."""
     spec = c.payload["share"]
     (_, wide), = spec.codebooks
-    if wide.shape != tuple(kept.shape):
-        return c
     idx = wide.indices.reshape(wide.shape)[kept].reshape(wide.groups, -1)
     cb = replace(wide, shape=_kept_shape(kept), indices=idx.contiguous())
     src = cb.decode()
@@ -375,6 +372,7 @@ class _Entry:
     mask: torch.Tensor | None = None  # a pruned group's consumer: its kept input columns
     levels: tuple[torch.nn.Parameter, torch.nn.Parameter] | None = None  # binary act (mu, beta)
     out_q: tuple | None = None  # int8 static: per step, the output's affine qparams or None
+    kept: torch.Tensor | None = None  # a palette re-clustered on the entries pruning keeps
 
     def _gathered(self) -> bool:
         # the owner computes the weight from latents of another shape (a palette)
@@ -436,8 +434,7 @@ class Student:
         self.frozen: dict[str, str] = {}  # layer -> why not trained
         self.fixed: dict[str, Callable] = {}  # overrides of untrainable chosen candidates
         self.pruned = {n: c for n, c in choice.items() if "prune" in c.payload}
-        consumers = self._pruned_consumers()
-        self.sliced = self._pruned_weights()  # weight target -> entries the prune pass keeps
+        consumers, keeps = self._pruned_layout()
         targets = {n.name: n.target for n in self.gm.graph.nodes}
         layer_nodes = set()
         for o in options:
@@ -464,8 +461,9 @@ class Student:
                 keep, base_w = consumers[lay.name]
                 mask = keep.to(base_w.dtype).view([1, -1] + [1] * (base_w.dim() - 2))
             owner = _owner(c) if c.technique != "none" else None
-            if owner == "share" and lay.weight_target in self.sliced:
-                c = _share_on_kept(c, self.sliced[lay.weight_target], base_w)
+            kept = keeps.get(lay.weight_target) if c.technique == "share" else None
+            if kept is not None:
+                c = _share_on_kept(c, kept, base_w)
             latents = TECHNIQUES[owner].init(c, base_w) if owner else [base_w.clone()]
             bias, bias_step = None, -1
             if lay.bias_target is not None:
@@ -478,7 +476,7 @@ class Student:
                 levels = tuple(torch.nn.Parameter(torch.tensor(float(v))) for v in levels)
             self.entries[lay.name] = _Entry(
                 c, owner, [torch.nn.Parameter(w.float().clone()) for w in latents], bias,
-                bias_step, mask, levels, _static_outputs(c))
+                bias_step, mask, levels, _static_outputs(c), kept)
         self.node_of = {o.layer.name: o.layer.node for o in options}
         # parameters that are no layer's weight or bias (norm scales and shifts): trained in
         # place in the student's graph, which the plan is built from
@@ -488,20 +486,16 @@ class Student:
         for p in self.others:
             p.requires_grad_(True)
 
-    def _pruned_consumers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Consumer layer -> (kept input columns, initial weight) of the chosen pruned groups."""
+    def _pruned_layout(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                      dict[str, torch.Tensor]]:
+        """For the chosen pruned groups: consumer layer -> (kept input columns, initial weight),
+        and weight target -> mask of the entries the prune pass keeps."""
         if not self.pruned:
-            return {}
-        from fxcompress.passes.prune import consumer_weights, make_config
+            return {}, {}
+        from fxcompress.passes.prune import consumer_weights, make_config, weight_keeps
 
-        return consumer_weights(self.gm, make_config(list(self.pruned.values())))
-
-    def _pruned_weights(self) -> dict[str, torch.Tensor]:
-        if not self.pruned:
-            return {}
-        from fxcompress.passes.prune import make_config, weight_keeps
-
-        return weight_keeps(self.gm, make_config(list(self.pruned.values())))
+        config = make_config(list(self.pruned.values()))
+        return consumer_weights(self.gm, config), weight_keeps(self.gm, config)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable tensors of the layers, in layer order (without `others`)."""
@@ -565,8 +559,8 @@ class Student:
                     get_attr(self.gm, c.layer.weight_target).copy_(lat[0])
                 continue
             c = TECHNIQUES[e.owner].write(c, lat, self.gm)
-            if e.owner == "share" and c.layer.weight_target in self.sliced:
-                c = _share_sliced(c, self.sliced[c.layer.weight_target], self.gm)
+            if e.kept is not None:
+                c = _share_sliced(c, e.kept, self.gm)
             steps = []
             with torch.no_grad():
                 for i, s in enumerate(c.steps):

@@ -89,4 +89,4 @@ def test_onnx_rows_run_the_exported_file(tmp_path):
     f = cmp.onnx_file(model, x[:cmp.BATCH], "x86-server")
     assert f.size > 4 * sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(f(x[:cmp.BATCH]), model(x[:cmp.BATCH]), rtol=1e-4, atol=1e-5)
-    assert cmp.pte_accuracy(f, x, y) == 100.0  # the last, partial batch is padded
+    assert cmp.fixed_batch_accuracy(f, x, y) == 100.0  # the last, partial batch is padded

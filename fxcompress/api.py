@@ -17,7 +17,7 @@ from fxcompress.capture import capture
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
-from fxcompress.hostbench import calibrated
+from fxcompress.hostbench import calibrated, compile_threads, target_vs_host, threads
 from fxcompress.planner import (
     build_options,
     enforce_budgets,
@@ -92,7 +92,24 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     modified. See DESIGN §1 for every argument. Beyond it: `seed` fixes every random choice;
     `progress` receives one line per planner step (a bar is drawn on a terminal regardless);
     `time_budget` (seconds) bounds the measurement of candidates: those not measured in time
-    are dropped, each with that reason in the report."""
+    are dropped, each with that reason in the report. The compile uses
+    `torch.get_num_threads()` threads (or `FXCOMPRESS_THREADS`), fewer while other processes
+    keep the cores busy (see `fxcompress.hostbench.compile_threads`)."""
+    n_threads = compile_threads()
+    with threads(n_threads):
+        result = _compile(model, example_inputs, profile, calibration, tolerance, evaluate,
+                          techniques, objective, dynamic_shapes, recover, seed, progress,
+                          time_budget)
+    report = result.meta[REPORT_KEY]
+    if n_threads < torch.get_num_threads():
+        report.notes.append(f"compiled with {n_threads} of {torch.get_num_threads()} threads: "
+                            "other processes kept the other cores busy (FXCOMPRESS_THREADS "
+                            "sets the number)")
+    return result
+
+
+def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, techniques,
+             objective, dynamic_shapes, recover, seed, progress, time_budget) -> fx.GraphModule:
     start = time.perf_counter()
     log = progress or (lambda s: None)
     prof = calibrated(load_profile(profile))
@@ -152,6 +169,15 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
         report.notes.append(cap.note)
     report.notes.extend(budget_notes)
     report.notes.extend(plan.history)
+    if prof.measure:
+        report.notes.append(f"profile {prof.name} describes this host: "
+                            f"{prof.sources.get('measured', '')}; {prof.sources.get('isa', '')}"
+                            f"; int8 weights {prof.int8_weight_bits}-bit. The plan depends on "
+                            "the host")
+    if any(c.payload.get("int8") for c in plan.choice.values()):
+        mismatch = target_vs_host(prof)
+        if mismatch:
+            report.notes.append(mismatch)
     report.compile_seconds = time.perf_counter() - start
     result.meta[REPORT_KEY] = report
     return result

@@ -133,12 +133,11 @@ def straight_through(fn: Callable[[torch.Tensor], torch.Tensor]):
     return ste
 
 
-def _int8_fake(w: torch.Tensor) -> torch.Tensor:
-    # per output channel, symmetric, as passes/int8.py stores it
-    dims = list(range(1, w.dim()))
-    amax = w.abs().amax(dim=dims, keepdim=True) if dims else w.abs()
-    scale = (amax / 127).clamp_min(1e-12)
-    return torch.round(w / scale).clamp(-127, 127) * scale
+def _int8_fake(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    # per output channel, symmetric, as passes/int8.py stores it (q in [-qmax, qmax])
+    from fxcompress.passes.int8 import dequantize_per_channel, quantize_per_channel
+
+    return dequantize_per_channel(*quantize_per_channel(w, 0, qmax), 0).to(w.dtype)
 
 
 def sign_ste(u: torch.Tensor) -> torch.Tensor:
@@ -392,7 +391,11 @@ class _Entry:
         if self._gathered():
             w = TECHNIQUES[self.owner].weight(self.cand, i, self.latent(i))
             return w if self.mask is None or i != 0 else w * self.mask
-        return FORMATS[self.cand.steps[i].fmt](self.latent(i))
+        fmt = self.cand.steps[i].fmt
+        qmax = self.cand.payload.get("int8_weight_qmax", 127)
+        if fmt == "int8" and qmax != 127:  # a 7-bit target (x86 without VNNI)
+            return straight_through(lambda w: _int8_fake(w, qmax))(self.latent(i))
+        return FORMATS[fmt](self.latent(i))
 
 
 def _pass_gradient(simulation: Callable, target: Callable) -> Callable:

@@ -70,6 +70,13 @@ class Profile:
     measure: bool  # throughput numbers to be replaced by host micro-benchmarks
     sources: dict[str, str] = field(default_factory=dict)  # where each number comes from
     int8_activation_dtype: str = "int8"  # see INT8_ACTIVATION_DTYPES
+    # instruction sets of the target CPU that decide int8 arithmetic (x86: /proc/cpuinfo's
+    # names, e.g. "avx512_vnni"); empty where the target is not an x86 CPU
+    isa: tuple[str, ...] = ()
+    # int8 weights use [-(2^(b-1) - 1), 2^(b-1) - 1]: 8, or 7 where the target's u8 x s8
+    # kernels add pairs of products in 16 bits (x86 without VNNI) and full-range weights would
+    # saturate them
+    int8_weight_bits: int = 8
 
     # --- questions the planner asks -------------------------------------------------------
     def allows(self, technique: str) -> bool:
@@ -127,7 +134,9 @@ class Profile:
             "peak_gops": dict(self.peak_gops), "bandwidth_gbs": self.bandwidth_gbs,
             "int8_activations": self.int8_activations,
             "int8_representation": self.int8_representation,
-            "int8_activation_dtype": self.int8_activation_dtype, "alignment": self.alignment,
+            "int8_activation_dtype": self.int8_activation_dtype,
+            "int8_weight_bits": self.int8_weight_bits, "isa": list(self.isa),
+            "measured_on_host": self.measure, "alignment": self.alignment,
             "weight_budget_bytes": self.weight_budget_bytes,
             "activation_budget_bytes": self.activation_budget_bytes,
         }
@@ -145,8 +154,9 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                    "int8": ((int, float), False), "binary": ((int, float), False),
                    "bandwidth_gbs": ((int, float), True), "op_overhead_us": ((int, float), True),
                    "measure": (bool, False)},
+    "target": {"isa": ((list, str), False)},
     "int8": {"activations": (str, False), "representation": (str, False), "ops": (list, False),
-             "activation_dtype": (str, False),
+             "activation_dtype": (str, False), "weight_bits": (int, False),
              "weight_only_speedup": (bool, False), "required": (bool, False)},
     "sparsity": {p: (str, False) for p in SPARSITY_PATTERNS},
     "share": {"bits": (list, False)},
@@ -199,7 +209,8 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
             if isinstance(value, bool) and typ in (int, (int, float)):
                 raise _err(source, name, f"is a boolean ({value})", "give a number")
             if not isinstance(value, typ):
-                want = typ.__name__ if isinstance(typ, type) else "number"
+                want = (typ.__name__ if isinstance(typ, type) else "number"
+                        if typ == (int, float) else " or ".join(t.__name__ for t in typ))
                 raise _err(source, name, f"has type {type(value).__name__}", f"give a {want}")
 
     techniques = tuple(flat["planner.techniques"])
@@ -236,6 +247,23 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     int8_ops = tuple(flat.get("int8.ops", ["linear", "conv2d"]))
     for op in int8_ops:
         _one_of(source, "int8.ops", op, ("linear", "conv2d", "embedding"))
+    measure = bool(flat.get("throughput.measure", False))
+    isa = flat.get("target.isa", [])
+    if isinstance(isa, str):
+        if isa != "host":
+            raise _err(source, "target.isa", f"is {isa!r}",
+                       "give a list of instruction sets (e.g. [\"avx2\", \"avx512_vnni\"]), "
+                       "or \"host\" with [throughput] measure = true")
+        if not measure:
+            raise _err(source, "target.isa", "is \"host\" but the profile is not measured",
+                       "set [throughput] measure = true, or list the target's instruction sets")
+        isa = []  # read from the host when the profile is used (fxcompress.hostbench)
+    if not all(isinstance(f, str) and f for f in isa):
+        raise _err(source, "target.isa", f"contains {isa!r}", "give instruction-set names")
+    weight_bits = flat.get("int8.weight_bits", 8)
+    if weight_bits not in (7, 8):
+        raise _err(source, "int8.weight_bits", f"is {weight_bits!r}",
+                   "use 8, or 7 for x86 CPUs without VNNI")
     for key in ("memory.weight_budget_bytes", "memory.activation_budget_bytes"):
         if key in flat and flat[key] <= 0:
             raise _err(source, key, f"is {flat[key]}", "give a positive number of bytes")
@@ -272,8 +300,10 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         binary_activations=binary_act,
         weight_budget_bytes=flat.get("memory.weight_budget_bytes"),
         activation_budget_bytes=flat.get("memory.activation_budget_bytes"),
-        measure=bool(flat.get("throughput.measure", False)),
+        measure=measure,
         sources=flat.get("sources", {}),
+        isa=tuple(str(f).lower() for f in isa),
+        int8_weight_bits=weight_bits,
     )
 
 

@@ -2,8 +2,11 @@
 
 Each weight W is stored as q = round(W / s) in [-127, 127] (int8) with one fp32 scale s per
 output channel (per row of an embedding), so the serialized program holds a quarter of the
-bytes. How the int8 weight is used is the profile's representation (`int8_representation`), and
-how activations are quantized is the profile's `int8_activations`:
+bytes. A profile with `[int8] weight_bits = 7` (x86 without VNNI, whose u8 x s8 kernels add
+pairs of products in 16 bits) keeps q in [-63, 63], which those kernels compute exactly.
+
+How the int8 weight is used is the profile's representation (`int8_representation`), and how
+activations are quantized is the profile's `int8_activations`:
 
 - ``qdq`` (ExecuTorch + XNNPACK, ONNX Runtime): ``quantized_decomposed`` quantize / dequantize
   ops in exactly the shape torchao's ``convert_pt2e`` emits, which is the shape the
@@ -67,15 +70,22 @@ OBSERVER = "mse"  # how static activation ranges are chosen (see fxcompress.obse
 QParams = tuple[float, int]  # per-tensor (scale, zero point)
 
 
-def quantize_per_channel(w: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8, scale fp32 per slice along `axis`): symmetric, q in [-127, 127]."""
+def quantize_per_channel(w: torch.Tensor, axis: int = 0, qmax: int = QMAX,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8, scale fp32 per slice along `axis`): symmetric, q in [-qmax, qmax] (127, or 63
+    for a target whose int8 kernels would saturate on full-range weights)."""
     dims = [d for d in range(w.dim()) if d != axis]
     amax = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
-    scale = (amax.float() / QMAX).clamp_min(1e-12)
+    scale = (amax.float() / qmax).clamp_min(1e-12)
     shape = [1] * w.dim()
     shape[axis] = -1
-    q = torch.round(w.detach().float() / scale.view(shape)).clamp(-QMAX, QMAX).to(torch.int8)
+    q = torch.round(w.detach().float() / scale.view(shape)).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
+
+
+def weight_qmax(bits: int) -> int:
+    """The largest |q| of symmetric weights of `bits` bits: 127 for 8, 63 for 7."""
+    return (1 << (bits - 1)) - 1
 
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, axis: int = 0) -> torch.Tensor:
@@ -175,8 +185,8 @@ def symmetric_scale(qp: QParams) -> float:
 
 
 def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: float | None,
-                    ) -> Step:
-    q, scale = quantize_per_channel(step.weight, 0)
+                    wqmax: int = QMAX) -> Step:
+    q, scale = quantize_per_channel(step.weight, 0, wqmax)
     iq: Callable | None = None
     if mode == "int_mm_dynamic":
         iq = fake_quant_dynamic
@@ -233,6 +243,7 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
         return None
     p = ctx.profile
     rep, act = p.int8_representation, p.int8_activations
+    wqmax = weight_qmax(p.int8_weight_bits)
     modes = [step_mode(s.op, s.groups, rep, act) for s in base.steps]
     static = any(m in ("qdq_static", "int_mm_static") for m in modes)
     qparams = static_qparams(base.steps, ctx.stats) if static else None
@@ -246,13 +257,13 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
             act_params.append(((sym, 0), None))
         elif qparams:
             act_params.append(qparams[i])
-        steps.append(_quantized_step(s, m, in_qp, None if sym is None else sym * QMAX))
+        steps.append(_quantized_step(s, m, in_qp, None if sym is None else sym * QMAX, wqmax))
         out_qps.append(qparams[i][1] if m == "qdq_static" else None)
     name = technique or f"{base.technique}+int8"
-    params = dict(base.params, bits=8,
+    params = dict(base.params, bits=8, **({} if wqmax == QMAX else {"weight_range": wqmax}),
                   activations=act if modes[0] not in ("weight_only", "embedding") else "none")
     payload = dict(base.payload, int8=True, int8_representation=rep, int8_activations=act,
-                   int8_act_dtype=p.int8_activation_dtype,
+                   int8_act_dtype=p.int8_activation_dtype, int8_weight_qmax=wqmax,
                    int8_act=tuple(act_params) if static else None)
     cand = Candidate(name, base.layer, params, tuple(steps), payload=payload)
     if any(q is not None for q in out_qps):
@@ -272,6 +283,7 @@ class Int8Config:
     # point) or None where the previous op's output pair already quantized it, output qparams)
     act_params: Mapping[str, tuple] = field(default_factory=dict)
     act_dtype: str = "int8"  # "int8" | "uint8": how qdq stores quantized activations
+    weight_qmax: int = QMAX  # weights in [-weight_qmax, weight_qmax]: 127, or 63 (7 bits)
 
 
 def _act_range(act_dtype: str) -> tuple[int, int, int, torch.dtype]:
@@ -287,16 +299,17 @@ def make_config(chosen: list[Candidate]) -> Int8Config:
     mine = [c for c in chosen if c.payload.get("int8")]
     kinds = {(c.payload.get("int8_representation", "dequant"),
               c.payload.get("int8_activations", "none"),
-              c.payload.get("int8_act_dtype", "int8")) for c in mine}
+              c.payload.get("int8_act_dtype", "int8"),
+              c.payload.get("int8_weight_qmax", QMAX)) for c in mine}
     if len(kinds) > 1:
         raise ValueError(f"int8 candidates disagree on representation: {sorted(kinds)}")
-    rep, act, dtype = kinds.pop() if kinds else ("dequant", "none", "int8")
+    rep, act, dtype, wqmax = kinds.pop() if kinds else ("dequant", "none", "int8", QMAX)
     params = {c.layer.name: c.payload["int8_act"] for c in mine if c.payload.get("int8_act")}
-    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params, dtype)
+    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params, dtype, wqmax)
 
 
-def _weight_buffers(gm, layer, node, weight, mode):
-    q, scale = quantize_per_channel(weight, 0)
+def _weight_buffers(gm, layer, node, weight, mode, wqmax):
+    q, scale = quantize_per_channel(weight, 0, wqmax)
     qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
     if mode.startswith("qdq"):
         sn = add_buffer(gm, f"{layer}.int8_scale", scale, node)
@@ -314,14 +327,14 @@ def _qdq_pair(g, x, qp: QParams, layer, act_dtype: str) -> fx.Node:
                 layer=layer)
 
 
-def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype):
+def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype, wqmax):
     g = gm.graph
     wi = weight_arg_index(op_type(node))
-    qn, sn, zn = _weight_buffers(gm, layer, node, weight, mode)
+    qn, sn, zn = _weight_buffers(gm, layer, node, weight, mode, wqmax)
     x = node.args[0]
     with g.inserting_before(node):
         wd = call(g, qd.dequantize_per_channel.default,
-                  (qn, sn, zn, 0, -QMAX, QMAX, torch.int8), layer=layer)
+                  (qn, sn, zn, 0, -wqmax, wqmax, torch.int8), layer=layer)
         if mode == "qdq_dynamic":
             _, lo, hi, dtype = _act_range(act_dtype)
             cq = call(g, qd.choose_qparams.tensor, (x, lo, hi, EPS, dtype), layer=layer)
@@ -343,12 +356,12 @@ def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype):
             u.replace_input_with(node, out)
 
 
-def _rewrite_int_mm(gm, node, layer, weight, mode, sym_scale):
+def _rewrite_int_mm(gm, node, layer, weight, mode, sym_scale, wqmax):
     g = gm.graph
     n_out, k = weight.shape
     x = node.args[0]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    q, wscale = quantize_per_channel(weight, 0)
+    q, wscale = quantize_per_channel(weight, 0, wqmax)
     qn = add_buffer(gm, f"{layer}.int8_weight", q, node)  # (N, K): _int_mm reads it transposed
     with g.inserting_before(node):
         xv = x.meta["val"]
@@ -382,9 +395,9 @@ def _rewrite_int_mm(gm, node, layer, weight, mode, sym_scale):
     g.erase_node(node)
 
 
-def _rewrite_embedding(gm, node, layer, weight):
+def _rewrite_embedding(gm, node, layer, weight, wqmax):
     g = gm.graph
-    q, scale = quantize_per_channel(weight, 0)
+    q, scale = quantize_per_channel(weight, 0, wqmax)
     qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
     sn = add_buffer(gm, f"{layer}.int8_scale", scale.view(-1, 1), node)
     ids = node.args[1]
@@ -397,10 +410,10 @@ def _rewrite_embedding(gm, node, layer, weight):
     g.erase_node(node)
 
 
-def _rewrite_weight_only(gm, node, layer, weight):
+def _rewrite_weight_only(gm, node, layer, weight, wqmax):
     g = gm.graph
     wi = weight_arg_index(op_type(node))
-    q, scale = quantize_per_channel(weight, 0)
+    q, scale = quantize_per_channel(weight, 0, wqmax)
     qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
     sn = add_buffer(gm, f"{layer}.int8_scale", scale.view([-1] + [1] * (q.dim() - 1)), node)
     with g.inserting_before(node):
@@ -438,15 +451,16 @@ def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
                 raise ValueError(f"int8: static activations for {layer} need calibrated "
                                  "act_params (build the config with make_config)")
             step_qp = per_layer[i]
+        wqmax = config.weight_qmax
         if mode == "embedding":
-            _rewrite_embedding(gm, node, layer, weight)
+            _rewrite_embedding(gm, node, layer, weight, wqmax)
         elif mode == "weight_only":
-            _rewrite_weight_only(gm, node, layer, weight)
+            _rewrite_weight_only(gm, node, layer, weight, wqmax)
         elif mode.startswith("int_mm"):
             sym = step_qp[0][0] if mode == "int_mm_static" else None
-            _rewrite_int_mm(gm, node, layer, weight, mode, sym)
+            _rewrite_int_mm(gm, node, layer, weight, mode, sym, wqmax)
         else:
-            _rewrite_qdq(gm, node, layer, weight, mode, step_qp, config.act_dtype)
+            _rewrite_qdq(gm, node, layer, weight, mode, step_qp, config.act_dtype, wqmax)
         modified = True
     if modified:
         drop_unused_attrs(gm)

@@ -21,16 +21,17 @@ def rel_error(a, b, x):
 def per_profile(digits_cnn, digits):
     batches, x_cal, _, _ = digits
     out = {}
-    for name in fxcompress.list_profiles():
+    # x86-host is this machine, measured: its plan depends on the host (tests/test_host.py)
+    for name in (n for n in fxcompress.list_profiles() if n != "x86-host"):
         out[name] = fxcompress.compile(digits_cnn, (x_cal[:32],), profile=name,
                                        calibration=batches, tolerance=0.05)
     return out
 
 
-def test_six_profiles_give_different_plans(per_profile):
+def test_target_profiles_give_different_plans(per_profile):
     plans = {name: tuple(lay.applied for lay in gm.meta["fxcompress_report"].layers)
              for name, gm in per_profile.items()}
-    assert len(plans) == 6
+    assert len(plans) == 7
     assert len(set(plans.values())) >= 5, plans
     for name, gm in per_profile.items():
         rep = gm.meta["fxcompress_report"]

@@ -7,10 +7,11 @@ import pytest
 import fxcompress
 from fxcompress import FxCompressError, load_profile
 
-BUILTINS = ["apple-ane", "fpga-binary", "mcu-int8", "mobile-arm", "nvidia-gpu", "x86-server"]
+BUILTINS = ["apple-ane", "fpga-binary", "mcu-int8", "mobile-arm", "nvidia-gpu", "x86-avx2",
+            "x86-host", "x86-server"]
 
 
-def test_list_profiles_has_the_six_builtins():
+def test_list_profiles_has_the_builtins():
     assert fxcompress.list_profiles() == BUILTINS
 
 

@@ -283,5 +283,21 @@ def check_calibration(calibration, example_inputs: tuple) -> list[tuple]:
                         f"calibration item {i}, input {j} has shape {tuple(a.shape)} "
                         f"{a.dtype}, but example input {j} is {tuple(b.shape)} {b.dtype}; only "
                         "the batch dimension (dim 0) may differ")
+                _check_finite(a, b, i, j)
         batches.append(item)
     return batches
+
+
+def _check_finite(a: torch.Tensor, example: torch.Tensor, i: int, j: int) -> None:
+    """Calibration values must be finite: NaN or infinity poisons every statistic and error
+    measured on them. Infinity is allowed where the example input holds it too (an additive
+    attention mask of -inf, say). One pass over the tensor when it is finite."""
+    if not (a.is_floating_point() or a.is_complex()) or bool(torch.isfinite(a).all()):
+        return
+    nan = int(torch.isnan(a).sum())
+    if nan == 0 and bool(torch.isinf(example).any()):
+        return
+    what = f"{nan} NaN" if nan else f"{int(torch.isinf(a).sum())} infinite"
+    raise FxCompressError(f"calibration item {i}, input {j} holds {what} value(s) of "
+                          f"{a.numel()}; calibration needs finite inputs: replace them (e.g. "
+                          "torch.nan_to_num(x)) or drop those samples")

@@ -90,14 +90,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with `argv` (default: `sys.argv[1:]`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        from fxcompress.demo import main as demo_main
-
-        return int(demo_main(argv[1:]) or 0)
     want_json = "--json" in argv
     from fxcompress.errors import FxCompressError
 
     try:
+        if argv[:1] == ["demo"]:  # the demo parses its own options; its errors are said below
+            from fxcompress.demo import main as demo_main
+
+            return int(demo_main(argv[1:]) or 0)
         args = _parser().parse_args(argv)
         if args.command is None:
             _parser().print_help(sys.stderr)
@@ -166,7 +166,7 @@ def _load_calibration(path: str, n_inputs: int, batch: int) -> list[tuple]:
         raise FxCompressError(
             f"calibration file {path!r} is not a torch.save file ({type(e).__name__}); save "
             "the batches with torch.save(x, path)") from None
-    if isinstance(data, torch.Tensor):
+    if _plain_tensor(data):
         if n_inputs != 1:
             raise FxCompressError(f"calibration file {path!r} holds one tensor but the model "
                                   f"takes {n_inputs} inputs; save a tuple with one tensor per "
@@ -175,7 +175,7 @@ def _load_calibration(path: str, n_inputs: int, batch: int) -> list[tuple]:
             raise FxCompressError(f"calibration file {path!r} holds a scalar; save a batch of "
                                   "inputs (dim 0 is the batch)")
         data = (data,)
-    if isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, tuple) and data and all(_plain_tensor(t) for t in data):
         n = {int(t.shape[0]) if t.dim() > 0 else -1 for t in data}
         if len(n) != 1 or -1 in n:
             raise FxCompressError(f"calibration file {path!r} holds a tuple of tensors whose "
@@ -188,10 +188,27 @@ def _load_calibration(path: str, n_inputs: int, batch: int) -> list[tuple]:
                                   f"{batch} rows")
         # a static-batch program takes only full batches: an incomplete last one is dropped
         return [tuple(t[i:i + batch] for t in data) for i in range(0, rows - batch + 1, batch)]
-    if isinstance(data, list):
-        return data
-    raise FxCompressError(f"calibration file {path!r} holds {type(data).__name__}; save a "
-                          "tensor, a tuple of tensors (one per input), or a list of batches")
+    if isinstance(data, list) and data:
+        batches = []
+        for i, item in enumerate(data):
+            parts = tuple(item) if isinstance(item, tuple | list) else (item,)
+            if not parts or not all(_plain_tensor(t) for t in parts):
+                got = ", ".join(type(t).__name__ for t in parts) or "nothing"
+                raise FxCompressError(
+                    f"calibration file {path!r}: batch {i} holds {got}; each batch must be a "
+                    "tensor or a tuple of dense tensors (one per input): torch.save([(x1,), "
+                    "(x2,)], path)")
+            batches.append(parts)
+        return batches
+    raise FxCompressError(f"calibration file {path!r} holds {type(data).__name__}"
+                          f"{' (empty)' if isinstance(data, list) else ''}; save a dense tensor, a "
+                          "tuple of tensors (one per input), or a non-empty list of batches")
+
+
+def _plain_tensor(t) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_quantized
 
 
 def _example_inputs(ep, calibration: list[tuple] | None, model_path: str) -> tuple:
@@ -317,11 +334,17 @@ def cmd_report(args) -> dict[str, Any]:
     from fxcompress.export import read_report
     from fxcompress.report import Report
 
-    data = read_report(args.file)
+    data = read_report(args.file)  # JSON only: an object, or an FxCompressError
     if data is None:
         raise FxCompressError(f"{args.file!r} carries no fxcompress report; it was not written "
                               "by fxcompress compile / fxcompress.export of a compiled model")
-    _out(args, str(Report.from_dict(data)))
+    try:
+        text = str(Report.from_dict(data))
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise FxCompressError(f"the report stored in {args.file!r} is not one fxcompress wrote "
+                              f"({type(e).__name__}: {str(e)[:100]}); re-export the model with "
+                              "fxcompress to store a fresh report") from None
+    _out(args, text)
     return data
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import tempfile
-import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,10 +40,9 @@ from torch.utils import _pytree as pytree
 
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.hardware_profiles import EXPORT_FORMATS, Profile, load_profile
+from fxcompress.loading import REPORT_FILE, load_program, read_report  # noqa: F401 (re-exported)
 
 REPORT_KEY = "fxcompress_report"
-#: Name of the report inside a `.pt2` archive (an extra file) and in `.onnx` metadata.
-REPORT_FILE = "fxcompress_report.json"
 
 @dataclass(frozen=True)
 class DelegateInfo:
@@ -560,6 +558,58 @@ def _onnx_translations() -> dict:
     }
 
 
+#: |q| of int8 weights beyond which x86 u8 x s8 kernels without VNNI may saturate: they add
+#: pairs of products in 16 bits, and 2 x 255 x 64 = 32640 is the most that fits.
+SATURATION_FREE_WEIGHT = 64
+
+
+def _portable_int8(model) -> bool:
+    """Re-encode a Q/DQ model's int8 as uint8 with the zero point moved by 128 (the same values
+    exactly), where its weights are wide enough to saturate an x86 CPU without VNNI. ONNX
+    Runtime runs u8 x s8 (and s8 x s8) through 16-bit pair sums there (0.12 relative error on
+    the digits CNN, measured under an emulated AVX2 CPU), but u8 x u8 through 32-bit ones, on
+    every x86 CPU. The cost, measured on an AVX-512 VNNI CPU: 1.05-1.9x the u8 x s8 latency.
+    Weights within 7 bits (the `x86-avx2` profile) already compute exactly and are left as they
+    are. True when it re-encoded; False when nothing needed it or the graph holds an int8
+    tensor it cannot re-encode (then the run check decides)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    qdq = [n for n in model.graph.all_nodes()
+           if n.domain in ("", "ai.onnx") and n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+    def int8_const(v) -> bool:
+        return v is not None and v.const_value is not None and v.dtype == ir.DataType.INT8
+
+    todo: dict[int, object] = {}
+    wide = False
+    for n in qdq:
+        if len(n.inputs) < 3 or not int8_const(n.inputs[2]):
+            continue
+        todo[id(n.inputs[2])] = n.inputs[2]
+        if n.op_type == "DequantizeLinear":
+            x = n.inputs[0]
+            if int8_const(x):
+                todo[id(x)] = x
+                wide |= int(np.abs(x.const_value.numpy().astype(np.int16)).max(initial=0)) \
+                    > SATURATION_FREE_WEIGHT
+            elif x.producer() is None or x.producer().op_type != "QuantizeLinear":
+                return False  # an int8 tensor computed some other way: leave the graph as is
+    if not wide:
+        return False
+    for v in todo.values():  # only Q/DQ may read what is re-encoded
+        if any(u.node.op_type not in ("QuantizeLinear", "DequantizeLinear") for u in v.uses()):
+            return False
+    for v in todo.values():
+        shifted = (v.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
+        v.const_value = ir.tensor(shifted, name=v.name)
+        v.dtype = ir.DataType.UINT8
+    for n in qdq:
+        if n.op_type == "QuantizeLinear" and id(n.inputs[2]) in todo:
+            n.outputs[0].dtype = ir.DataType.UINT8
+    return True
+
+
 def _strip_debug_info(model) -> None:
     """Drop the exporter's per-node and per-value debug records (Python stack traces, module
     paths): they are not part of the model, and on a small model they outweigh its weights."""
@@ -588,6 +638,7 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
         raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
                             f"{str(e).strip()[:300]}); please report this") from e
     _strip_debug_info(onnx_program.model)
+    _portable_int8(onnx_program.model)
     rj = _report_json(report)
     if rj is not None:
         onnx_program.model.metadata_props[REPORT_FILE] = rj
@@ -640,96 +691,6 @@ def _onnx_external_files(path: Path) -> list[Path]:
                 if entry.key == "location":
                     locations.add(entry.value)
     return [path.parent / loc for loc in sorted(locations)]
-
-
-# --- safe loading ---------------------------------------------------------------------------
-def load_program(path: str | Path) -> ExportedProgram:
-    """Load a program saved with `torch.export.save`, refusing anything that would unpickle
-    (only tensors and the JSON graph are read). Raises `FxCompressError` for a missing file, a
-    file that is not a saved program, or one that holds pickled objects."""
-    path = Path(path)
-    _check_archive(path)
-    try:
-        return torch.export.load(path)
-    except Exception as e:
-        raise FxCompressError(f"{str(path)!r} could not be loaded as a saved program "
-                              f"({type(e).__name__}: {str(e).strip()[:200]}); save it with "
-                              "torch.export.save(torch.export.export(model, (x,)), path)") from e
-
-
-def read_report(path: str | Path) -> dict[str, Any] | None:
-    """The report fxcompress stored in a `.pt2` or `.onnx` file, as plain data (None if the
-    file carries none). `.pte` files carry no report."""
-    path = Path(path)
-    if not path.is_file():
-        raise FxCompressError(f"{str(path)!r} does not exist; check the path")
-    fmt = path.suffix.lower()
-    if fmt == ".onnx":
-        onnx = _require("onnx", "reading an .onnx", "pip install 'fxcompress[onnx]'")
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:
-            raise FxCompressError(f"{str(path)!r} is not an ONNX model ({type(e).__name__}); "
-                                  "give a file fxcompress export wrote") from e
-        for prop in model.metadata_props:
-            if prop.key == REPORT_FILE:
-                return json.loads(prop.value)
-        return None
-    if fmt == ".pte":
-        raise FxCompressError(f"{str(path)!r} is a .pte, which keeps no report; export to .pt2 "
-                              "or .onnx as well to keep one")
-    names = _check_archive(path)
-    with zipfile.ZipFile(path) as z:
-        entry = next((n for n in names if n.endswith(f"/extra/{REPORT_FILE}")), None)
-        if entry is None:
-            return None
-        return json.loads(z.read(entry))
-
-
-def _check_archive(path: Path) -> list[str]:
-    """The entry names of a torch.export archive, after checking it holds nothing pickled."""
-    if not path.exists():
-        raise FxCompressError(f"{str(path)!r} does not exist; check the path")
-    if not path.is_file():
-        raise FxCompressError(f"{str(path)!r} is not a file")
-    hint = ("save the model with torch.export.save(torch.export.export(model, (x,)), "
-            "'model.pt2')")
-    if not zipfile.is_zipfile(path):
-        raise FxCompressError(f"{str(path)!r} is not a saved program (not a torch.export "
-                              f"archive); {hint}")
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-            raise FxCompressError(f"{str(path)!r} is a pickle (torch.save output); fxcompress "
-                                  f"only loads programs safely, without unpickling: {hint}")
-        if not any(n.endswith("/archive_format") for n in names) or not any(
-                "/models/" in n and n.endswith(".json") for n in names):
-            raise FxCompressError(f"{str(path)!r} is a zip file but not a torch.export "
-                                  f"archive; {hint}")
-        for n in names:
-            if "/data/weights/" in n and n.endswith(".pt") or "/data/constants/" in n and \
-                    n.endswith(".pt"):
-                raise FxCompressError(f"{str(path)!r} uses the legacy pickled weight format, "
-                                      f"which fxcompress does not load; re-save it: {hint}")
-            if n.endswith("_config.json") and ("/data/weights/" in n or "/data/constants/" in n):
-                config = json.loads(z.read(n)).get("config", {})
-                for fqn, meta in config.items():
-                    pickled = meta.get("use_pickle") or not str(
-                        meta.get("path_name", "")).startswith(("weight_", "tensor_"))
-                    if pickled:
-                        raise FxCompressError(
-                            f"{str(path)!r} holds a pickled object ({fqn}); fxcompress only "
-                            "loads tensors, without unpickling: save a program whose "
-                            "weights and constants are plain tensors")
-            if "/data/sample_inputs/" in n:
-                try:
-                    torch.load(io.BytesIO(z.read(n)), weights_only=True)
-                except Exception as e:
-                    raise FxCompressError(
-                        f"{str(path)!r} holds example inputs that are not plain tensors "
-                        f"({type(e).__name__}); fxcompress only loads tensors: {hint}"
-                    ) from None
-    return names
 
 
 __all__ = ["export", "preflight", "ExportResult", "PteProgram", "Delegation", "lower_to_pte",

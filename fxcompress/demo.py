@@ -2,19 +2,72 @@
 compiled for a target and measured (`make demo`, `fxcompress demo`).
 
 Prints the report, test accuracy before and after, serialized size before and after (bytes of
-`torch.export.save` files), and the eager latency ratio (interleaved medians).
+`torch.export.save` files), and the eager latency ratio (interleaved medians). For a target
+that runs a `.pte` (its profile's `export_format`), the original and the compressed model are
+also written as `.pte` files for the profile's ExecuTorch delegate, and their sizes and latency
+ratio (interleaved medians, in the ExecuTorch runtime) are printed: that is the figure of what
+the target runs; eager PyTorch is then for reference only.
+
+Needs scikit-learn (the data) and, for the `.pte` figures, ExecuTorch:
+``pip install 'fxcompress[demo]'``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import sys
+import tempfile
 import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import fxcompress
+from fxcompress.errors import FxCompressError
+from fxcompress.hardware_profiles import Profile
 from fxcompress.timing import interleaved
+
+DEMO_INSTALL = "pip install 'fxcompress[demo]'"
+_DELEGATE_NAMES = {"xnnpack": "XNNPACK", "coreml": "Core ML", "mps": "MPS", "vulkan": "Vulkan",
+                   "qnn": "QNN"}
+
+
+def require_demo_dependencies() -> None:
+    """Raise `FxCompressError` naming the extra to install when scikit-learn (the demo's data,
+    `load_digits`) cannot be imported."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise FxCompressError(f"fxcompress demo needs scikit-learn (its data is scikit-learn's "
+                              f"digits), which cannot be imported here ({e}); install the "
+                              f"demo's extra: {DEMO_INSTALL}") from None
+
+
+def pte_unavailable(profile: Profile) -> str | None:
+    """Why this machine cannot write and time `.pte` files for `profile` (None: it can)."""
+    try:
+        import executorch  # noqa: F401
+        import executorch.exir  # noqa: F401
+        import executorch.runtime  # noqa: F401
+    except ImportError:
+        return f"the ExecuTorch runtime is not installed: {DEMO_INSTALL}"
+    from fxcompress.export import preflight
+
+    try:  # the profile's delegate must lower here and its backend run here
+        preflight(Path(tempfile.gettempdir()) / "fxcompress-demo.pte", profile)
+    except FxCompressError as e:
+        return str(e)
+    return None
+
+
+def runtime_label(profile: Profile) -> str:
+    """E.g. "ExecuTorch + XNNPACK"."""
+    if profile.delegate is None:
+        return "ExecuTorch portable kernels"
+    return f"ExecuTorch + {_DELEGATE_NAMES.get(profile.delegate, profile.delegate)}"
 
 
 def saved_bytes(model: torch.nn.Module, example: tuple, dynamic: bool = True) -> int:
@@ -27,31 +80,125 @@ def saved_bytes(model: torch.nn.Module, example: tuple, dynamic: bool = True) ->
     return buf.getbuffer().nbytes
 
 
-def run(profile: str = "mobile-arm", tolerance: float = 0.02, model_name: str = "digits_cnn",
-        techniques: list[str] | None = None, seed: int = 0, runs: int = 50) -> dict:
-    """Compile the trained digits model for `profile` and measure it; returns the figures."""
+def stderr_progress(start: float | None = None) -> Callable[[str], None]:
+    """A `progress` callback: each line on standard error, prefixed with the seconds elapsed
+    since `start` (default: now), flushed."""
+    t0 = time.perf_counter() if start is None else start
+
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - t0:5.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def time_pte(original: torch.nn.Module, compressed: torch.nn.Module, batch: torch.Tensor,
+             profile: Profile, runs: int, log: Callable[[str], None]) -> dict:
+    """Write both models as `.pte` for `profile` into a temporary folder, load them in the
+    ExecuTorch runtime and time them interleaved on `batch`; sizes and the latency ratio."""
+    with tempfile.TemporaryDirectory(prefix="fxcompress-demo-") as tmp:
+        paths = Path(tmp) / "original.pte", Path(tmp) / "compressed.pte"
+        written = []
+        for label, model, path in zip(("original", "compressed"), (original, compressed), paths,
+                                      strict=True):
+            log(f"writing the {label} model as .pte ({runtime_label(profile)}, batch "
+                f"{batch.shape[0]}; checked in the runtime)")
+            with warnings.catch_warnings():  # torch's pytree deprecations, raised in lowering
+                warnings.simplefilter("ignore", FutureWarning)
+                written.append(fxcompress.export(model, (batch,), path, profile=profile))
+        log(f"timing both .pte files in the ExecuTorch runtime ({runs} interleaved runs)")
+        timing = _time_files(paths, batch, runs)  # the programs are released before the files
+    return {"pte_latency_ratio": timing.ratio, "pte_bytes_before": written[0].size_bytes,
+            "pte_bytes_after": written[1].size_bytes}
+
+
+def _time_files(paths: tuple[Path, Path], batch: torch.Tensor, runs: int):
+    from fxcompress.export import PteProgram
+
+    before, after = PteProgram(paths[0]), PteProgram(paths[1])
+    return interleaved(lambda: before(batch), lambda: after(batch), runs=runs)
+
+
+def run(profile: str | Profile = "mobile-arm", tolerance: float = 0.02,
+        model_name: str = "digits_cnn", techniques: list[str] | None = None, seed: int = 0,
+        runs: int = 50, progress: Callable[[str], None] | None = None,
+        pte: bool = True) -> dict:
+    """Compile the trained digits model for `profile` and measure it; returns the figures.
+
+    `progress` receives one line per step (compile's planner steps included). For a profile
+    whose `export_format` is ``.pte`` the `.pte` keys hold the sizes and latency ratio of the
+    original and compressed `.pte` files, or None with `pte_note` saying why they could not
+    be measured here; for other profiles, or with `pte=False`, they are None."""
+    require_demo_dependencies()
     from fxcompress.models import accuracy, digits_data, load_pretrained
 
+    log = progress or (lambda s: None)
+    prof = fxcompress.load_profile(profile)
+    is_pte = pte and prof.export_format == ".pte"
+    pte_note = pte_unavailable(prof) if is_pte else None  # said before minutes of compiling
+    if pte_note is not None:
+        log(f"the .pte will not be timed: {pte_note}")
+    log(f"loading {model_name} and the digits data")
     model = load_pretrained(model_name)
     x_cal, _ = digits_data("calib")
     x_test, y_test = digits_data("test")
     example = (x_cal[:32],)
     calibration = [(x_cal[i:i + 64],) for i in range(0, len(x_cal), 64)]
+    log(f"compiling for {prof.name} (tolerance {tolerance:g})")
     t0 = time.perf_counter()
-    small = fxcompress.compile(model, example, profile=profile, calibration=calibration,
-                               tolerance=tolerance, techniques=techniques, seed=seed)
+    small = fxcompress.compile(model, example, profile=prof, calibration=calibration,
+                               tolerance=tolerance, techniques=techniques, seed=seed,
+                               progress=log)
     compile_s = time.perf_counter() - t0
     batch = x_test[:64]
+    log(f"timing eager PyTorch ({runs} interleaved runs)")
     timing = interleaved(lambda: model(batch), lambda: small(batch), runs=runs)
+    pte_figures = {"pte_latency_ratio": None, "pte_bytes_before": None, "pte_bytes_after": None}
+    if is_pte and pte_note is None:
+        pte_figures = time_pte(model, small, batch, prof, runs, log)
     return {
-        "model": model_name, "profile": profile, "tolerance": tolerance,
+        "model": model_name, "profile": prof.name, "tolerance": tolerance,
         "report": small.meta["fxcompress_report"],
         "accuracy_before": accuracy(model, x_test, y_test),
         "accuracy_after": accuracy(small, x_test, y_test),
         "bytes_before": saved_bytes(model, example),
         "bytes_after": saved_bytes(small, example),
         "latency_ratio": timing.ratio, "compile_seconds": compile_s, "compiled": small,
+        "runtime": prof.runtime, "export_format": prof.export_format, "delegate": prof.delegate,
+        "batch": int(batch.shape[0]), **pte_figures, "pte_note": pte_note,
     }
+
+
+def figures(r: dict, prof: Profile) -> list[str]:
+    """The lines printed under the report."""
+    lines = [
+        f"model            {r['model']} (trained on scikit-learn digits), profile "
+        f"{r['profile']}, tolerance {r['tolerance']:g}",
+        f"test accuracy    {r['accuracy_before']:.2f}% → {r['accuracy_after']:.2f}%",
+        f"serialized size  {r['bytes_before']:,} B → {r['bytes_after']:,} B "
+        f"({r['bytes_after'] / r['bytes_before']:.3f}×, torch.export.save)",
+    ]
+    measured = r.get("pte_latency_ratio") is not None
+    if measured:
+        lines.append(f".pte size        {r['pte_bytes_before']:,} B → {r['pte_bytes_after']:,} B "
+                     f"({r['pte_bytes_after'] / r['pte_bytes_before']:.3f}×, "
+                     f"{runtime_label(prof)})")
+    lines.append(f"eager latency    {r['latency_ratio']:.3f}× of the original (batch "
+                 f"{r['batch']}, interleaved medians)")
+    if prof.export_format == ".pte":
+        if measured:
+            lines.append(f".pte latency     {r['pte_latency_ratio']:.3f}× of the original .pte "
+                         f"({runtime_label(prof)}, batch {r['batch']}, interleaved medians)")
+            lines.append(f"target figure    {prof.name} runs the .pte ({prof.runtime}): the "
+                         ".pte figure is the target's; eager is for reference")
+        else:
+            lines.append(f".pte latency     not measured: {r['pte_note'] or 'not requested'}")
+            lines.append(f"target figure    {prof.name} runs the .pte ({prof.runtime}), not "
+                         "timed here; eager is for reference only")
+    else:
+        lines.append(f"target figure    {prof.name} runs its {prof.export_format} under "
+                     f"{prof.runtime}; eager PyTorch on this host is for reference only")
+    lines.append(f"compile time     {r['compile_seconds']:.1f} s")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,17 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--model", default="digits_cnn", choices=["digits_cnn", "digits_mlp"])
     args = ap.parse_args(argv)
-    r = run(args.profile, args.tolerance, args.model)
+    require_demo_dependencies()  # at once, before loading anything
+    prof = fxcompress.load_profile(args.profile)
+    r = run(prof, args.tolerance, args.model, progress=stderr_progress())
     print(r["report"])
     print()
-    print(f"model            {r['model']} (trained on scikit-learn digits), profile "
-          f"{r['profile']}, tolerance {r['tolerance']:g}")
-    print(f"test accuracy    {r['accuracy_before']:.2f}% → {r['accuracy_after']:.2f}%")
-    print(f"serialized size  {r['bytes_before']:,} B → {r['bytes_after']:,} B "
-          f"({r['bytes_after'] / r['bytes_before']:.3f}×, torch.export.save)")
-    print(f"eager latency    {r['latency_ratio']:.3f}× of the original (batch 64, interleaved "
-          "medians)")
-    print(f"compile time     {r['compile_seconds']:.1f} s")
+    print("\n".join(figures(r, prof)))
     return 0
 
 

@@ -120,8 +120,15 @@ def _check_split(split: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        from fxcompress.errors import FxCompressError
+
+        raise FxCompressError(f"the digits data is scikit-learn's load_digits, and scikit-learn "
+                              f"cannot be imported here ({e}); install it: "
+                              "pip install 'fxcompress[demo]'") from None
 
     ds = load_digits()
     images = (ds.images.astype(np.float32) / 16.0)[:, None, :, :]

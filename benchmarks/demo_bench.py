@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,21 @@ OUT = Path(__file__).parent / "results" / "demo.md"
 CHILD = r"""
 import json, resource, sys
 import torch
+import fxcompress
 from fxcompress.demo import run
 from fxcompress.models import load_pretrained, digits_data
 load_pretrained("digits_cnn"); digits_data("test")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-r = run(profile=sys.argv[1], tolerance=float(sys.argv[2]), runs=int(sys.argv[3]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = run(profile=sys.argv[1], tolerance=float(sys.argv[2]), runs=int(sys.argv[3]), pte=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the compile's, before any .pte
 rep = r["report"]
+pte = {}
+prof = fxcompress.load_profile(sys.argv[1])
+if prof.export_format == ".pte":
+    from fxcompress.demo import time_pte
+    pte = time_pte(load_pretrained("digits_cnn"), r["compiled"],
+                   digits_data("test")[0][:r["batch"]], prof,
+                   int(sys.argv[3]), lambda s: None)
 print(json.dumps({
     "profile": r["profile"], "tolerance": r["tolerance"],
     "acc_before": r["accuracy_before"], "acc_after": r["accuracy_after"],
@@ -36,19 +45,27 @@ print(json.dumps({
     "peak_mib": peak / 1024, "extra_mib": (peak - base) / 1024,
     "applied": sorted({l.applied.split("(")[0] for l in rep.layers if l.applied != "none"}),
     "est_latency_ratio": rep.latency_after_us / rep.latency_before_us,
-    "error": rep.error,
+    "error": rep.error, "pte": pte,
 }))
 """
+
+
+def _pte_cell(pte: dict) -> str:
+    if not pte or pte.get("pte_latency_ratio") is None:
+        return "—"
+    return f"{pte['pte_latency_ratio']:.2f}×"
 
 
 def main() -> None:
     """Run the benchmark and write the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profiles", nargs="*", default=["mobile-arm", "x86-server", "nvidia-gpu",
-                                                       "apple-ane", "mcu-int8", "fpga-binary"])
+    ap.add_argument("--profiles", nargs="*", default=["mobile-arm", "x86-server", "x86-avx2",
+                                                       "nvidia-gpu", "apple-ane", "mcu-int8",
+                                                       "fpga-binary"])
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--runs", type=int, default=100)
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     rows = []
     for prof in args.profiles:
         out = subprocess.run([sys.executable, "-c", CHILD, prof, str(args.tolerance),
@@ -67,22 +84,27 @@ def main() -> None:
         f"{args.tolerance:g} (relative output error on the calibration split). Size: bytes of "
         "`torch.export.save`. Eager latency: compressed / original, interleaved medians of "
         f"{args.runs} runs, batch 64, in one process. Est. latency: the profile's roofline over "
-        "the compressible layers. Peak memory: resident set of the process after the compile "
-        "(extra: above the loaded model and data).",
+        "the compressible layers. .pte latency (profiles that ship a `.pte`): compressed / "
+        "original `.pte` in the ExecuTorch runtime with the profile's delegate, interleaved "
+        "medians, batch 64: the target's own figure. Peak memory: resident set of the process "
+        "after the compile, before any `.pte` is written (extra: above the loaded model and data). "
+        f"Profiles: every built-in but x86-host (this machine). Load average at the start: "
+        f"{load:.2f} on {os.cpu_count()} cores.",
         "",
         "| profile | applied | test acc. before → after | size before → after | size ratio "
-        "| eager latency | est. latency | error | compile | peak memory (extra) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| eager latency | .pte latency | est. latency | error | compile | peak memory (extra) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['profile']} | failed: {r['failed']} | | | | | | | | |")
+            lines.append(f"| {r['profile']} | failed: {r['failed']} | | | | | | | | | |")
             continue
         lines.append(
             f"| {r['profile']} | {', '.join(r['applied']) or 'none'} "
             f"| {r['acc_before']:.2f}% → {r['acc_after']:.2f}% "
             f"| {r['bytes_before']:,} → {r['bytes_after']:,} "
             f"| {r['bytes_after'] / r['bytes_before']:.3f}× | {r['latency_ratio']:.2f}× "
+            f"| {_pte_cell(r['pte'])} "
             f"| {r['est_latency_ratio']:.2f}× | {r['error']:.4f} | {r['compile_s']:.1f} s "
             f"| {r['peak_mib']:.0f} MiB ({r['extra_mib']:.0f}) |")
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 
@@ -13,12 +14,13 @@ from torch import fx
 import fxcompress.passes  # noqa: F401  (registers the techniques)
 from fxcompress.built_cost import built_costs
 from fxcompress.calibration import Calibration, check_calibration
-from fxcompress.capture import capture
+from fxcompress.capture import EXPORT_LOCK, capture
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
 from fxcompress.hostbench import calibrated, compile_threads, target_vs_host, threads
 from fxcompress.planner import (
+    base_score_of,
     build_options,
     enforce_budgets,
     measure,
@@ -42,31 +44,99 @@ def serialized_size(ep: torch.export.ExportedProgram) -> int:
     return buf.getbuffer().nbytes
 
 
+def _real(value) -> bool:
+    """A real number (int, float, NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_tolerance(tolerance, evaluate) -> float:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
-        raise FxCompressError(f"tolerance must be a number, not {type(tolerance).__name__}; "
-                              "e.g. tolerance=0.01")
+    if not _real(tolerance):
+        raise FxCompressError(f"tolerance must be a number, not {type(tolerance).__name__} "
+                              f"({tolerance!r}); e.g. tolerance=0.01 (1% relative output "
+                              "error), or tolerance=0 for lossless rewrites only")
     t = float(tolerance)
-    if evaluate is None and not (0 < t < 1):
+    if t >= 0 and math.isfinite(t):
+        return t
+    if evaluate is None:
         raise FxCompressError(
             f"tolerance {t:g} is out of range: without evaluate= it is the largest relative "
-            "output error allowed, a number between 0 and 1 (exclusive), e.g. 0.01")
-    if evaluate is not None and not (t >= 0 and math.isfinite(t)):
-        raise FxCompressError(f"tolerance {t:g} is out of range: with evaluate= it is the "
-                              "largest allowed drop of the score, a finite number >= 0")
-    return t
+            "output error allowed, a finite number >= 0 (0: lossless rewrites only; 1 or "
+            "more is allowed), e.g. 0.01")
+    raise FxCompressError(f"tolerance {t:g} is out of range: with evaluate= it is the largest "
+                          "allowed drop of evaluate()'s score, a finite number >= 0 (e.g. 1.0 "
+                          "for one point of accuracy in percent)")
 
 
-def _check_techniques(techniques, profile: Profile) -> tuple[tuple[str, ...], bool]:
+#: `torch.manual_seed` takes any 64-bit integer; a seed is one that is also non-negative.
+SEED_LIMIT = 2 ** 63
+
+
+def _check_seed(seed) -> int:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise FxCompressError(f"seed must be an integer, not {type(seed).__name__} ({seed!r}); "
+                              "e.g. seed=0")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise FxCompressError(f"seed {int(seed)} is out of range; give an integer from 0 to "
+                              "2**63 - 1, e.g. seed=0")
+    return int(seed)
+
+
+def _check_time_budget(time_budget) -> float | None:
+    """Seconds, or None for no limit; math.inf is no limit too, 0 measures no candidate."""
+    if time_budget is None:
+        return None
+    if not _real(time_budget):
+        raise FxCompressError(f"time_budget must be a number of seconds, not "
+                              f"{type(time_budget).__name__} ({time_budget!r}); e.g. "
+                              "time_budget=60, or None for no limit")
+    t = float(time_budget)
+    if math.isnan(t) or t < 0:
+        raise FxCompressError(f"time_budget {t:g} is out of range; give a number of seconds "
+                              ">= 0 (e.g. time_budget=60), or None for no limit")
+    return None if math.isinf(t) else t
+
+
+def _check_callable(name: str, value, example: str) -> None:
+    if value is not None and not callable(value):
+        raise FxCompressError(f"{name} must be a callable or None, not "
+                              f"{type(value).__name__} ({str(value)[:60]!r}); e.g. {example}")
+
+
+def _check_objective(objective) -> str | None:
+    if objective is None or (isinstance(objective, str) and objective in ("latency", "size")):
+        return objective
+    raise FxCompressError(f"objective {objective!r} is unknown; use 'latency' or 'size', or "
+                          "None for the profile's default")
+
+
+def _technique_names(techniques) -> tuple[str, ...] | None:
+    """`techniques` as a tuple of known names (None stays None); checked before any work."""
     if techniques is None:
-        return tuple(t for t in profile.techniques if t in REGISTRY), False
+        return None
     if isinstance(techniques, str):
         techniques = [techniques]
-    techniques = tuple(techniques)
-    for t in techniques:
+    try:
+        names = tuple(techniques)
+    except TypeError:
+        raise FxCompressError(f"techniques must be a list of technique names, not "
+                              f"{type(techniques).__name__} ({techniques!r}); e.g. "
+                              f"techniques=['prune', 'int8'] from {', '.join(TECHNIQUES)}"
+                              ) from None
+    for t in names:
+        if not isinstance(t, str):
+            raise FxCompressError(f"techniques holds {t!r} ({type(t).__name__}); give names "
+                                  f"of techniques as strings, from {', '.join(TECHNIQUES)}")
         if t not in TECHNIQUES:
             raise FxCompressError(f"unknown technique {t!r}; use a subset of "
                                   f"{', '.join(TECHNIQUES)}")
+    return names
+
+
+def _check_techniques(techniques, profile: Profile) -> tuple[tuple[str, ...], bool]:
+    names = _technique_names(techniques)
+    if names is None:
+        return tuple(t for t in profile.techniques if t in REGISTRY), False
+    for t in names:
         if not profile.allows(t):
             raise FxCompressError(
                 f"technique {t!r} cannot run on {profile.name} (it runs "
@@ -75,7 +145,7 @@ def _check_techniques(techniques, profile: Profile) -> tuple[tuple[str, ...], bo
         if t not in REGISTRY:
             raise FxCompressError(f"technique {t!r} is not available in this version of "
                                   f"fxcompress; available: {', '.join(sorted(REGISTRY))}")
-    return tuple(sorted(set(techniques), key=TECHNIQUES.index)), True
+    return tuple(sorted(set(names), key=TECHNIQUES.index)), True
 
 
 def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: Iterable | None
@@ -89,14 +159,32 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     Returns an ATen-level `torch.fx.GraphModule` that runs in eager mode, accepts any batch
     size where the model allows it, and that `torch.export.export(result, example_inputs)`
     accepts. `result.meta["fxcompress_report"]` is the `Report`. The input model is never
-    modified. See DESIGN §1 for every argument. Beyond it: `seed` fixes every random choice;
-    `progress` receives one line per planner step (a bar is drawn on a terminal regardless);
-    `time_budget` (seconds) bounds the measurement of candidates: those not measured in time
-    are dropped, each with that reason in the report. The compile uses
-    `torch.get_num_threads()` threads (or `FXCOMPRESS_THREADS`), fewer while other processes
-    keep the cores busy (see `fxcompress.hostbench.compile_threads`)."""
+    modified. See DESIGN §1 for every argument. Beyond it:
+
+    - `tolerance`: without `evaluate`, the largest relative output error ‖y′−y‖/‖y‖ over the
+      calibration data, any finite number >= 0; 1 or more is allowed (binary layers can
+      exceed 1). `tolerance=0` is lossless only: just the exact rewrites, those whose
+      measured error is exactly 0 on the calibration data (e.g. removing dead, all-zero
+      channels); the built model then equals the original up to float rounding (a narrower
+      matmul adds the same terms in another order), and if no rewrite is exact the model
+      comes back unchanged, the report saying why. With `evaluate`, the largest allowed drop
+      of its score (0: no drop).
+    - `evaluate(model) -> float`: higher is better; it must return a finite number (a
+      one-element tensor is read as its value) for the original model. A compressed model
+      whose score is NaN or infinite fails the tolerance.
+    - `seed`: an integer from 0 to 2**63 - 1; fixes every random choice.
+    - `progress`: a callable that receives one line per planner step (a bar is drawn on a
+      terminal regardless). It is the caller's code: what it raises propagates.
+    - `time_budget`: seconds >= 0 that bound the measurement of candidates: those not
+      measured in time are dropped, each with that reason in the report (0 measures none);
+      None or `math.inf`: no limit. NaN and negative numbers are errors.
+
+    Every argument is checked before any work; a wrong one raises `FxCompressError` naming it
+    and the fix. The compile uses `torch.get_num_threads()` threads (or
+    `FXCOMPRESS_THREADS`), fewer while other processes keep the cores busy (see
+    `fxcompress.hostbench.compile_threads`)."""
     n_threads = compile_threads()
-    with threads(n_threads):
+    with EXPORT_LOCK, threads(n_threads):  # torch.export's state is process-wide
         result = _compile(model, example_inputs, profile, calibration, tolerance, evaluate,
                           techniques, objective, dynamic_shapes, recover, seed, progress,
                           time_budget)
@@ -111,20 +199,34 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
 def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, techniques,
              objective, dynamic_shapes, recover, seed, progress, time_budget) -> fx.GraphModule:
     start = time.perf_counter()
-    log = progress or (lambda s: None)
-    prof = calibrated(load_profile(profile))
+    # every argument is checked before any work (the host benchmark of a measured profile,
+    # the capture): a mistake costs nothing
     tol = _check_tolerance(tolerance, evaluate)
-    techs, user_techs = _check_techniques(techniques, prof)
-    obj = prof.objective if objective is None else objective
-    if obj not in ("latency", "size"):
-        raise FxCompressError(f"objective {obj!r} is unknown; use 'latency' or 'size'")
+    _check_callable("evaluate", evaluate, "evaluate=lambda m: accuracy(m, x_val, y_val)")
+    _check_callable("progress", progress, "progress=print")
+    objective = _check_objective(objective)
+    seed = _check_seed(seed)
+    time_budget = _check_time_budget(time_budget)
+    techniques = _technique_names(techniques)  # a tuple: a generator is read once
     if recover is not None and not isinstance(recover, Recover):
         raise FxCompressError(f"recover must be None or fxcompress.Recover(...), not "
-                              f"{type(recover).__name__}")
+                              f"{type(recover).__name__}; e.g. recover=fxcompress.Recover("
+                              "steps=200)")
+    if recover is not None and tol == 0 and evaluate is None:
+        raise FxCompressError("recover= fine-tunes the weights, which is never lossless, and "
+                              "tolerance=0 keeps only exact rewrites; drop recover=, or give a "
+                              "tolerance > 0 (e.g. 0.01)")
+    log = progress or (lambda s: None)
+    prof = load_profile(profile)
+    techs, user_techs = _check_techniques(techniques, prof)
+    prof = calibrated(prof)
+    obj = prof.objective if objective is None else objective
     torch.manual_seed(seed)
 
     cap = capture(model, example_inputs, dynamic_shapes)
     gm = cap.graph_module
+    # the original's score first: a score that is not a finite number fails before the work
+    base_score = base_score_of(evaluate, gm) if evaluate is not None else None
     batches = check_calibration(calibration, cap.example_inputs)
     layers = find_layers(gm)
     log(f"captured {len(layers)} layers; calibrating on {len(batches)} batches")
@@ -139,7 +241,6 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     deadline = None if time_budget is None else start + float(time_budget)
     measure(options, calib, Progress("measuring candidates").update, deadline)
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
-    base_score = float(score_fn(gm)) if score_fn is not None else None
     budget = prof.weight_budget_bytes
     fits = (lambda built: True) if budget is None else \
         (lambda built: weight_bytes(built) <= budget)

@@ -146,6 +146,14 @@ class Calibration:
             self.stats[name].out_shape = shape
         self.ref_energy = sum(float((t.double() ** 2).sum()) for ref in self.reference
                               for t in ref)
+        if not any(self.reference):
+            kinds = sorted({str(t.dtype).removeprefix("torch.") for t in pytree.tree_leaves(out)
+                            if isinstance(t, torch.Tensor)}) or ["no tensor"]
+            raise FxCompressError(
+                f"the model's output is not floating point ({', '.join(kinds)}), so the "
+                "relative output error that fxcompress keeps within the tolerance cannot be "
+                "measured; make forward return the float scores (the logits) and take the "
+                "argmax / threshold on the compiled model's output instead")
         if self.ref_energy == 0.0:
             raise FxCompressError("the model's outputs on the calibration data are all zero, so "
                                   "relative error is undefined; pass real calibration inputs")
@@ -286,6 +294,27 @@ def check_calibration(calibration, example_inputs: tuple) -> list[tuple]:
                 _check_finite(a, b, i, j)
         batches.append(item)
     return batches
+
+
+def check_example_finite(example_inputs: tuple) -> None:
+    """The example inputs follow the rule of calibration inputs (see `_check_finite`): they
+    are the calibration data when none is given, and the reference that rule allows infinity
+    against. NaN and +inf are refused; -inf is allowed (an additive attention mask)."""
+    for j, x in enumerate(example_inputs):
+        for a in pytree.tree_leaves(x):
+            if not isinstance(a, torch.Tensor) or not (a.is_floating_point() or a.is_complex()):
+                continue
+            if bool(torch.isfinite(a).all()):
+                continue
+            nan = int(torch.isnan(a).sum())
+            pos = 0 if a.is_complex() else int((a == float("inf")).sum())
+            if nan == 0 and pos == 0:
+                continue  # -inf only: an additive mask
+            what = f"{nan} NaN" if nan else f"{pos} +infinite"
+            raise FxCompressError(
+                f"example input {j} holds {what} value(s) of {a.numel()}; the example inputs "
+                "must be finite (-inf is allowed, for an additive attention mask): replace them "
+                "(e.g. torch.nan_to_num(x)) or pick other samples")
 
 
 def _check_finite(a: torch.Tensor, example: torch.Tensor, i: int, j: int) -> None:

@@ -369,8 +369,9 @@ def cmd_sweep(args) -> dict[str, Any]:
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise FxCompressError(f"--plot {args.plot!r} must name a .png file (or 'none')")
-        if not plot.parent.is_dir():
-            raise FxCompressError(f"the folder of --plot {args.plot!r} does not exist")
+        from fxcompress.export import check_output_path
+
+        check_output_path(plot)  # folder exists and is writable: before minutes of compiling
         _require_matplotlib()
     profile = fxcompress.load_profile(args.profile)
     evaluate: Callable | None = None
@@ -487,14 +488,21 @@ def _plot_sweep(rows: list[dict], path: Path, title: str) -> None:
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from fxcompress.errors import FxCompressError
+
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        os.close(fd)
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
+    except OSError as e:
+        raise FxCompressError(f"could not write the plot {str(path)!r} ({e.strerror or e}); "
+                              "check that its folder is writable and has free space, or pass "
+                              "--plot elsewhere") from e
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

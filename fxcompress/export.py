@@ -22,11 +22,19 @@ for code that wants to know which ops a backend takes (e.g. whether int8 ops wer
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import json
 import logging
+import math
+import numbers
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +46,7 @@ from torch import fx
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
+from fxcompress.capture import EXPORT_LOCK
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.hardware_profiles import EXPORT_FORMATS, Profile, load_profile
 from fxcompress.loading import REPORT_FILE, load_program, read_report  # noqa: F401 (re-exported)
@@ -132,10 +141,13 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     than `check_tolerance` (relative output error; by default 1e-3, or 5e-2 for graphs with
     int8 activations) raises `InternalError` and writes nothing. A ``.pte`` holds a program for
     the example inputs' shapes; ``.pt2`` and ``.onnx`` keep a dynamic batch where the model
-    has one. User mistakes (an unknown suffix, a runtime not installed) raise
-    `FxCompressError`."""
+    has one. User mistakes (an unknown suffix, a folder that cannot be written, inputs of
+    another shape than the model was compiled for, a runtime not installed) raise
+    `FxCompressError`. Exports (and compiles) in one process run one at a time: torch.export
+    keeps process-wide state (`fxcompress.capture.EXPORT_LOCK`)."""
     path = Path(path)
     fmt = _check_path(path)
+    tol = _check_tolerance(check_tolerance)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple | list):
@@ -145,10 +157,17 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     if not isinstance(gm, torch.nn.Module):
         raise FxCompressError(f"export takes the GraphModule fxcompress.compile returned (or "
                               f"any nn.Module), not {type(gm).__name__}")
+    with EXPORT_LOCK:
+        return _export(gm, example_inputs, path, fmt, profile, tol)
+
+
+def _export(gm, example_inputs: tuple, path: Path, fmt: str, profile, tol) -> ExportResult:
     report = _report_of(gm)
     with torch.no_grad():
-        expected = gm(*_clones(example_inputs))
-    tol = check_tolerance
+        try:
+            expected = gm(*_clones(example_inputs))
+        except Exception as e:
+            raise _inputs_do_not_fit(gm, example_inputs, e) from e
     if tol is None:
         tol = INT8_CHECK_TOLERANCE if has_quantized_activations(gm) else FLOAT_CHECK_TOLERANCE
     if fmt == ".pt2":
@@ -160,17 +179,99 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     return _export_pte(gm, example_inputs, path, prof, expected, tol)
 
 
+def _check_tolerance(check_tolerance) -> float | None:
+    if check_tolerance is None:
+        return None
+    if isinstance(check_tolerance, bool) or not isinstance(check_tolerance, numbers.Real):
+        raise FxCompressError(f"check_tolerance must be a number or None, not "
+                              f"{type(check_tolerance).__name__}; e.g. check_tolerance=1e-3")
+    t = float(check_tolerance)
+    if not (math.isfinite(t) and t > 0):
+        raise FxCompressError(
+            f"check_tolerance {t:g} is out of range: it is the largest relative output error "
+            "allowed between the written file, run in its runtime, and the compiled model, a "
+            f"finite number > 0 (e.g. {FLOAT_CHECK_TOLERANCE:g}); or leave it None for the "
+            f"default ({FLOAT_CHECK_TOLERANCE:g}, {INT8_CHECK_TOLERANCE:g} with int8 "
+            "activations)")
+    return t
+
+
+def _shape_text(shape) -> str:
+    dims = ["N" if i == 0 and not isinstance(d, int) else str(d) for i, d in enumerate(shape)]
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def _inputs_do_not_fit(gm, inputs: tuple, e: Exception) -> Exception:
+    """The error for a model that fails on the example inputs: the user's when they are not
+    what it was compiled for (compared with the graph's placeholders), else ours."""
+    given = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+    given_text = ", ".join(_shape_text(tuple(x.shape)) for x in given) or "(no tensors)"
+    head = (str(e).strip().splitlines() or [""])[0][:200]
+    graph = getattr(gm, "graph", None)
+    placeholders = [] if not isinstance(graph, fx.Graph) else \
+        [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    compiled = [v for v in placeholders if isinstance(v, torch.Tensor)]
+    if not compiled or len(compiled) != len(placeholders):
+        return FxCompressError(f"the model does not run on example inputs of shape "
+                               f"{given_text} ({type(e).__name__}: {head}); pass inputs of the "
+                               "shape and dtype the model takes")
+    fits = len(given) == len(compiled) and all(
+        x.dtype == v.dtype and x.dim() == v.dim()
+        and all(not isinstance(d, int) or d == n for d, n in zip(v.shape, x.shape, strict=True))
+        for x, v in zip(given, compiled, strict=False))
+    if fits:
+        return InternalError(f"the compiled model fails on inputs of the shape it was compiled "
+                             f"for ({type(e).__name__}: {head}); please report this")
+    compiled_text = ", ".join(_shape_text(tuple(v.shape)) for v in compiled)
+    dtypes = ""
+    if len(given) == len(compiled) and any(x.dtype != v.dtype
+                                           for x, v in zip(given, compiled, strict=True)):
+        names = lambda ts: ", ".join(str(t.dtype).removeprefix("torch.") for t in ts)  # noqa: E731
+        dtypes = f" and dtype {names(given)} (compiled for {names(compiled)})"
+    return FxCompressError(f"example inputs of shape {given_text}{dtypes} do not fit the "
+                           f"compiled model (it was compiled for inputs like {compiled_text}); "
+                           "pass inputs of the shape you compiled with")
+
+
 def _check_path(path: Path) -> str:
     fmt = path.suffix.lower()
     if fmt not in EXPORT_FORMATS:
         raise FxCompressError(f"cannot tell the format of {str(path)!r} from its suffix; name "
                               f"the file with one of {', '.join(EXPORT_FORMATS)}")
-    if not path.parent.is_dir():
-        raise FxCompressError(f"the folder {str(path.parent)!r} does not exist; create it "
-                              "first or write somewhere else")
-    if path.is_dir():
-        raise FxCompressError(f"{str(path)!r} is a folder; give a file name")
+    check_output_path(path)
     return fmt
+
+
+def check_output_path(path: str | Path) -> None:
+    """That a file can be written at `path`: its folder exists, is a folder and can be
+    written in (permissions checked, and a file actually created and removed there: a
+    read-only mount passes `os.access`), and `path` itself is not a folder. Raises
+    `FxCompressError` naming the path and the fix."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.exists():
+        raise FxCompressError(f"the folder {str(parent)!r} does not exist; create it "
+                              "first or write somewhere else")
+    if not parent.is_dir():
+        raise FxCompressError(f"{str(parent)!r} is a file, not a folder, so {str(path)!r} "
+                              "cannot be written; write to a path inside an existing folder")
+    if path.is_dir():
+        raise FxCompressError(f"{str(path)!r} is a folder; give a file name, e.g. "
+                              f"{str(path / ('model' + (path.suffix or '.pt2')))!r}")
+    problem = None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        problem = "no write permission"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".fxcompress-probe-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = e.strerror or type(e).__name__
+    if problem is not None:
+        raise FxCompressError(f"cannot write in the folder {str(parent)!r} ({problem}), so "
+                              f"{str(path)!r} cannot be written; write to a folder you can "
+                              "write in, or fix its permissions")
 
 
 def preflight(path: str | Path, profile: str | Path | Profile | None = None) -> None:
@@ -297,24 +398,102 @@ def _leaves(out) -> list:
     return leaves
 
 
+#: A staging folder is ``.{target name}.{pid}-{host tag}.{random}``. One left by a process
+#: that was killed (SIGKILL, a power cut) is removed by the next write of the same target: at
+#: once when its process is gone (same host), else once it is this old (seconds).
+STALE_STAGING_AGE_S = 24 * 3600
+_STAGING_TAIL = re.compile(r"(?:(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.)?[a-z0-9_]{8}")
+
+
+@functools.cache
+def _host_tag() -> str:
+    # a folder on shared storage may be written from several hosts, whose pids mean nothing
+    # here: the host is part of the name
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # exists but is not ours / cannot be asked: assume alive
+    return True
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove staging folders of `path` left by writes that never finished (see
+    `STALE_STAGING_AGE_S`); folders of live writes, and anything that does not look like a
+    staging folder of this target, are left alone."""
+    prefix = f".{path.name}."
+    try:
+        entries = [d for d in path.parent.iterdir() if d.name.startswith(prefix)]
+    except OSError:
+        return
+    now = time.time()
+    for d in entries:
+        m = _STAGING_TAIL.fullmatch(d.name[len(prefix):])
+        try:
+            if m is None or d.is_symlink() or not d.is_dir():
+                continue
+            old = now - d.stat().st_mtime > STALE_STAGING_AGE_S
+            dead = (m["pid"] is not None and m["host"] == _host_tag()
+                    and not _pid_alive(int(m["pid"])))
+            if not (dead or old):
+                continue
+            if any(not p.name.startswith(path.name) for p in d.iterdir()):
+                continue  # holds something a write of ours never stages: not ours to delete
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_error(path: Path, e: Exception) -> FxCompressError:
+    why = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e).strip()[:200]}"
+    return FxCompressError(f"could not write {str(path)!r} ({why}); nothing was written. Check "
+                           "that its folder is writable and has free space, or write somewhere "
+                           "else")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Failures of the file system while a file is written (permissions, a full disk) as the
+    user's to fix, naming `path`; torch's archive writer reports them as RuntimeError."""
+    try:
+        yield
+    except OSError as e:
+        raise _write_error(path, e) from e
+    except RuntimeError as e:
+        text = str(e)
+        if any(s in text for s in ("file write failed", "No space left", "Permission denied",
+                                   "Read-only file system", "Disk quota")):
+            raise _write_error(path, e) from e
+        raise
+
+
 @contextlib.contextmanager
 def _staged(path: Path, extra_suffixes: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary path in the target's folder; on success the file (and any companion files
     named path + suffix) are moved into place with `os.replace`, companions first so the main
-    file never points at a missing one. On failure everything staged is removed."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    file never points at a missing one. On failure everything staged is removed. Staging
+    folders left by killed writes of the same target are removed first. A failure of the
+    file system is an `FxCompressError` naming `path`."""
+    _remove_stale_staging(path)
+    with _writing(path):
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-{_host_tag()}.",
+                                       dir=path.parent))
     staged = tmpdir / path.name
     try:
-        yield staged
-        for suf in extra_suffixes:
-            comp = tmpdir / (path.name + suf)
-            if comp.exists():
-                os.replace(comp, path.parent / (path.name + suf))
-        os.replace(staged, path)
+        with _writing(path):
+            yield staged
+            for suf in extra_suffixes:
+                comp = tmpdir / (path.name + suf)
+                if comp.exists():
+                    os.replace(comp, path.parent / (path.name + suf))
+            os.replace(staged, path)
     finally:
-        for p in tmpdir.iterdir():
-            p.unlink()
-        tmpdir.rmdir()
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _check(err: float, tol: float, fmt: str, runtime: str) -> None:
@@ -693,6 +872,6 @@ def _onnx_external_files(path: Path) -> list[Path]:
     return [path.parent / loc for loc in sorted(locations)]
 
 
-__all__ = ["export", "preflight", "ExportResult", "PteProgram", "Delegation", "lower_to_pte",
-           "count_delegated", "load_program", "read_report", "file_size", "DELEGATES",
-           "DelegateInfo"]
+__all__ = ["export", "preflight", "check_output_path", "ExportResult", "PteProgram",
+           "Delegation", "lower_to_pte", "count_delegated", "load_program", "read_report",
+           "file_size", "DELEGATES", "DelegateInfo"]

@@ -26,7 +26,9 @@ the same plan.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from torch import fx
 from fxcompress.calibration import Calibration
 from fxcompress.candidates import Candidate, Shapes, compatible, step_of_layer
 from fxcompress.capture import inference_graph
-from fxcompress.errors import FxCompressError
+from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import Layer, get_attr
 from fxcompress.hardware_profiles import Profile
 from fxcompress.passes_infra import PassResult, run_passes
@@ -136,7 +138,25 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
     for tech in ordered:
         if tech.propose_groups is not None:
             options.extend(tech.propose_groups(gctx))
+    _check_costs(options, profile, objective)
     return options
+
+
+def _check_costs(options: list[LayerOptions], profile: Profile, objective: str) -> None:
+    """Every cost is a finite number: a NaN gain never compares <= 0, so `moves` would take
+    the same move forever. A validated profile has finite numbers; numbers of extreme
+    magnitude can still overflow the roofline estimate."""
+    for o in options:
+        for c in [o.base, *o.candidates]:
+            g = gain(c, o.base, objective)
+            if not (math.isfinite(c.latency) and math.isfinite(g)):
+                raise FxCompressError(
+                    f"the cost model of profile {profile.name!r} gives layer "
+                    f"{o.layer.name!r} ({c.describe()}) a latency of {c.latency} s and a "
+                    f"{objective} gain of "
+                    f"{g}: its numbers (throughput {profile.peak_gops} GOP/s, bandwidth "
+                    f"{profile.bandwidth_gbs} GB/s, op_overhead_us {profile.op_overhead_us}) "
+                    "are out of range; give finite numbers of realistic magnitude")
 
 
 def _scaled(shape: tuple, factor: float) -> tuple:
@@ -178,7 +198,12 @@ def measure(options: list[LayerOptions], calib: Calibration, progress: Callable 
         for c in [c for c in opt.candidates if c.error is None]:
             opt.rejected.append((c.describe(), "not measured within the time budget"))
             dropped += 1
-        opt.candidates = [c for c in opt.candidates if c.error is not None]
+        for c in [c for c in opt.candidates if c.error is not None
+                  and not math.isfinite(c.error)]:
+            opt.rejected.append((c.describe(), f"its output error is {c.error} (the rewritten "
+                                 "layer gives non-finite outputs on the calibration data)"))
+        opt.candidates = [c for c in opt.candidates
+                          if c.error is not None and math.isfinite(c.error)]
     return dropped
 
 
@@ -207,6 +232,12 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
             cur_e2 = 0.0 if cur is None else opt.candidates[cur].error ** 2
             for ci, c in enumerate(opt.candidates):
                 d_gain = gain(c, opt.base, objective) - cur_gain
+                if not math.isfinite(d_gain):
+                    # the loop ends only because each move raises one layer's gain by a
+                    # finite amount > 0; a NaN gain (never <= 0) would be taken forever
+                    raise InternalError(f"the planner got a non-finite gain ({d_gain}) for "
+                                        f"{c.describe()} on {opt.layer.name}; please report "
+                                        "this")
                 if d_gain <= 0:
                     continue
                 if any(not compatible(c, x) for n, x in current.items() if n != opt.layer.name):
@@ -260,8 +291,29 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
 
     Without evaluate(), the first try is the longest prefix whose estimated error is within
     0.9 x tolerance; with it, the longest prefix of all. If the built plan misses the
-    tolerance, a binary search over shorter prefixes finds the longest that holds."""
-    sequence = moves(options, objective)
+    tolerance, a binary search over shorter prefixes finds the longest that holds.
+
+    Tolerance 0 without evaluate() is lossless only: the sequence is made of the exact
+    rewrites alone (measured error exactly 0.0 on the calibration data), and the built plan
+    holds when its error is within float rounding (`rounding_floor`: removing a dead channel
+    reorders a sum). A NaN or infinite error or score never holds."""
+    exact = tolerance == 0 and evaluate is None
+    note = None
+    if exact:
+        kept = [o if o.mandatory else dataclasses.replace(
+            o, candidates=[c for c in o.candidates if c.error == 0.0]) for o in options]
+        n_all = sum(len(o.candidates) for o in options if not o.mandatory)
+        n_exact = sum(len(o.candidates) for o in kept if not o.mandatory)
+        note = (f"tolerance 0 keeps only exact rewrites (error exactly 0 on the calibration "
+                f"data): {n_exact} of {n_all} candidates are exact"
+                + ("" if n_exact else ", so no layer is rewritten; give a tolerance > 0 (e.g. "
+                   "0.01) to allow lossy rewrites"))
+        log(note)
+        sequence = moves(kept, objective)
+        limit = rounding_floor(calib)
+    else:
+        sequence = moves(options, objective)
+        limit = tolerance
     cache: dict[int, tuple[Plan, bool]] = {}
 
     def check(k: int) -> tuple[Plan, bool]:
@@ -272,17 +324,23 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
             score = None
             if evaluate is not None:
                 score = float(evaluate(out))
-                ok = base_score - score <= tolerance + 1e-12
+                ok = score_holds(base_score, score, tolerance)
             else:
-                ok = err <= tolerance
+                ok = math.isfinite(err) and err <= limit
             plan = Plan(choice, err, score, out)
             extra = "" if score is None else f", score {score:.4f}"
             plan.history.append(f"plan {k}/{len(sequence) - 1}: {len(choice)} rewrites, "
                                 f"error {err:.4g}{extra}: {'within' if ok else 'over'} "
-                                "tolerance")
+                                + (f"float rounding ({limit:.2g}) of tolerance 0" if exact
+                                   else "tolerance"))
             log(plan.history[-1])
             cache[k] = (plan, ok)
         return cache[k]
+
+    def noted(plan: Plan) -> Plan:
+        if note is not None:
+            plan.history.insert(0, note)
+        return plan
 
     if evaluate is None:
         top = max((k for k, p in enumerate(sequence) if estimated_error(p) <= 0.9 * tolerance),
@@ -291,7 +349,7 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
         top = len(sequence) - 1
     plan, ok = check(top)
     if ok:
-        return _fit(plan, sequence, top, check, fits)
+        return noted(_fit(plan, sequence, top, check, fits))
     lo, hi = 0, top  # invariant: hi fails; lo is the best known to hold (0 is checked below)
     plan0, ok0 = check(0)
     if not ok0:
@@ -300,14 +358,33 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
                 f"the rewrites this target requires already give error {plan0.error:.4g}, "
                 f"over the tolerance {tolerance:g}; loosen the tolerance, or pass calibration "
                 "data closer to real inputs")
-        return plan0
+        return noted(plan0)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if check(mid)[1]:
             lo = mid
         else:
             hi = mid
-    return _fit(cache[lo][0], sequence, lo, check, fits)
+    return noted(_fit(cache[lo][0], sequence, lo, check, fits))
+
+
+#: How far, in units of the output dtype's machine epsilon, a plan of exact rewrites may be
+#: from the original at tolerance 0: a narrower matmul adds the same terms in another order.
+ROUNDING_ULPS = 64
+
+
+def rounding_floor(calib: Calibration) -> float:
+    """The relative output error float rounding alone can give: `ROUNDING_ULPS` epsilons of
+    the widest-epsilon floating-point output."""
+    eps = [torch.finfo(r.dtype).eps for ref in calib.reference[:1] for r in ref
+           if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    return ROUNDING_ULPS * max(eps, default=torch.finfo(torch.float32).eps)
+
+
+def score_holds(base_score: float, score: float, tolerance: float) -> bool:
+    """Whether a compressed model's evaluate() `score` is within `tolerance` of the original's
+    `base_score`. A NaN or infinite score fails (NaN compares false; +inf would pass)."""
+    return math.isfinite(score) and base_score - score <= tolerance + 1e-12
 
 
 def _fit(plan: Plan, sequence, k: int, check, fits) -> Plan:
@@ -370,9 +447,44 @@ def enforce_budgets(profile: Profile, options: list[LayerOptions],
     return notes
 
 
+SCORE_FIX = "it must return a finite number, higher is better, e.g. accuracy in percent"
+
+
+def score_of(value, what: str) -> float:
+    """The user's evaluate() result as a float: a real number or a one-element tensor / array
+    (NaN and infinity pass through); the user error for anything else."""
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    if isinstance(value, torch.Tensor) or hasattr(value, "shape"):
+        shown = f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    if isinstance(value, torch.Tensor) or (hasattr(value, "item") and hasattr(value, "size")
+                                           and not isinstance(value, numbers.Number)):
+        n = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if n != 1:
+            raise FxCompressError(f"{what} returned {shown} ({n} values); {SCORE_FIX}; "
+                                  "reduce it to one number (e.g. .mean().item())")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FxCompressError(f"{what} returned {shown} ({type(value).__name__}); "
+                              f"{SCORE_FIX}")
+    return float(value)
+
+
+def base_score_of(fn: Callable, model) -> float:
+    """evaluate() of the original model, without autograd: a finite number, else the user
+    error (a NaN base score would make every plan fail, and the model come back unchanged)."""
+    with torch.no_grad():
+        score = score_of(fn(model), "evaluate(model)")
+    if not math.isfinite(score):
+        raise FxCompressError(f"evaluate(model) returned {score} for the original model; "
+                              f"{SCORE_FIX}")
+    return score
+
+
 def no_grad_eval(fn: Callable) -> Callable:
-    """Wrap a user's evaluate() so it runs without autograd."""
-    def wrapped(model):
+    """Wrap a user's evaluate() so it runs without autograd and returns a float. A compressed
+    model's non-finite score comes back as NaN, which fails every tolerance comparison."""
+    def wrapped(model) -> float:
         with torch.no_grad():
-            return fn(model)
+            score = score_of(fn(model), "evaluate(compressed model)")
+        return score if math.isfinite(score) else math.nan
     return wrapped

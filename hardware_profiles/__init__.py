@@ -78,6 +78,24 @@ class Profile:
     # saturate them
     int8_weight_bits: int = 8
 
+    def __post_init__(self):
+        # a Profile built in code (`dataclasses.replace`, `Profile(...)`) gets the same checks
+        # of its numbers as a file: a NaN or infinite cost makes every plan's gain NaN
+        _check_numbers(repr(self.name), {
+            **{f"throughput.{p}": (v, f"Profile.peak_gops[{p!r}]")
+               for p, v in self.peak_gops.items()},
+            "throughput.bandwidth_gbs": (self.bandwidth_gbs, "Profile.bandwidth_gbs"),
+            "throughput.op_overhead_us": (self.op_overhead_us, "Profile.op_overhead_us"),
+            "planner.alignment": (self.alignment, "Profile.alignment"),
+            "memory.weight_budget_bytes": (self.weight_budget_bytes,
+                                           "Profile.weight_budget_bytes"),
+            "memory.activation_budget_bytes": (self.activation_budget_bytes,
+                                               "Profile.activation_budget_bytes"),
+        })
+        if self.compute_dtype not in self.peak_gops:
+            raise _err(repr(self.name), f"throughput.{self.compute_dtype}", "is missing",
+                       "give the throughput of the compute dtype (Profile.peak_gops)")
+
     # --- questions the planner asks -------------------------------------------------------
     def allows(self, technique: str) -> bool:
         """Whether this target can run `technique` at all."""
@@ -170,6 +188,51 @@ def _err(source: str, fld: str, problem: str, fix: str) -> FxCompressError:
     return FxCompressError(f"profile {source}: field '{fld}' {problem}; {fix}")
 
 
+# field -> (smallest allowed value, whether it is excluded, whole numbers only, the fix). Every
+# number of a profile is finite: TOML spells nan and inf, and one NaN or infinite cost makes
+# the planner's gains NaN.
+_NUMBERS: dict[str, tuple[float, bool, bool, str]] = {
+    **{f"throughput.{p}": (0.0, True, False, "give the peak throughput in GOP/s, a finite "
+                           "number > 0 (e.g. 100)") for p in PRECISIONS},
+    "throughput.bandwidth_gbs": (0.0, True, False, "give the memory bandwidth in GB/s, a finite "
+                                 "number > 0 (e.g. 20)"),
+    "throughput.op_overhead_us": (0.0, False, False, "give the per-operator overhead in "
+                                  "microseconds, a finite number >= 0 (e.g. 5)"),
+    "planner.alignment": (1, False, True, "give a whole number, 1 or more (1: no alignment)"),
+    **{f"memory.{b}": (0, True, True, "give a whole number of bytes > 0, or leave the field "
+                       "out for no limit") for b in ("weight_budget_bytes",
+                                                     "activation_budget_bytes")},
+}
+
+
+def _check_numbers(source: str, values: dict[str, tuple[Any, str | None]]) -> None:
+    """Each value (None: absent) is a finite number within its field's range (`_NUMBERS`);
+    the error names the field, the attribute it was given as (if any) and the fix."""
+    for fld, (value, attr) in values.items():
+        if value is None and fld.startswith("memory."):
+            continue
+        if fld not in _NUMBERS:
+            raise _err(source, fld, "is not a known field",
+                       f"throughput is given for {', '.join(PRECISIONS)}")
+        lowest, strict, whole, fix = _NUMBERS[fld]
+        where = f"field '{fld}'" + ("" if attr is None else f" ({attr})")
+
+        def bad(problem: str, where=where, fix=fix) -> FxCompressError:
+            return FxCompressError(f"profile {source}: {where} {problem}; {fix}")
+
+        want = int if whole else int | float
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise bad(f"has type {type(value).__name__}")
+        try:
+            v = float(value)
+        except OverflowError:
+            raise bad("is too large") from None
+        if math.isnan(v) or math.isinf(v):
+            raise bad(f"is {v}")
+        if v < lowest or (strict and v == lowest):
+            raise bad(f"is {value}")
+
+
 def _one_of(source: str, fld: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise _err(source, fld, f"is {value!r}", f"use one of {', '.join(map(repr, allowed))}")
@@ -216,10 +279,8 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     techniques = tuple(flat["planner.techniques"])
     for t in techniques:
         _one_of(source, "planner.techniques", t, TECHNIQUES)
+    _check_numbers(source, {k: (flat[k], None) for k in _NUMBERS if k in flat})
     peak = {p: float(flat[f"throughput.{p}"]) for p in PRECISIONS if f"throughput.{p}" in flat}
-    for p, v in peak.items():
-        if not v > 0:
-            raise _err(source, f"throughput.{p}", f"is {v}", "give a positive GOP/s figure")
     compute_dtype = _one_of(source, "backend.compute_dtype", flat["backend.compute_dtype"],
                             ("fp32", "fp16"))
     if compute_dtype not in peak:
@@ -232,14 +293,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     if binary_act and "binary" not in peak:
         raise _err(source, "throughput.binary", "is missing although binary activations are on",
                    "give binary throughput or set [binary] activations = false")
-    for key in ("throughput.bandwidth_gbs",):
-        if not flat[key] > 0:
-            raise _err(source, key, f"is {flat[key]}", "give a positive number")
-    if flat["throughput.op_overhead_us"] < 0:
-        raise _err(source, "throughput.op_overhead_us", "is negative", "give 0 or more")
     alignment = flat["planner.alignment"]
-    if alignment < 1:
-        raise _err(source, "planner.alignment", f"is {alignment}", "give 1 or more")
     share_bits = tuple(flat.get("share.bits", [2, 4, 8] if "share" in techniques else []))
     for b in share_bits:
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8:
@@ -264,9 +318,6 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     if weight_bits not in (7, 8):
         raise _err(source, "int8.weight_bits", f"is {weight_bits!r}",
                    "use 8, or 7 for x86 CPUs without VNNI")
-    for key in ("memory.weight_budget_bytes", "memory.activation_budget_bytes"):
-        if key in flat and flat[key] <= 0:
-            raise _err(source, key, f"is {flat[key]}", "give a positive number of bytes")
     return Profile(
         name=flat["name"],
         description=flat["description"],

@@ -116,7 +116,7 @@ def test_bad_inputs_exit_2_and_write_nothing(files):
     (["compile", "model.pt2", "-o", "out.tflite"], "suffix"),
     (["compile", "model.pt2", "-o", "nofolder/out.pt2"], "does not exist"),
     (["compile", "model.pt2", "--profile", "tpu9000", "-o", "o.pt2"], "unknown profile"),
-    (["compile", "model.pt2", "--tolerance", "3", "-o", "o.pt2"], "out of range"),
+    (["compile", "model.pt2", "--tolerance", "-0.5", "-o", "o.pt2"], "out of range"),
     (["compile", "model.pt2", "--techniques", "magic", "-o", "o.pt2"], "unknown technique"),
     (["compile", "model.pt2", "--calibration", "notes.pt2", "-o", "o.pt2"], "torch.save"),
     (["report", "model.pt2"], "carries no fxcompress report"),

@@ -7,7 +7,7 @@ print(small.meta["fxcompress_report"])
 torch.export.export(small, (x,))
 ```
 
-The public contract is in DESIGN.md §1: `compile`, `export`, `load_profile`, `list_profiles`,
+The public contract (README.md, "Use"): `compile`, `export`, `load_profile`, `list_profiles`,
 the report, and the two exception types.
 """
 

@@ -1,4 +1,4 @@
-"""`fxcompress.compile`: capture, plan, rewrite, verify, report (DESIGN §1)."""
+"""`fxcompress.compile`: capture, plan, rewrite, verify, report."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     Returns an ATen-level `torch.fx.GraphModule` that runs in eager mode, accepts any batch
     size where the model allows it, and that `torch.export.export(result, example_inputs)`
     accepts. `result.meta["fxcompress_report"]` is the `Report`. The input model is never
-    modified. See DESIGN §1 for every argument. Beyond it:
+    modified. The arguments are those of README.md's "Use" section:
 
     - `tolerance`: without `evaluate`, the largest relative output error ‖y′−y‖/‖y‖ over the
       calibration data, any finite number >= 0; 1 or more is allowed (binary layers can

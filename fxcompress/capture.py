@@ -1,4 +1,4 @@
-"""Capture: any accepted model becomes one ATen-level FX `GraphModule` (DESIGN §3).
+"""Capture: any accepted model becomes one ATen-level FX `GraphModule`.
 
 `torch.export` (non-strict) of an `nn.Module` gives an `ExportedProgram`; `ep.module()` is the IR
 every pass rewrites. An `ExportedProgram` is used as it is; a `torch.fx.GraphModule` from

@@ -1,4 +1,4 @@
-"""The `fxcompress` command line (DESIGN §1).
+"""The `fxcompress` command line.
 
     fxcompress compile MODEL.pt2 --profile P [--calibration FILE] [--tolerance T]
                        [--techniques svd,int8] -o OUT.{pt2,pte,onnx}

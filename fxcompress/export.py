@@ -1,4 +1,4 @@
-"""`fxcompress.export`: a compiled model into a deployable file (DESIGN §1).
+"""`fxcompress.export`: a compiled model into a deployable file.
 
 The suffix of the path picks the format:
 

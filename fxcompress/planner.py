@@ -1,4 +1,4 @@
-"""The planner: which rewrite each layer gets, on this target, within the tolerance (DESIGN §6).
+"""The planner: which rewrite each layer gets, on this target, within the tolerance.
 
 1. **Candidates.** For every layer, each technique the profile runs (and the user allows)
    proposes rewrites; techniques that stack (int8) are also applied on top of the others'

@@ -1,4 +1,4 @@
-"""The report: what was done to every layer and why, and what it cost (DESIGN §1).
+"""The report: what was done to every layer and why, and what it cost.
 
 `str(report)` is a table; `report.to_dict()` is plain JSON-able data; `Report.from_dict`
 reads it back (the command line's `report` reads it from a saved program).

@@ -1,4 +1,4 @@
-"""fxcompress.compile end to end on small models: the contract of DESIGN §1."""
+"""fxcompress.compile end to end on small models: the public contract (README.md, "Use")."""
 
 import copy
 import json

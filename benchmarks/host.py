@@ -227,6 +227,7 @@ def compile_time_section() -> list[str]:
     finally:
         for b in burners:
             b.kill()
+            b.wait()
     return rows
 
 

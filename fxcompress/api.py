@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -189,10 +190,14 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
                           techniques, objective, dynamic_shapes, recover, seed, progress,
                           time_budget)
     report = result.meta[REPORT_KEY]
-    if n_threads < torch.get_num_threads():
+    if "FXCOMPRESS_THREADS" in os.environ:
+        report.notes.append(f"compiled with {n_threads} threads (FXCOMPRESS_THREADS)")
+    elif n_threads < torch.get_num_threads():
         report.notes.append(f"compiled with {n_threads} of {torch.get_num_threads()} threads: "
                             "other processes kept the other cores busy (FXCOMPRESS_THREADS "
-                            "sets the number)")
+                            "pins the number, for results that repeat exactly)")
+    else:
+        report.notes.append(f"compiled with {n_threads} threads")
     return result
 
 

@@ -92,9 +92,25 @@ def target_vs_host(profile: Profile) -> str | None:
             "profile='x86-avx2' (7-bit weights) or 'x86-host' (this host, measured)")
 
 
+def _own_running() -> int:
+    """Threads of this process that are running now (its OpenMP or ONNX Runtime workers may
+    still be spinning after their last task: they are not other processes)."""
+    n = 0
+    try:
+        for task in os.scandir("/proc/self/task"):
+            try:
+                with open(f"{task.path}/stat") as f:
+                    n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                continue
+    except OSError:
+        return 1
+    return max(1, n)
+
+
 def _others_running() -> int:
-    """Runnable processes besides this one, the median of a few samples of /proc/loadavg's
-    running count (the load average itself lags by a minute)."""
+    """Runnable threads of other processes, the median of a few samples of /proc/loadavg's
+    running count less this process's own (the load average itself lags by a minute)."""
     samples = []
     for _ in range(5):
         try:
@@ -102,14 +118,17 @@ def _others_running() -> int:
                 running = int(f.read().split()[3].split("/")[0])
         except (OSError, ValueError, IndexError):
             return 0
-        samples.append(running - 1)
+        samples.append(running - _own_running())
         time.sleep(0.01)
     return max(0, int(statistics.median(samples)))
 
 
 def compile_threads() -> int:
     """Threads for a compile: `FXCOMPRESS_THREADS`, else `torch.get_num_threads()`, at most
-    the cores that other runnable processes leave free, at least one."""
+    the cores that other runnable processes leave free, at least one. The thread count is an
+    input like the seed: float sums split over threads round differently, which can move a
+    recovery run or a borderline plan, so pin it with `FXCOMPRESS_THREADS` where results must
+    repeat exactly on a busy host (the report records it)."""
     env = os.environ.get("FXCOMPRESS_THREADS")
     if env is not None:
         try:

@@ -212,6 +212,8 @@ def _inference_model(model: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
     finally:
         for m, training in modes:
             m.training = training
+
+
 def _input_batch_sizes(ep: ExportedProgram) -> list:
     """Dim 0 of each tensor input: an int where export specialized it, else its symbol."""
     free = {str(sym) for sym in ep.range_constraints}

@@ -280,6 +280,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
                             f"{prof.sources.get('measured', '')}; {prof.sources.get('isa', '')}"
                             f"; int8 weights {prof.int8_weight_bits}-bit. The plan depends on "
                             "the host")
+    report.notes.extend(thin_fits(plan.choice, calib))
     if any(c.payload.get("int8") for c in plan.choice.values()):
         mismatch = target_vs_host(prof)
         if mismatch:
@@ -287,6 +288,29 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     report.compile_seconds = time.perf_counter() - start
     result.meta[REPORT_KEY] = report
     return result
+
+
+def thin_fits(choice: dict, calib: Calibration) -> list[str]:
+    """Notes for chosen rewrites fitted to fewer calibration rows than the layer has input
+    features: an activation-aware SVD is fitted to the span of the rows it saw, so with fewer
+    rows than features it can match the calibration data exactly (error near 0 there) and not
+    other inputs. Each note says how much more data to pass."""
+    notes = []
+    for c in choice.values():
+        if c.technique.split("+")[0] != "svd" or not c.params.get("aware"):
+            continue
+        features = int(c.layer.weight_shape[1])
+        stats = calib.stats.get(c.layer.node)
+        rows = stats.rows if stats is not None else 0
+        if rows >= features:
+            continue
+        more = math.ceil(features / max(rows, 1))
+        notes.append(f"layer {c.layer.name}: activation-aware SVD (rank {c.params.get('rank')}) "
+                     f"was fitted to {rows} calibration rows, fewer than its {features} input "
+                     "features, so its error on the calibration data understates its error on "
+                     f"other inputs: pass at least {features} rows ({more}x the calibration "
+                     "data given)")
+    return notes
 
 
 def _export_args(inputs: tuple) -> tuple:

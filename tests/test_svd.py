@@ -301,3 +301,27 @@ def test_sequential_refit_of_a_strided_padded_1x1_conv_and_a_linear():
     out = svd_pass(capture(m, (x,)).graph_module, refit_config(refit)).graph_module
     out.graph.lint()
     torch.export.export(out, (x,), strict=False)
+
+
+def test_a_fit_to_fewer_rows_than_features_is_reported_with_how_much_more_data():
+    """Activation-aware SVD fitted to 8 rows of a 256-feature input can match those rows
+    exactly; the report says so and how many rows to pass, and says nothing with enough."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    gen = torch.Generator().manual_seed(3)
+    few = [(torch.randn(8, 256, generator=gen),)]
+    small = fxcompress.compile(model, few[0], profile="mobile-arm", calibration=few,
+                               tolerance=0.05, techniques=["svd"])
+    rep = small.meta["fxcompress_report"]
+    svd_layers = [lay for lay in rep.layers if lay.applied.startswith("svd")]
+    assert svd_layers and svd_layers[0].params["rank"] <= 8
+    note = next(n for n in rep.notes if "fewer than its 256 input features" in n)
+    assert "8 calibration rows" in note and "at least 256 rows (32x" in note
+    x_new = torch.randn(64, 256, generator=gen)
+    with torch.no_grad():  # the warning is earned: out of sample the error is far larger
+        err_new = float((small(x_new) - model(x_new)).norm() / model(x_new).norm())
+    assert err_new > 0.05 >= rep.error
+    many = [(torch.randn(128, 256, generator=gen),) for _ in range(4)]
+    big = fxcompress.compile(model, many[0], profile="mobile-arm", calibration=many,
+                             tolerance=0.05, techniques=["svd"])
+    assert not any("input features" in n for n in big.meta["fxcompress_report"].notes)

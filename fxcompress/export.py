@@ -131,7 +131,7 @@ class Delegation:
 # --- formats --------------------------------------------------------------------------------
 def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: str | Path, *,
            profile: str | Path | Profile | None = None,
-           check_tolerance: float | None = None) -> ExportResult:
+           check_tolerance: float | None = None, onnx_int8: str = "portable") -> ExportResult:
     """Write `gm` (usually the result of `fxcompress.compile`) to `path`; its suffix picks the
     format (``.pt2``, ``.pte``, ``.onnx``).
 
@@ -144,10 +144,28 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
     has one. User mistakes (an unknown suffix, a folder that cannot be written, inputs of
     another shape than the model was compiled for, a runtime not installed) raise
     `FxCompressError`. Exports (and compiles) in one process run one at a time: torch.export
-    keeps process-wide state (`fxcompress.capture.EXPORT_LOCK`)."""
+    keeps process-wide state (`fxcompress.capture.EXPORT_LOCK`).
+
+    `onnx_int8` (``.onnx`` only): ``"portable"`` (default) stores full-range int8 weights as
+    uint8 with the zero point moved by 128, exact in ONNX Runtime on every x86 CPU;
+    ``"u8s8"`` keeps u8 x s8: on CPUs with VNNI / AMX 1.04-1.12x faster with int8 linears,
+    1.9x with int8 convolutions (benchmarks/results/host.md), but it saturates on CPUs without
+    them, so it can only be written and checked on a host that has them."""
     path = Path(path)
     fmt = _check_path(path)
     tol = _check_tolerance(check_tolerance)
+    if onnx_int8 not in ("portable", "u8s8"):
+        raise FxCompressError(f"onnx_int8 {onnx_int8!r} is unknown; use 'portable' (exact on "
+                              "any x86 CPU) or 'u8s8' (faster with VNNI, wrong without)")
+    if onnx_int8 == "u8s8" and fmt == ".onnx":
+        from fxcompress.hostbench import host_isa, int8_weight_bits
+
+        if int8_weight_bits(host_isa()) < 8:
+            raise FxCompressError(
+                f"onnx_int8='u8s8' keeps u8 x s8 int8, exact only on CPUs with VNNI or AMX; "
+                f"this host ({', '.join(host_isa()) or 'no AVX2'}) has neither, so the file "
+                "could not be checked here: write it on such a host, or keep the default "
+                "onnx_int8='portable'")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple | list):
@@ -158,10 +176,11 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
         raise FxCompressError(f"export takes the GraphModule fxcompress.compile returned (or "
                               f"any nn.Module), not {type(gm).__name__}")
     with EXPORT_LOCK:
-        return _export(gm, example_inputs, path, fmt, profile, tol)
+        return _export(gm, example_inputs, path, fmt, profile, tol, onnx_int8)
 
 
-def _export(gm, example_inputs: tuple, path: Path, fmt: str, profile, tol) -> ExportResult:
+def _export(gm, example_inputs: tuple, path: Path, fmt: str, profile, tol,
+            onnx_int8: str = "portable") -> ExportResult:
     report = _report_of(gm)
     with torch.no_grad():
         try:
@@ -173,7 +192,7 @@ def _export(gm, example_inputs: tuple, path: Path, fmt: str, profile, tol) -> Ex
     if fmt == ".pt2":
         return _export_pt2(gm, example_inputs, path, report, expected, tol)
     if fmt == ".onnx":
-        return _export_onnx(gm, example_inputs, path, report, expected, tol)
+        return _export_onnx(gm, example_inputs, path, report, expected, tol, onnx_int8)
     prof = _resolve_profile(profile, report)
     preflight(path, prof)
     return _export_pte(gm, example_inputs, path, prof, expected, tol)
@@ -747,7 +766,9 @@ def _portable_int8(model) -> bool:
     exactly), where its weights are wide enough to saturate an x86 CPU without VNNI. ONNX
     Runtime runs u8 x s8 (and s8 x s8) through 16-bit pair sums there (0.12 relative error on
     the digits CNN, measured under an emulated AVX2 CPU), but u8 x u8 through 32-bit ones, on
-    every x86 CPU. The cost, measured on an AVX-512 VNNI CPU: 1.05-1.9x the u8 x s8 latency.
+    every x86 CPU. The cost on an AVX-512 VNNI CPU (benchmarks/results/host.md): 1.04-1.12x
+    the u8 x s8 latency with int8 linears, 1.9x with int8 convolutions; `export(...,
+    onnx_int8="u8s8")` keeps u8 x s8 for files that only VNNI / AMX CPUs run.
     Weights within 7 bits (the `x86-avx2` profile) already compute exactly and are left as they
     are. True when it re-encoded; False when nothing needed it or the graph holds an int8
     tensor it cannot re-encode (then the run check decides)."""
@@ -802,7 +823,8 @@ def _strip_debug_info(model) -> None:
         value.metadata_props.clear()
 
 
-def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
+def _export_onnx(gm, inputs, path, report, expected, tol, onnx_int8: str = "portable",
+                 ) -> ExportResult:
     install = "pip install 'fxcompress[onnx]'"
     _require("onnxscript", "writing an .onnx", install)
     ort = _require("onnxruntime", "checking an .onnx", install)
@@ -817,7 +839,8 @@ def _export_onnx(gm, inputs, path, report, expected, tol) -> ExportResult:
         raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
                             f"{str(e).strip()[:300]}); please report this") from e
     _strip_debug_info(onnx_program.model)
-    _portable_int8(onnx_program.model)
+    if onnx_int8 == "portable":
+        _portable_int8(onnx_program.model)
     rj = _report_json(report)
     if rj is not None:
         onnx_program.model.metadata_props[REPORT_FILE] = rj

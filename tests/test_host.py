@@ -212,7 +212,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian's qemu-user) is not installed: "
                     "no AVX2 CPU to emulate; .ci/run installs it")
-def test_onnx_files_agree_on_an_emulated_avx2_cpu(int8_models, tmp_path, monkeypatch):
+def test_onnx_files_agree_on_an_emulated_avx2_cpu(int8_models, tmp_path):
     _, out = int8_models
     paths, expected = [], []
     for name in ("x86-server", "mobile-arm", "x86-avx2"):
@@ -222,14 +222,33 @@ def test_onnx_files_agree_on_an_emulated_avx2_cpu(int8_models, tmp_path, monkeyp
             expected.append(out[name](X).numpy().ravel())
     # the negative control: the VNNI server's file without the portable re-encoding, written
     # with the check on; on a host without VNNI the check itself refuses it
-    monkeypatch.setattr(ex, "_portable_int8", lambda model: False)
     try:
-        paths.append(fxcompress.export(out["x86-server"], (X,), tmp_path / "raw.onnx").path)
-    except fxcompress.InternalError as e:
-        assert hb.int8_weight_bits(hb.host_isa()) == 7 and "disagrees" in str(e)
+        paths.append(fxcompress.export(out["x86-server"], (X,), tmp_path / "raw.onnx",
+                                       onnx_int8="u8s8").path)
+    except FxCompressError as e:
+        assert hb.int8_weight_bits(hb.host_isa()) == 7 and "VNNI or AMX" in str(e)
     got = _ort_on_avx2(tmp_path, paths)
     for name, g, e in zip(("x86-server", "mobile-arm", "x86-avx2"), got, expected,
                           strict=False):
         assert _rel(g, e) < ex.INT8_CHECK_TOLERANCE, name
     if len(got) == 4:
         assert _rel(got[3], expected[0]) > ex.INT8_CHECK_TOLERANCE  # u8 x s8 saturates
+
+
+def test_onnx_int8_u8s8_is_an_opt_in_for_vnni_hosts(int8_models, tmp_path, monkeypatch):
+    import onnx
+
+    _, out = int8_models
+    with pytest.raises(FxCompressError, match="onnx_int8"):
+        fxcompress.export(out["x86-server"], (X,), tmp_path / "bad.onnx", onnx_int8="s8")
+    monkeypatch.setenv("FXCOMPRESS_HOST_ISA", "avx2,fma")
+    with pytest.raises(FxCompressError, match="VNNI or AMX.*portable"):
+        fxcompress.export(out["x86-server"], (X,), tmp_path / "u8s8.onnx", onnx_int8="u8s8")
+    assert not (tmp_path / "u8s8.onnx").exists()
+    monkeypatch.delenv("FXCOMPRESS_HOST_ISA")
+    if hb.int8_weight_bits(hb.host_isa()) < 8:
+        pytest.skip("this CPU has no VNNI / AMX: a u8 x s8 .onnx cannot be checked on it")
+    res = fxcompress.export(out["x86-server"], (X,), tmp_path / "u8s8.onnx", onnx_int8="u8s8")
+    kinds = {i.data_type for i in onnx.load(str(res.path)).graph.initializer
+             if len(i.dims) == 2}
+    assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.UINT8 not in kinds

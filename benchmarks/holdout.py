@@ -13,7 +13,6 @@ to the planner, as the baseline.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import fxcompress
+from fxcompress.demo import saved_bytes
 from fxcompress.models import accuracy, digits_data, load_pretrained, text_data
 
 OUT = Path(__file__).parent / "results" / "holdout.md"
@@ -37,12 +37,6 @@ def _rel(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         ya, yb = a(x), b(x)
     return float((ya - yb).norm() / yb.norm())
-
-
-def _bytes(m: torch.nn.Module, x: torch.Tensor) -> int:
-    buf = io.BytesIO()
-    torch.export.save(torch.export.export(m, (x.clone(),), strict=False), buf)
-    return buf.getbuffer().nbytes
 
 
 def main() -> None:
@@ -74,7 +68,8 @@ def main() -> None:
             cells = f"{on_cal:+.2f} pt | {on_test:+.2f} pt"
         ok = on_test <= tol + 1e-9
         held += ok
-        ratio = _bytes(small, x_cal[:32]) / _bytes(model, x_cal[:32])
+        ratio = (saved_bytes(small, (x_cal[:32],), dynamic=False)
+                 / saved_bytes(model, (x_cal[:32],), dynamic=False))
         rows.append(f"| {name} | {budget} | {cells} | {'yes' if ok else 'no'} | {ratio:.3f} | "
                     f"{secs:.0f} s |")
         print(rows[-1], flush=True)

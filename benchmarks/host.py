@@ -17,7 +17,6 @@ busy host. Writes `benchmarks/results/host.md`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import torch
 
 import fxcompress
 from fxcompress import hostbench
+from fxcompress.demo import saved_bytes
 from fxcompress.models import digits_data, load_pretrained, text_data
 from fxcompress.timing import interleaved
 
@@ -239,10 +239,8 @@ def bert_section() -> list[str]:
     g = torch.Generator().manual_seed(0)
     cal = [(torch.randint(0, 30522, (8, 64), generator=g),) for _ in range(4)]
 
-    def size(ep_module, x):
-        buf = io.BytesIO()
-        torch.export.save(torch.export.export(ep_module, (x.clone(),), strict=False), buf)
-        return buf.getbuffer().nbytes
+    def size(m, x):
+        return saved_bytes(m, (x,), dynamic=False)
 
     rows = ["| compiled on (host ISA as seen) | profile | .pt2 bytes / fp32 | layers int8 | "
             "note |", "|---|---|---|---|---|"]

@@ -13,6 +13,13 @@ import torch
 from torch import fx
 
 import fxcompress.passes  # noqa: F401  (registers the techniques)
+from fxcompress.acceptance import (
+    DEFAULT_HOLDOUT,
+    Acceptance,
+    base_score_of,
+    no_grad_eval,
+    split_batches,
+)
 from fxcompress.built_cost import built_costs
 from fxcompress.calibration import Calibration, check_calibration
 from fxcompress.capture import EXPORT_LOCK, capture
@@ -20,12 +27,12 @@ from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
 from fxcompress.hostbench import calibrated, compile_threads, target_vs_host, threads
+from fxcompress.passes.svd import shrinkage
 from fxcompress.planner import (
-    base_score_of,
     build_options,
     enforce_budgets,
     measure,
-    no_grad_eval,
+    rounding_floor,
     verify,
     weight_bytes,
 )
@@ -97,6 +104,14 @@ def _check_time_budget(time_budget) -> float | None:
     return None if math.isinf(t) else t
 
 
+def _check_holdout(holdout) -> float:
+    if not _real(holdout) or not 0 <= float(holdout) < 1:
+        raise FxCompressError(f"holdout must be a share of the calibration batches from 0 to "
+                              f"below 1, not {holdout!r}; e.g. holdout=0.25 (the default), or "
+                              "0 to judge plans on the data they were fitted to")
+    return float(holdout)
+
+
 def _check_callable(name: str, value, example: str) -> None:
     if value is not None and not callable(value):
         raise FxCompressError(f"{name} must be a callable or None, not "
@@ -154,7 +169,8 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
             techniques: Iterable[str] | None = None, objective: str | None = None,
             dynamic_shapes=None, recover=None, seed: int = 0,
             progress: Callable[[str], None] | None = None,
-            time_budget: float | None = None) -> fx.GraphModule:
+            time_budget: float | None = None, holdout: float = DEFAULT_HOLDOUT
+            ) -> fx.GraphModule:
     """Compress `model` for the target `profile` within `tolerance`.
 
     Returns an ATen-level `torch.fx.GraphModule` that runs in eager mode, accepts any batch
@@ -170,9 +186,18 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
       matmul adds the same terms in another order), and if no rewrite is exact the model
       comes back unchanged, the report saying why. With `evaluate`, the largest allowed drop
       of its score (0: no drop).
-    - `evaluate(model) -> float`: higher is better; it must return a finite number (a
-      one-element tensor is read as its value) for the original model. A compressed model
-      whose score is NaN or infinite fails the tolerance.
+      The tolerance is judged on calibration batches held out from every fit (`holdout`),
+      by the upper end of a 95% bootstrap interval, so that it holds on data the planner did
+      not choose with (see `fxcompress.acceptance`).
+    - `evaluate(model)`: higher is better; it returns the score, a finite number (a
+      one-element tensor is read as its value), or one number per example (a 1-D tensor,
+      array or list, e.g. `100 * (pred == y).float()`), whose mean is the score: then a plan
+      holds when the 95% upper bound of a paired bootstrap of the per-example drop is within
+      the tolerance. A compressed model whose score is NaN or infinite fails the tolerance.
+    - `holdout`: the share of the calibration batches held out to judge plans on, from 0 to
+      below 1 (default 0.25; at least one batch is held out when there are two or more).
+      0 judges on the data the rewrites were fitted to, as measured, without an interval: the
+      tolerance then holds on the calibration data only.
     - `seed`: an integer from 0 to 2**63 - 1; fixes every random choice.
     - `progress`: a callable that receives one line per planner step (a bar is drawn on a
       terminal regardless). It is the caller's code: what it raises propagates.
@@ -188,7 +213,7 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     with EXPORT_LOCK, threads(n_threads):  # torch.export's state is process-wide
         result = _compile(model, example_inputs, profile, calibration, tolerance, evaluate,
                           techniques, objective, dynamic_shapes, recover, seed, progress,
-                          time_budget)
+                          time_budget, holdout)
     report = result.meta[REPORT_KEY]
     if "FXCOMPRESS_THREADS" in os.environ:
         report.notes.append(f"compiled with {n_threads} threads (FXCOMPRESS_THREADS)")
@@ -202,7 +227,8 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
 
 
 def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, techniques,
-             objective, dynamic_shapes, recover, seed, progress, time_budget) -> fx.GraphModule:
+             objective, dynamic_shapes, recover, seed, progress, time_budget, holdout
+             ) -> fx.GraphModule:
     start = time.perf_counter()
     # every argument is checked before any work (the host benchmark of a measured profile,
     # the capture): a mistake costs nothing
@@ -212,6 +238,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     objective = _check_objective(objective)
     seed = _check_seed(seed)
     time_budget = _check_time_budget(time_budget)
+    holdout = _check_holdout(holdout)
     techniques = _technique_names(techniques)  # a tuple: a generator is read once
     if recover is not None and not isinstance(recover, Recover):
         raise FxCompressError(f"recover must be None or fxcompress.Recover(...), not "
@@ -234,8 +261,10 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     base_score = base_score_of(evaluate, gm) if evaluate is not None else None
     batches = check_calibration(calibration, cap.example_inputs)
     layers = find_layers(gm)
-    log(f"captured {len(layers)} layers; calibrating on {len(batches)} batches")
-    calib = Calibration(gm, batches, {lay.node: lay.op for lay in layers})
+    fit_batches, held = split_batches(batches, holdout)
+    log(f"captured {len(layers)} layers; calibrating on {len(fit_batches)} batches, "
+        f"{len(held)} held out to judge plans on")
+    calib = Calibration(gm, fit_batches, {lay.node: lay.op for lay in layers}, holdout=held)
     example_batch = _batch_of(cap.example_inputs)
     calib_batch = _batch_of(batches[0])
     scale = example_batch / calib_batch if example_batch and calib_batch else 1.0
@@ -251,11 +280,13 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
         (lambda built: weight_bytes(built) <= budget)
     # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
     # data: re-fitting on the example inputs alone would fit them, not the model's inputs
-    plan = verify(gm, options, calib, tol, obj, score_fn, base_score, log, fits,
+    accept = Acceptance(calib, tol, score_fn, base_score, seed,
+                        exact_limit=rounding_floor(calib) if tol == 0 and evaluate is None
+                        else None, in_sample=holdout == 0)
+    plan = verify(gm, options, calib, accept, obj, log, fits,
                   refit=calibration is not None, seed=seed)
     if recover is not None:
-        plan, _ = recover_plan(gm, options, calib, plan, tol, obj, score_fn, base_score,
-                               recover, seed, log)
+        plan, _ = recover_plan(gm, options, calib, plan, accept, obj, recover, seed, log)
     result = plan.graph_module
     budget_notes = enforce_budgets(prof, options, plan.choice, result)
     try:
@@ -266,8 +297,15 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
                             f"{str(e)[:300]}); please report this") from e
     ep_before = torch.export.export(gm, _export_args(cap.example_inputs),
                                     dynamic_shapes=cap.dynamic_shapes, strict=False)
-    report = _report(options, plan, prof, obj, tol, seed, evaluate is not None, base_score,
-                     example_batch or 1)
+    report = _report(options, plan, prof, obj, tol, seed, evaluate is not None,
+                     None if base_score is None else base_score.value, example_batch or 1)
+    report.accepted_on = accept.basis()
+    if plan.verdict is not None:
+        v = plan.verdict
+        report.error_interval = [v.error.low, v.error.high] if v.error.units else None
+        if v.drop is not None:
+            report.drop = v.drop.value
+            report.drop_interval = [v.drop.low, v.drop.high] if v.drop.units else None
     report.serialized_bytes_before = serialized_size(ep_before)
     report.serialized_bytes_after = serialized_size(ep_after)
     report.dynamic_batch = cap.dynamic_batch
@@ -305,11 +343,13 @@ def thin_fits(choice: dict, calib: Calibration) -> list[str]:
         if rows >= features:
             continue
         more = math.ceil(features / max(rows, 1))
+        rho = shrinkage(stats.covariance, rows, stats.fourth) if stats.gram is not None else 1.0
         notes.append(f"layer {c.layer.name}: activation-aware SVD (rank {c.params.get('rank')}) "
                      f"was fitted to {rows} calibration rows, fewer than its {features} input "
-                     "features, so its error on the calibration data understates its error on "
-                     f"other inputs: pass at least {features} rows ({more}x the calibration "
-                     "data given)")
+                     f"features, so its input covariance was shrunk {rho:.0%}"
+                     " of the way to the identity (nearer plain SVD) and the fit still leans on "
+                     f"the rows seen: pass at least {features} rows ({more}x the calibration "
+                     "data the fits used)")
     return notes
 
 

@@ -68,6 +68,7 @@ class LayerStats:
 
     rows: int = 0  # number of input vectors seen (tokens, or pixels for convs)
     gram: torch.Tensor | None = None  # sum of x x^T over rows (linear: in_features^2), float64
+    fourth: float = 0.0  # sum of ||x||^4 over rows (the spread of x x^T: Ledoit-Wolf shrinkage)
     absmax: float = 0.0  # largest |x| seen
     shape: tuple[int, ...] = ()  # input shape of the first calibration batch
     out_shape: tuple[int, ...] = ()  # output shape of the first calibration batch (filled later)
@@ -103,6 +104,7 @@ class LayerStats:
             return
         g = rows.T @ rows
         self.gram = g if self.gram is None else self.gram + g
+        self.fourth += float((rows * rows).sum(1).square().sum())
         self.rows += rows.shape[0]
         have = sum(s.shape[0] for s in self.samples)
         if have < keep_rows:
@@ -118,9 +120,12 @@ class Calibration:
     """Calibration batches, the original graph's outputs on them, and per-layer input stats."""
 
     def __init__(self, gm: fx.GraphModule, batches: list[tuple], layers: Mapping[str, str],
-                 keep_rows: int = 4096):
+                 keep_rows: int = 4096, holdout: list[tuple] | None = None):
         self.gm = gm
         self.batches = batches
+        # batches no statistic, candidate error or fit uses: what built plans are judged on
+        # (see fxcompress.acceptance); empty: they are judged on `batches`
+        self.holdout = list(holdout or [])
         self.stats: dict[str, LayerStats] = {node: LayerStats() for node in layers}
         kinds = dict(layers)
         out_shapes: dict[str, tuple] = {}
@@ -157,6 +162,17 @@ class Calibration:
         if self.ref_energy == 0.0:
             raise FxCompressError("the model's outputs on the calibration data are all zero, so "
                                   "relative error is undefined; pass real calibration inputs")
+        self.holdout_reference: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            for i, batch in enumerate(self.holdout):
+                try:
+                    out = gm(*batch)
+                except Exception as e:
+                    raise FxCompressError(
+                        f"held-out calibration batch {i} does not run through the model "
+                        f"({type(e).__name__}: {str(e)[:200]}); each calibration item must be "
+                        "a tuple shaped like example_inputs (any batch size)") from e
+                self.holdout_reference.append([t.detach() for t in float_leaves(out)])
 
     def sensitivity_batches(self, examples: int = 64) -> int:
         """How many leading batches hold at least `examples` examples (all, if fewer)."""
@@ -233,6 +249,47 @@ class Calibration:
                     num += float(((y.double() - r.double()) ** 2).sum())
                     den += float((r.double() ** 2).sum())
         return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+    def example_errors(self, model: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example squared output error of `model` and squared reference output, on the
+        held-out batches (on the calibration batches when none is held out): two float64
+        vectors whose sums' ratio's root is the relative output error. An example is one index
+        of the batch dimension; a batch whose outputs do not all lead with it counts as one."""
+        batches, refs = ((self.holdout, self.holdout_reference) if self.holdout
+                         else (self.batches, self.reference))
+        nums, dens = [], []
+        with torch.no_grad():
+            for batch, ref in zip(batches, refs, strict=True):
+                out = float_leaves(model(*batch))
+                if len(out) != len(ref):
+                    raise ValueError(f"model gives {len(out)} float outputs, expected {len(ref)}")
+                n = _batch_size(batch)
+                per = n is not None and all(r.dim() >= 1 and r.shape[0] == n for r in ref)
+                num = torch.zeros(n if per else 1, dtype=torch.float64)
+                den = torch.zeros_like(num)
+                for y, r in zip(out, ref, strict=True):
+                    d = (y.double() - r.double()) ** 2
+                    e = r.double() ** 2
+                    if per:
+                        num += d.reshape(n, -1).sum(1)
+                        den += e.reshape(n, -1).sum(1)
+                    else:
+                        num += d.sum()
+                        den += e.sum()
+                nums.append(num)
+                dens.append(den)
+        return torch.cat(nums), torch.cat(dens)
+
+    @staticmethod
+    def example_count(batches: list[tuple]) -> int:
+        """Examples in `batches` (a batch without a batch dimension counts as one)."""
+        return sum(_batch_size(b) or 1 for b in batches)
+
+
+def _batch_size(batch: tuple) -> int | None:
+    first = next((x for x in batch if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
 
 
 def _record_outputs(interp: OverrideInterpreter, names: set[str], out: dict,

@@ -3,7 +3,9 @@
 An observer looks at sampled activation values and returns the range [lo, hi] that int8 should
 cover. Clipping a few outliers buys a finer step for everything else, so three rules are offered:
 
-- ``minmax``: the whole observed range (no clipping; the safe default for small samples);
+- ``minmax``: the whole observed range (no clipping): the default, which compile widens by
+  `fxcompress.passes.int8.range_headroom`, because inputs beyond the calibration data's
+  extremes are clipped, and a few calibration examples rarely hold the extremes;
 - ``percentile``: the 0.01th to 99.99th percentile (outliers clipped);
 - ``mse``: the clipping of the min-max range that minimizes the squared quantization error of
   the samples themselves (a grid search over shrink factors, as in TensorRT's and torchao's

@@ -12,10 +12,12 @@
    tolerance is the longest prefix of that sequence whose estimated error (the root of the sum
    of squared single-rewrite errors, as for independent noise) is within 0.9 x tolerance, so a
    looser tolerance only ever extends a plan.
-4. **Verification and back-off.** The plan is built for real and its end-to-end error (or the
-   drop of the user's `evaluate`) measured. If it misses the tolerance, the last, least
-   efficient upgrades are backed off: a binary search over shorter prefixes finds the longest
-   that holds. With calibration data, each plan is built with its values re-fitted to the
+4. **Verification and back-off.** The plan is built for real and judged by
+   `fxcompress.acceptance`: its end-to-end error (or the drop of the user's `evaluate`) on
+   calibration batches held out from every statistic and fit, and the upper end of its
+   bootstrap interval, must be within the tolerance. If it misses, the last, least efficient
+   upgrades are backed off: a binary search over shorter prefixes finds the longest that
+   holds. With calibration data, each plan is built with its values re-fitted to the
    whole plan first (`Technique.refine`: SVD re-fits its chosen factors in graph order from
    the inputs the rewritten model gives each layer), at unchanged ranks and costs.
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from fxcompress.acceptance import Acceptance, Verdict
 from fxcompress.calibration import Calibration
 from fxcompress.candidates import Candidate, Shapes, compatible, step_of_layer
 from fxcompress.capture import inference_graph
@@ -65,10 +67,11 @@ class Plan:
     """The chosen candidate per layer (absent: left alone), and how it was verified."""
 
     choice: dict[str, Candidate]
-    error: float  # measured end-to-end relative output error
+    error: float  # end-to-end relative output error on the acceptance data
     score: float | None = None  # evaluate() of the built plan, when given
     graph_module: fx.GraphModule | None = None
     history: list[str] = field(default_factory=list)  # what the verification loop did
+    verdict: Verdict | None = None  # the acceptance judgment of the built plan
 
 
 def gain(c: Candidate, base: Candidate, objective: str) -> float:
@@ -281,23 +284,24 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate], calib: Calibration |
 
 
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
-           tolerance: float, objective: str, evaluate: Callable | None,
-           base_score: float | None, log: Callable[[str], None],
+           accept: Acceptance, objective: str, log: Callable[[str], None],
            fits: Callable[[fx.GraphModule], bool] = lambda gm: True, refit: bool = False,
            seed: int = 0) -> Plan:
-    """The longest prefix of the greedy sequence whose *built* graph is within the tolerance.
-    With `refit`, each plan is built with its techniques' values re-fitted on the calibration
-    data (see `build`), and that is the graph measured and returned.
+    """The longest prefix of the greedy sequence whose *built* graph `accept` holds (see
+    `fxcompress.acceptance`: on held-out calibration data, by a bootstrap bound). With `refit`,
+    each plan is built with its techniques' values re-fitted on the calibration data (see
+    `build`), and that is the graph judged and returned.
 
     Without evaluate(), the first try is the longest prefix whose estimated error is within
     0.9 x tolerance; with it, the longest prefix of all. If the built plan misses the
     tolerance, a binary search over shorter prefixes finds the longest that holds.
 
-    Tolerance 0 without evaluate() is lossless only: the sequence is made of the exact
-    rewrites alone (measured error exactly 0.0 on the calibration data), and the built plan
-    holds when its error is within float rounding (`rounding_floor`: removing a dead channel
-    reorders a sum). A NaN or infinite error or score never holds."""
-    exact = tolerance == 0 and evaluate is None
+    Tolerance 0 without evaluate() is lossless only (`accept.exact_limit` set): the sequence is
+    made of the exact rewrites alone (measured error exactly 0.0 on the calibration data), and
+    the built plan holds when its error is within float rounding (`rounding_floor`: removing a
+    dead channel reorders a sum). A NaN or infinite error or score never holds."""
+    tolerance = accept.tolerance
+    exact = accept.exact_limit is not None
     note = None
     if exact:
         kept = [o if o.mandatory else dataclasses.replace(
@@ -310,31 +314,22 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
                    "0.01) to allow lossy rewrites"))
         log(note)
         sequence = moves(kept, objective)
-        limit = rounding_floor(calib)
     else:
         sequence = moves(options, objective)
-        limit = tolerance
     cache: dict[int, tuple[Plan, bool]] = {}
 
     def check(k: int) -> tuple[Plan, bool]:
         if k not in cache:
             choice = sequence[k]
             out = build(gm, choice, calib if refit else None, seed).graph_module
-            err = calib.error_of(out)
-            score = None
-            if evaluate is not None:
-                score = float(evaluate(out))
-                ok = score_holds(base_score, score, tolerance)
-            else:
-                ok = math.isfinite(err) and err <= limit
-            plan = Plan(choice, err, score, out)
-            extra = "" if score is None else f", score {score:.4f}"
+            v = accept(out)
+            plan = Plan(choice, v.error.value, v.score, out, verdict=v)
+            limit = (f"float rounding ({accept.exact_limit:.2g}) of tolerance 0" if exact
+                     else "tolerance")
             plan.history.append(f"plan {k}/{len(sequence) - 1}: {len(choice)} rewrites, "
-                                f"error {err:.4g}{extra}: {'within' if ok else 'over'} "
-                                + (f"float rounding ({limit:.2g}) of tolerance 0" if exact
-                                   else "tolerance"))
+                                f"{v.describe()}: {'within' if v.ok else 'over'} {limit}")
             log(plan.history[-1])
-            cache[k] = (plan, ok)
+            cache[k] = (plan, v.ok)
         return cache[k]
 
     def noted(plan: Plan) -> Plan:
@@ -342,7 +337,7 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
             plan.history.insert(0, note)
         return plan
 
-    if evaluate is None:
+    if accept.evaluate is None:
         top = max((k for k, p in enumerate(sequence) if estimated_error(p) <= 0.9 * tolerance),
                   default=0)
     else:
@@ -379,12 +374,6 @@ def rounding_floor(calib: Calibration) -> float:
     eps = [torch.finfo(r.dtype).eps for ref in calib.reference[:1] for r in ref
            if isinstance(r, torch.Tensor) and r.is_floating_point()]
     return ROUNDING_ULPS * max(eps, default=torch.finfo(torch.float32).eps)
-
-
-def score_holds(base_score: float, score: float, tolerance: float) -> bool:
-    """Whether a compressed model's evaluate() `score` is within `tolerance` of the original's
-    `base_score`. A NaN or infinite score fails (NaN compares false; +inf would pass)."""
-    return math.isfinite(score) and base_score - score <= tolerance + 1e-12
 
 
 def _fit(plan: Plan, sequence, k: int, check, fits) -> Plan:
@@ -445,46 +434,3 @@ def enforce_budgets(profile: Profile, options: list[LayerOptions],
                 "profile with more memory")
         notes.append(f"peak activations {a:,} B fit the {act_budget:,} B activation budget")
     return notes
-
-
-SCORE_FIX = "it must return a finite number, higher is better, e.g. accuracy in percent"
-
-
-def score_of(value, what: str) -> float:
-    """The user's evaluate() result as a float: a real number or a one-element tensor / array
-    (NaN and infinity pass through); the user error for anything else."""
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    if isinstance(value, torch.Tensor) or hasattr(value, "shape"):
-        shown = f"a {type(value).__name__} of shape {tuple(value.shape)}"
-    if isinstance(value, torch.Tensor) or (hasattr(value, "item") and hasattr(value, "size")
-                                           and not isinstance(value, numbers.Number)):
-        n = value.numel() if isinstance(value, torch.Tensor) else value.size
-        if n != 1:
-            raise FxCompressError(f"{what} returned {shown} ({n} values); {SCORE_FIX}; "
-                                  "reduce it to one number (e.g. .mean().item())")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise FxCompressError(f"{what} returned {shown} ({type(value).__name__}); "
-                              f"{SCORE_FIX}")
-    return float(value)
-
-
-def base_score_of(fn: Callable, model) -> float:
-    """evaluate() of the original model, without autograd: a finite number, else the user
-    error (a NaN base score would make every plan fail, and the model come back unchanged)."""
-    with torch.no_grad():
-        score = score_of(fn(model), "evaluate(model)")
-    if not math.isfinite(score):
-        raise FxCompressError(f"evaluate(model) returned {score} for the original model; "
-                              f"{SCORE_FIX}")
-    return score
-
-
-def no_grad_eval(fn: Callable) -> Callable:
-    """Wrap a user's evaluate() so it runs without autograd and returns a float. A compressed
-    model's non-finite score comes back as NaN, which fails every tolerance comparison."""
-    def wrapped(model) -> float:
-        with torch.no_grad():
-            score = score_of(fn(model), "evaluate(compressed model)")
-        return score if math.isfinite(score) else math.nan
-    return wrapped

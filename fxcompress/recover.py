@@ -732,12 +732,12 @@ class Recovery:
     seconds: float = 0.0
 
 
-def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, tolerance: float,
-                 objective: str, evaluate: Callable | None, base_score: float | None,
-                 rec: Recover, seed: int, log: Callable[[str], None]):
+def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, accept,
+                 objective: str, rec: Recover, seed: int, log: Callable[[str], None]):
     """Recover the planner's `plan` by distillation, then (up to `rec.stages` times) extend it
     to a longer prefix of the planner's greedy sequence, recovering again from the trained
-    weights, for as long as the recovered plan holds the tolerance. Returns the new `Plan`
+    weights, for as long as the recovered plan holds the tolerance, as `accept` (an
+    `fxcompress.acceptance.Acceptance`, the planner's own judge) rules. Returns the new `Plan`
     (its `history` extended with each stage's error before / after) and the `Recovery`."""
     from fxcompress.planner import Plan, build, moves
 
@@ -745,6 +745,7 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
     deadline = None if rec.time_budget is None else start + float(rec.time_budget)
     inputs, labels = training_data(rec, calib)
     teacher = gm
+    evaluate = accept.evaluate
     kind = rec.soft_loss if rec.soft_loss != "auto" else ("kl" if evaluate else "mse")
     sequence = moves(options, objective)
     k0 = next((k for k, p in enumerate(sequence) if p.keys() == plan.choice.keys()
@@ -752,16 +753,13 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
     info = Recovery()
 
     def judge(out):
-        err = calib.error_of(out)
-        score = float(evaluate(out)) if evaluate is not None else None
-        ok = (base_score - score <= tolerance + 1e-12) if evaluate is not None \
-            else err <= tolerance
-        return err, score, ok
+        v = accept(out)
+        return v.error.value, v.score, v.ok, v
 
     def stage(base_gm, choice, k, stage_seed):
         t0 = time.perf_counter()
         before = build(base_gm, choice).graph_module
-        e0, s0, _ = judge(before)
+        e0, s0, _, _ = judge(before)
         student = Student(base_gm, options, choice, rec.train_unchanged, rec.train_others)
         info.frozen.update(student.frozen)
         n = fine_tune(student, teacher, rec, inputs, labels, stage_seed, deadline,
@@ -769,18 +767,18 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
         new_gm, trained = student.write_back()
         new_choice = {name: trained.get(name, c) for name, c in choice.items()}
         after = build(new_gm, new_choice).graph_module
-        e1, s1, ok = judge(after)
+        e1, s1, ok, v = judge(after)
         rec_ = StageRecord(k, len(choice), e0, e1, s0, s1, n, time.perf_counter() - t0, ok)
         info.stages.append(rec_)
         log(rec_.line())
-        return new_gm, new_choice, after, e1, s1, ok
+        return new_gm, new_choice, after, e1, s1, ok, v
 
-    base_gm, choice, out, err, score, ok = stage(gm, plan.choice, k0 if k0 is not None else -1,
-                                                 seed)
+    base_gm, choice, out, err, score, ok, v = stage(gm, plan.choice,
+                                                    k0 if k0 is not None else -1, seed)
     if not ok:  # recovery made it worse (possible with a poor teacher signal): keep the plan
         best = plan
     else:
-        best = Plan(choice, err, score, out, list(plan.history))
+        best = Plan(choice, err, score, out, list(plan.history), verdict=v)
     if k0 is not None:
         # extend from the recovered weights where they held, else from the planner's plan
         cur_gm, cur_choice, k = (base_gm, choice, k0) if ok else (gm, plan.choice, k0)
@@ -792,14 +790,14 @@ def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, toleranc
             merged = {name: (cur_choice[name] if name in cur_choice
                              and sequence[k].get(name) is c else c)
                       for name, c in sequence[nxt].items()}
-            g2, c2, out2, e2, s2, ok2 = stage(cur_gm, merged, nxt, seed + s + 1)
+            g2, c2, out2, e2, s2, ok2, v2 = stage(cur_gm, merged, nxt, seed + s + 1)
             if ok2:
                 cur_gm, cur_choice, k = g2, c2, nxt
-                best = Plan(c2, e2, s2, out2, list(plan.history))
+                best = Plan(c2, e2, s2, out2, list(plan.history), verdict=v2)
             else:
                 hi = nxt - 1
     best.history = list(plan.history) + [st.line() for st in info.stages]
-    if rec.data is None and evaluate is None:
+    if rec.data is None and evaluate is None and not calib.holdout:
         best.history.append(
             "recovery trained on the calibration data its error is judged on, so that error is "
             "in-sample; pass Recover(data=...) with other inputs (the training inputs, say) for "

@@ -61,9 +61,13 @@ class Report:
     macs_after: int
     latency_before_us: float
     latency_after_us: float
-    error: float  # measured end-to-end relative output error on the calibration data
+    error: float  # end-to-end relative output error on the data plans are judged on
     score_before: float | None = None  # evaluate() of the original, when given
     score_after: float | None = None
+    accepted_on: str = ""  # what the tolerance was judged on (see fxcompress.acceptance)
+    error_interval: list[float] | None = None  # bootstrap interval of `error` [low, high]
+    drop: float | None = None  # evaluate()'s drop as judged (per-example mean or as measured)
+    drop_interval: list[float] | None = None  # its paired-bootstrap interval [low, high]
     dynamic_batch: bool = True
     compile_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -107,9 +111,15 @@ class Report:
         out.append(f"MACs             {_n(self.macs_before)} → {_n(self.macs_after)}")
         out.append(f"est. latency     {self.latency_before_us:.1f} µs → "
                    f"{self.latency_after_us:.1f} µs (layers, on {self.profile})")
-        out.append(f"measured error   {self.error:.5f} (relative output error, calibration)")
+        interval = lambda iv: "" if not iv else f", 90% interval {iv[0]:.5f} to {iv[1]:.5f}"
+        out.append(f"measured error   {self.error:.5f} (relative output error"
+                   f"{interval(self.error_interval)})")
         if self.score_before is not None:
-            out.append(f"evaluate()       {self.score_before:.4f} → {self.score_after:.4f}")
+            out.append(f"evaluate()       {self.score_before:.4f} → {self.score_after:.4f}"
+                       + ("" if self.drop is None else f" (drop {self.drop:.4f}"
+                          f"{interval(self.drop_interval)})"))
+        if self.accepted_on:
+            out.append(f"judged on        {self.accepted_on}")
         out.append(f"batch dimension  {'dynamic' if self.dynamic_batch else 'static'}")
         out.append(f"compile time     {self.compile_seconds:.1f} s")
         out += [f"note: {n}" for n in self.notes]

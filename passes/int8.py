@@ -36,6 +36,7 @@ decides both), so the error it measures is the error of the built graph.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -65,7 +66,17 @@ aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 QMAX = 127
 EPS = torch.finfo(torch.float32).eps  # choose_qparams' eps, as torchao's dynamic quantizer
-OBSERVER = "mse"  # how static activation ranges are chosen (see fxcompress.observers)
+OBSERVER = "minmax"  # how static activation ranges are chosen (see fxcompress.observers)
+
+
+def range_headroom(examples: int | None) -> float:
+    """How much wider than observed a static activation range is made, for `examples`
+    calibration examples: 1 + 2 / sqrt(examples) (1.25 from 64 examples, 1.06 from 1000).
+    The largest activation of a few examples is below that of the many a deployed model sees:
+    on the digits CNN, ranges from 64 examples clipped test images whose activations went 40%
+    past them, and the test-split error was twice the calibration error (0.0121 vs 0.0065);
+    with this headroom the two agree (0.0078 vs 0.0073)."""
+    return 1.0 if not examples else 1.0 + 2.0 / math.sqrt(examples)
 
 QParams = tuple[float, int]  # per-tensor (scale, zero point)
 
@@ -156,11 +167,13 @@ def _bound(step: Step, absmax: float) -> tuple[float, float]:
 
 
 def static_qparams(steps: tuple[Step, ...], stats, observer: str = OBSERVER,
-                   ) -> tuple[tuple[QParams | None, QParams | None], ...]:
+                   headroom: float = 1.0) -> tuple[tuple[QParams | None, QParams | None], ...]:
     """Per step: (input qparams or None where the previous step's output pair already
-    quantized it, output qparams), from the layer's calibration statistics."""
+    quantized it, output qparams), from the layer's calibration statistics; each observed
+    range is widened `headroom` times (see `range_headroom`)."""
     samples = torch.cat(stats.samples) if stats.samples else torch.zeros(1, 1)
     x_range = observe(samples, observer) if stats.samples else (-stats.absmax, stats.absmax)
+    x_range = (x_range[0] * headroom, x_range[1] * headroom)
     out = []
     rows: torch.Tensor | None = samples if stats.samples else None
     absmax = stats.absmax
@@ -172,6 +185,7 @@ def static_qparams(steps: tuple[Step, ...], stats, observer: str = OBSERVER,
             rows = _rows(s, fake_quant_affine(rows, *(in_qp or out[-1][1]))) \
                 if rows is not None else None
             y_range = observe(rows, observer) if rows is not None else _bound(s, absmax)
+        y_range = (y_range[0] * headroom, y_range[1] * headroom)
         out_qp = affine_qparams(*y_range)
         out.append((in_qp, out_qp))
         absmax = max(abs(y_range[0]), abs(y_range[1]))
@@ -246,7 +260,9 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
     wqmax = weight_qmax(p.int8_weight_bits)
     modes = [step_mode(s.op, s.groups, rep, act) for s in base.steps]
     static = any(m in ("qdq_static", "int_mm_static") for m in modes)
-    qparams = static_qparams(base.steps, ctx.stats) if static else None
+    examples = ctx.calib.example_count(ctx.calib.batches) if ctx.calib is not None else None
+    qparams = static_qparams(base.steps, ctx.stats, headroom=range_headroom(examples)) \
+        if static else None
     steps, out_qps, act_params = [], [], []
     for i, (s, m) in enumerate(zip(base.steps, modes, strict=True)):
         in_qp = qparams[i][0] if qparams else None

@@ -3,7 +3,10 @@
 W (m x n) is approximated by U (m x r) @ V (r x n). Plain SVD minimizes ||W - UV||; the
 activation-aware variant minimizes the layer's *output* error on the calibration inputs,
 ||(W - UV) X||, which is ||(W - UV) S|| for any S with S S^T = C, the inputs' second moment.
-It is the default whenever calibration data exists. A layer is never factored where
+It is the default whenever calibration data exists. C is shrunk towards a multiple of the
+identity by the Ledoit-Wolf intensity (`shrinkage`, `shrunk`): a covariance from fewer rows
+than inputs is singular, and a fit to it would reproduce the rows seen exactly and not other
+inputs. A layer is never factored where
 r(m + n) >= mn: the factors would be no smaller than the weight.
 
 How the factors are computed, by shape:
@@ -78,6 +81,36 @@ class SVDConfig:
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # layer name -> a bias replacing the layer's own (the sequential re-fit's), float32
     biases: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+def shrinkage(cov: torch.Tensor, rows: int, fourth: float) -> float:
+    """The Ledoit-Wolf intensity with which `shrunk` pulls the second moment `cov` (E[x x^T]
+    over `rows` rows whose squared norms' squares sum to `fourth`) towards mu I, mu = tr(cov)
+    / n: rho = min(1, b2 / d2), where b2 = (fourth / rows - ||cov||^2) / rows estimates how far
+    the sample moment strays from the true one and d2 = ||cov - mu I||^2 how far that is from
+    mu I (Ledoit & Wolf 2004, "A well-conditioned estimator for large-dimensional covariance
+    matrices"). Few rows for many features give rho near 1 (plain SVD); many rows give rho near
+    0 (the measured covariance)."""
+    if rows < 1:
+        return 1.0
+    n = cov.shape[0]
+    mu = float(cov.diagonal().sum()) / n
+    frob2 = float((cov * cov).sum())
+    d2 = frob2 - 2 * mu * float(cov.diagonal().sum()) + mu * mu * n
+    b2 = max(0.0, (fourth / rows - frob2) / rows)
+    if d2 <= 0:
+        return 0.0 if b2 == 0 else 1.0
+    return min(1.0, b2 / d2)
+
+
+def shrunk(cov: torch.Tensor, rho: float) -> torch.Tensor:
+    """`cov` shrunk by `rho` towards its mean eigenvalue times the identity: the
+    activation-aware SVD's regulariser, with `rho` from `shrinkage`. A covariance from fewer
+    rows than features is singular, and a fit to it would reproduce the rows seen exactly and
+    not other inputs."""
+    n = cov.shape[0]
+    mean = float(cov.diagonal().mean().clamp_min(0))
+    return (1 - rho) * cov + rho * mean * torch.eye(n, dtype=cov.dtype)
 
 
 def whitening(cov: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +290,10 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     rmax = max_useful_rank(m, n)
     if rmax < 1:
         return [], f"svd: {m}x{n} is too small to factor (r(m+n) >= mn for every r)"
-    cov = ctx.stats.covariance if ctx.calibrated and ctx.stats.gram is not None else None
+    cov = None
+    if ctx.calibrated and ctx.stats.gram is not None:
+        cov = ctx.stats.covariance
+        cov = shrunk(cov, shrinkage(cov, ctx.stats.rows, ctx.stats.fourth))
     full = min(m, n)
     cap = rmax
     if full >= RANDOMIZED_MIN_DIM:
@@ -409,6 +445,7 @@ def refit_factors(gm: fx.GraphModule, batches: list[tuple],
         sx = torch.zeros(n, dtype=torch.float64)
         st = torch.zeros(n, dtype=torch.float64)
         rows = 0
+        fourth = 0.0
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 x, orig_env[i] = _advance(gm, batch, orig_env[i], {}, node)
@@ -418,14 +455,18 @@ def refit_factors(gm: fx.GraphModule, batches: list[tuple],
                 d += x.T @ xt
                 sx += x.sum(0)
                 st += xt.sum(0)
+                fourth += float((xt * xt).sum(1).square().sum())
                 rows += x.shape[0]
         rows = max(rows, 1)
         mx, mt = sx / rows, st / rows
+        # the regression's inputs are few rows for many features: the covariance is shrunk and
+        # the ridge raised by the same Ledoit-Wolf intensity (see `shrinkage`)
+        rho = shrinkage(c / rows, rows, fourth)
         if bias is not None:
             # centred second moments: the bias takes the means, the factors the rest
             c = c - rows * torch.outer(mt, mt)
             d = d - rows * torch.outer(mx, mt)
-        lam = damp * float(c.diagonal().mean().clamp_min(1e-30))
+        lam = max(damp, rho / max(1 - rho, 1e-6)) * float(c.diagonal().mean().clamp_min(1e-30))
         eye = torch.eye(n, dtype=torch.float64)
         # B = W (D + l I)(C + l I)^-1: C + l I is symmetric positive definite, so Cholesky
         # (a third of a general solve's cost on BERT-base's 3072-wide FFN inputs)
@@ -436,7 +477,7 @@ def refit_factors(gm: fx.GraphModule, batches: list[tuple],
         else:  # round-off made it indefinite: the general solve still has an answer
             b = torch.linalg.solve(c + lam * eye, rhs).T
         rank = v0.shape[0]
-        dec = decompose(b, c / rows, aware=True, max_rank=rank, seed=seed)
+        dec = decompose(b, shrunk(c / rows, rho), aware=True, max_rank=rank, seed=seed)
         v, u = dec.factors(rank)
         new_bias = None
         if bias is not None:

@@ -117,7 +117,8 @@ def test_edge_values_that_are_valid(seed):
 
 # --- 1b. what evaluate() returns ----------------------------------------------------------------
 @pytest.mark.parametrize("value, shown", [
-    ("abc", "'abc' (str)"), (None, "None (NoneType)"), (torch.ones(3), "3 values"),
+    ("abc", "'abc' (str)"), (None, "None (NoneType)"), (torch.ones(3, 2), "shape (3, 2)"),
+    ([1.0, "x"], "[1.0, 'x']"),
     (NAN, "returned nan"), (INF, "returned inf"), (-INF, "returned -inf"),
     (torch.tensor(NAN), "returned nan"),
 ])
@@ -127,7 +128,7 @@ def test_evaluate_must_return_a_finite_number(value, shown):
                            techniques=["prune"], tolerance=1.0)
     msg = str(e.value)
     assert "evaluate(model) returned" in msg and shown in msg
-    assert "it must return a finite number, higher is better, e.g. accuracy in percent" in msg
+    assert "it must return a finite number, higher is better (e.g. accuracy in percent)" in msg
 
 
 @pytest.mark.parametrize("compressed_score, rewritten", [(NAN, False), (INF, False),

@@ -9,6 +9,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress import FxCompressError
+from fxcompress.acceptance import DEFAULT_HOLDOUT, split_batches
 
 
 def _model():
@@ -35,11 +36,18 @@ def test_result_is_a_graph_module_within_tolerance(compiled):
     small.graph.lint()
     report = small.meta["fxcompress_report"]
     assert 0 < report.error <= 0.02
-    # the measured error is the real one: recompute it on the calibration data
+    # the measured error is the real one: recompute it on the held-out calibration batch
+    # (the middle one of three), which is what plans are judged on
+    _, held = split_batches(CAL, DEFAULT_HOLDOUT)
+    assert held == [CAL[1]]
     with torch.no_grad():
-        num = sum(float(((small(x) - m(x)) ** 2).sum()) for (x,) in CAL)
-        den = sum(float((m(x) ** 2).sum()) for (x,) in CAL)
+        num = sum(float(((small(x) - m(x)) ** 2).sum()) for (x,) in held)
+        den = sum(float((m(x) ** 2).sum()) for (x,) in held)
     assert abs((num / den) ** 0.5 - report.error) < 1e-4
+    # and it was accepted on the upper end of its interval
+    low, high = report.error_interval
+    assert low <= report.error <= high <= 0.02
+    assert "held-out" in report.accepted_on
     assert report.serialized_bytes_after < report.serialized_bytes_before
 
 

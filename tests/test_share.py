@@ -201,7 +201,11 @@ def test_stacks_on_svd_factors_and_int8_leaves_shared_weights_alone():
     layers = find_layers(gm)
     fc1 = next(lay for lay in layers if lay.name == "fc1")
     calib, base, ctx = _context(gm, fc1)
-    svd_cand = next(c for c in svd_mod.propose(fc1, base, ctx)[0])
+    # factors at rank 4, built as svd's own candidates are (this random layer's spectrum is
+    # too flat for svd to offer a rank on its own)
+    v, u = svd_mod.decompose(ctx.weight).factors(4)
+    svd_cand = Candidate("svd", fc1, {"rank": 4, "aware": False},
+                         svd_mod._steps(fc1, v, u, ctx.bias), payload={"svd": (v, u)})
     stacked = share.stack(svd_cand, ctx)
     assert stacked.technique == "svd+share" and len(stacked.steps) == 2
     assert all(s.fmt == "shared" for s in stacked.steps)

@@ -273,11 +273,12 @@ def test_compile_builds_the_refitted_factors(monkeypatch):
     assert rep.error <= 0.1
     assert any("svd_bias" in k for k, _ in small.named_buffers())
     assert not any("svd_bias" in k for k, _ in one_shot.named_buffers())
-    # the same plan (same ranks, so the same costs), a smaller error with the re-fit, on the
-    # calibration data and on the test split
-    assert [lay.applied for lay in rep.layers] == [lay.applied for lay in rep0.layers]
-    assert rep.error < rep0.error
-    assert err < err0
+    # the re-fit's smaller error lets a more compressed plan hold on the held-out batches,
+    # and it holds on the test split too
+    ranks = lambda r: sum(lay.params.get("rank", 0) for lay in r.layers)  # noqa: E731
+    assert ranks(rep) < ranks(rep0)
+    assert rep.serialized_bytes_after < rep0.serialized_bytes_after
+    assert err <= 0.1 and err0 <= 0.1
 
 
 def test_sequential_refit_of_a_strided_padded_1x1_conv_and_a_linear():
@@ -303,24 +304,30 @@ def test_sequential_refit_of_a_strided_padded_1x1_conv_and_a_linear():
     torch.export.export(out, (x,), strict=False)
 
 
-def test_a_fit_to_fewer_rows_than_features_is_reported_with_how_much_more_data():
-    """Activation-aware SVD fitted to 8 rows of a 256-feature input can match those rows
-    exactly; the report says so and how many rows to pass, and says nothing with enough."""
+def test_a_fit_to_fewer_rows_than_features_is_shrunk_and_reported():
+    """Activation-aware SVD fitted to 8 rows of a 256-feature input could match those rows
+    exactly (rank 8 from 8 rows: error 0 there, large elsewhere). The covariance is shrunk
+    towards the identity, so what is chosen holds on new inputs too; the report says the fit
+    was thin and how many rows to pass, and says nothing with enough."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
     gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    with torch.no_grad():  # a first layer of rank 32 plus noise: factoring it is worthwhile
+        low = torch.randn(256, 32, generator=gen) @ torch.randn(32, 256, generator=gen) / 16
+        model[0].weight.copy_(low + 0.002 * torch.randn(256, 256, generator=gen))
     few = [(torch.randn(8, 256, generator=gen),)]
     small = fxcompress.compile(model, few[0], profile="mobile-arm", calibration=few,
                                tolerance=0.05, techniques=["svd"])
     rep = small.meta["fxcompress_report"]
     svd_layers = [lay for lay in rep.layers if lay.applied.startswith("svd")]
-    assert svd_layers and svd_layers[0].params["rank"] <= 8
+    assert svd_layers and svd_layers[0].params["rank"] >= 32  # not rank 8 from 8 rows
     note = next(n for n in rep.notes if "fewer than its 256 input features" in n)
     assert "8 calibration rows" in note and "at least 256 rows (32x" in note
-    x_new = torch.randn(64, 256, generator=gen)
-    with torch.no_grad():  # the warning is earned: out of sample the error is far larger
+    assert "shrunk" in note
+    x_new = torch.randn(256, 256, generator=gen)
+    with torch.no_grad():  # and it holds out of sample
         err_new = float((small(x_new) - model(x_new)).norm() / model(x_new).norm())
-    assert err_new > 0.05 >= rep.error
+    assert err_new <= 0.05
     many = [(torch.randn(128, 256, generator=gen),) for _ in range(4)]
     big = fxcompress.compile(model, many[0], profile="mobile-arm", calibration=many,
                              tolerance=0.05, techniques=["svd"])

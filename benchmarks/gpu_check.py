@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from fxcompress.hardware_profiles import load_profile
 from torch.export.passes import move_to_device_pass
+
+from fxcompress.hardware_profiles import load_profile
 
 
 def cuda_median(fn, runs: int = 20, warmup: int = 3) -> float:

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from fxcompress.passes.svd import SVDConfig, decompose, refit_config, refit_factors, svd_pass
 
 import fxcompress
 from fxcompress.calibration import Calibration
 from fxcompress.capture import capture
 from fxcompress.graph import find_layers, get_attr
 from fxcompress.models import digits_data, load_pretrained, text_data
+from fxcompress.passes.svd import SVDConfig, decompose, refit_config, refit_factors, svd_pass
 from fxcompress.timing import interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowrank.md"

@@ -27,13 +27,12 @@ from torch import fx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fxcompress.passes.prune import PruneConfig, prune_pass, uniform_config  # noqa: E402
-
 import fxcompress  # noqa: E402
 from fxcompress.calibration import Calibration  # noqa: E402
 from fxcompress.capture import capture  # noqa: E402
 from fxcompress.depgraph import analyze  # noqa: E402
 from fxcompress.graph import find_layers, get_attr, op_type  # noqa: E402
+from fxcompress.passes.prune import PruneConfig, prune_pass, uniform_config  # noqa: E402
 from fxcompress.timing import interleaved  # noqa: E402
 
 aten = torch.ops.aten

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from fxcompress.hardware_profiles import load_profile
-from fxcompress.passes.binary import BinaryConfig, binary_pass
-from fxcompress.passes.int8 import Int8Config, int8_pass
 
 import fxcompress
 from fxcompress.capture import capture
 from fxcompress.export import count_delegated, lower_to_pte
 from fxcompress.graph import find_layers
+from fxcompress.hardware_profiles import load_profile
+from fxcompress.passes.binary import BinaryConfig, binary_pass
+from fxcompress.passes.int8 import Int8Config, int8_pass
 
 RESULTS = Path(__file__).parent / "results" / "quant.md"
 RUNS = int(os.environ.get("QUANT_RUNS", "7"))

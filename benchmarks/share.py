@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 import torch
-from fxcompress.passes import share
 
 import fxcompress
 from fxcompress.calibration import Calibration
 from fxcompress.capture import capture
 from fxcompress.graph import find_layers
 from fxcompress.models import digits_data, load_pretrained, text_data
+from fxcompress.passes import share
 from fxcompress.passes_infra import run_passes
 
 OUT = Path(__file__).parent / "results" / "share.md"

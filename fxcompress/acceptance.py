@@ -38,6 +38,8 @@ DEFAULT_HOLDOUT = 0.25
 CONFIDENCE = 0.95
 #: Bootstrap resamples per judgment.
 RESAMPLES = 1000
+#: Below this many examples the report says a bootstrap interval means little.
+MIN_EXAMPLES = 32
 
 
 def split_batches(batches: list, share: float) -> tuple[list, list]:
@@ -71,6 +73,10 @@ class Estimate:
         pct = round(100 * (2 * CONFIDENCE - 1))
         return (f"{self.value:.{digits}g} ({pct}% interval {self.low:.{digits}g} to "
                 f"{self.high:.{digits}g} over {self.units} examples)")
+
+
+def _batches(n: int) -> str:
+    return f"{n} batch" + ("" if n == 1 else "es")
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -292,11 +298,42 @@ class Acceptance:
             return ("error on the calibration data the rewrites were fitted to, as measured "
                     "(holdout=0: the tolerance holds on the calibration data only)")
         if c.holdout:
-            return (f"error on {len(c.holdout)} held-out calibration batches ({n_held} "
-                    f"examples) that no fit used, accepted when its {pct}% bootstrap upper "
-                    f"bound is within the tolerance; fitted on the other {len(c.batches)} "
-                    f"({n_fit} examples)")
+            return (f"error on {_batches(len(c.holdout))} of calibration held out ({n_held} "
+                    f"examples), which no fit used, accepted when its {pct}% bootstrap upper "
+                    f"bound is within the tolerance; fitted on the other {_batches(len(c.batches))}"
+                    f" ({n_fit} examples)")
         return (f"error on the calibration data the rewrites were fitted to ({n_fit} examples), "
                 f"accepted when its {pct}% bootstrap upper bound is within the tolerance; no "
                 "batch could be held out: pass two or more calibration batches for a judgment "
                 "on data no fit used")
+
+    def notes(self, verdict: Verdict | None) -> list[str]:
+        """Report notes on calibration data too small for the judgment: nothing held out, or
+        an interval so wide that the bound, not the error, decides — with how much more data
+        to pass."""
+        c = self.calib
+        out = []
+        if self.resample and not c.holdout and self.exact_limit is None:
+            out.append("one calibration batch (or only the example inputs): none could be held "
+                       "out, so the tolerance is "
+                       "judged on the data the rewrites were fitted to; pass two or more batches "
+                       "(e.g. split this one into 4) for a judgment on data no fit used")
+        if verdict is None or self.exact_limit is not None:
+            return out
+        est = verdict.drop if verdict.drop is not None else verdict.error
+        margin = est.high - est.value
+        target = 0.25 * self.tolerance
+        what = "examples evaluate() scored" if verdict.drop is not None else \
+            "held-out calibration examples"
+        if 0 < est.units < MIN_EXAMPLES:
+            out.append(f"the judgment rests on only {est.units} {what}, too few for a bootstrap "
+                       f"interval to mean much: pass at least {MIN_EXAMPLES} (about "
+                       f"{math.ceil(MIN_EXAMPLES / est.units)}x as many)")
+        elif est.units and target > 0 and margin > target:
+            more = math.ceil((margin / target) ** 2)
+            out.append(f"the judgment rests on {est.units} {what}: the 95% bound is "
+                       f"{margin:.3g} above the estimate, more than a quarter of the tolerance, "
+                       f"so the bound rather than the error limited the plan; about {more}x as "
+                       "many examples would narrow it to that and let more compression through")
+        return out
+

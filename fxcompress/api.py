@@ -319,6 +319,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
                             f"; int8 weights {prof.int8_weight_bits}-bit. The plan depends on "
                             "the host")
     report.notes.extend(thin_fits(plan.choice, calib))
+    report.notes.extend(accept.notes(plan.verdict))
     if any(c.payload.get("int8") for c in plan.choice.values()):
         mismatch = target_vs_host(prof)
         if mismatch:

@@ -1,7 +1,7 @@
 """The `fxcompress` command line.
 
     fxcompress compile MODEL.pt2 --profile P [--calibration FILE] [--tolerance T]
-                       [--techniques svd,int8] -o OUT.{pt2,pte,onnx}
+                       [--techniques svd,int8] [--holdout H] -o OUT.{pt2,pte,onnx}
     fxcompress profiles
     fxcompress report OUT.pt2
     fxcompress demo [...]
@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--techniques", nargs="+", metavar="T",
                    help="a subset of svd tucker prune share int8 binary (comma or space "
                         "separated); default: every technique the profile runs")
+    c.add_argument("--holdout", type=float, default=None,
+                   help="share of calibration batches held out to judge plans on (default "
+                        "0.25; 0: judge on the data the rewrites were fitted to)")
     c.add_argument("--objective", choices=["latency", "size"])
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--output", "-o", required=True, metavar="OUT",
@@ -142,10 +145,12 @@ def _load_model(path: str):
     return load_program(path)
 
 
-def _load_calibration(path: str, n_inputs: int, batch: int) -> list[tuple]:
+def _load_calibration(path: str, n_inputs: int, batch: int, static: bool = True
+                      ) -> list[tuple]:
     """Calibration batches from a `torch.save` file, loaded with `weights_only=True`. A tensor
-    (or a tuple of tensors, one per input) is cut into batches of `batch` rows; a list is
-    taken as the batches themselves."""
+    (or a tuple of tensors, one per input) is cut into batches of `batch` rows (the last one
+    shorter, unless the program's batch is `static`); a list is taken as the batches
+    themselves."""
     import pickle
 
     import torch
@@ -182,12 +187,13 @@ def _load_calibration(path: str, n_inputs: int, batch: int) -> list[tuple]:
                                   f"batch sizes differ ({sorted(n)}); one tensor per input, "
                                   "all with the same number of rows")
         rows = n.pop()
-        if rows < batch:
+        if static and rows < batch:
             raise FxCompressError(f"calibration file {path!r} holds {rows} rows, but the saved "
                                   f"program takes batches of exactly {batch}; save at least "
                                   f"{batch} rows")
         # a static-batch program takes only full batches: an incomplete last one is dropped
-        return [tuple(t[i:i + batch] for t in data) for i in range(0, rows - batch + 1, batch)]
+        end = rows - batch + 1 if static else rows
+        return [tuple(t[i:i + batch] for t in data) for i in range(0, end, batch)]
     if isinstance(data, list) and data:
         batches = []
         for i, item in enumerate(data):
@@ -241,7 +247,8 @@ def _prepare(args) -> tuple[Any, tuple, list[tuple] | None]:
     if args.calibration:
         n_inputs, static_batch = _input_signature(ep)
         calibration = _load_calibration(args.calibration, n_inputs,
-                                        static_batch or CALIBRATION_BATCH)
+                                        static_batch or CALIBRATION_BATCH,
+                                        static=static_batch is not None)
     example = _example_inputs(ep, calibration, args.model)
     if calibration is not None:
         calibration = check_calibration(calibration, example)
@@ -297,6 +304,8 @@ def cmd_compile(args) -> dict[str, Any]:
     ep, example, calibration = _prepare(args)
     _say(args, f"compiling {args.model} for {profile.name} ...")
     kwargs = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    if args.holdout is not None:
+        kwargs["holdout"] = args.holdout
     small = fxcompress.compile(ep, example, profile=profile, calibration=calibration,
                                techniques=_techniques(args.techniques), objective=args.objective,
                                seed=args.seed, progress=lambda s: _say(args, f"  {s}"),

@@ -75,6 +75,7 @@ __all__ = [
     "TextClassifier",
     "TrainResult",
     "accuracy",
+    "correct",
     "digits_data",
     "load_pretrained",
     "reset_caches",
@@ -616,10 +617,12 @@ class TrainResult(NamedTuple):
     seconds: float
 
 
-def accuracy(
+def correct(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
-) -> float:
-    """Top-1 accuracy of ``model`` on ``inputs``/``labels`` in percent (0-100).
+) -> torch.Tensor:
+    """Per-example top-1 correctness of ``model`` in percent: a float tensor of 100 (right) and
+    0 (wrong), one per label, whose mean is `accuracy`. What `compile(evaluate=...)` takes to
+    bound an accuracy drop by a paired bootstrap over the examples.
 
     Runs in eval mode under ``torch.no_grad`` in batches of ``batch_size``; the module's
     previous train/eval mode is restored afterwards.
@@ -628,16 +631,28 @@ def accuracy(
         raise ValueError("accuracy of an empty data set is undefined")
     was_training = model.training
     model.eval()
-    correct = 0
+    hits = []
     try:
         with torch.no_grad():
             for start in range(0, len(labels), batch_size):
                 logits = model(inputs[start : start + batch_size])
                 pred = logits.argmax(dim=-1)
-                correct += int((pred == labels[start : start + batch_size]).sum())
+                hits.append(pred == labels[start : start + batch_size])
     finally:
         model.train(was_training)
-    return 100.0 * correct / len(labels)
+    return 100.0 * torch.cat(hits).float()
+
+
+def accuracy(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> float:
+    """Top-1 accuracy of ``model`` on ``inputs``/``labels`` in percent (0-100): the mean of
+    `correct`.
+
+    Runs in eval mode under ``torch.no_grad`` in batches of ``batch_size``; the module's
+    previous train/eval mode is restored afterwards.
+    """
+    return float(correct(model, inputs, labels, batch_size).double().mean())
 
 
 def _fit(

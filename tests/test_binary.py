@@ -7,6 +7,10 @@ import io
 
 import pytest
 import torch
+
+import fxcompress
+from fxcompress.capture import capture
+from fxcompress.graph import find_layers
 from fxcompress.passes.binary import (
     BinaryConfig,
     binary_pass,
@@ -15,10 +19,6 @@ from fxcompress.passes.binary import (
     packed_bytes,
     unpack_bits,
 )
-
-import fxcompress
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers
 
 
 class MLP(torch.nn.Module):

@@ -68,6 +68,8 @@ def test_compile_then_report_end_to_end(files):
     assert written["check_error"] < 1e-3
     report = result["report"]
     assert report["profile"] == "mobile-arm" and 0 < report["error"] <= 0.05
+    # cal.pt's 96 examples are two batches (64, 32): the second is held out to judge on
+    assert "1 batch of calibration held out (32 examples)" in report["accepted_on"]
     assert any(lay["applied"].startswith("int8") for lay in report["layers"])
     assert report["serialized_bytes_after"] < 0.5 * report["serialized_bytes_before"]
     # the written program is the compressed model: within tolerance of the original
@@ -118,6 +120,7 @@ def test_bad_inputs_exit_2_and_write_nothing(files):
     (["compile", "model.pt2", "--profile", "tpu9000", "-o", "o.pt2"], "unknown profile"),
     (["compile", "model.pt2", "--tolerance", "-0.5", "-o", "o.pt2"], "out of range"),
     (["compile", "model.pt2", "--techniques", "magic", "-o", "o.pt2"], "unknown technique"),
+    (["compile", "model.pt2", "--holdout", "1.5", "-o", "o.pt2"], "holdout must be a share"),
     (["compile", "model.pt2", "--calibration", "notes.pt2", "-o", "o.pt2"], "torch.save"),
     (["report", "model.pt2"], "carries no fxcompress report"),
     (["report", "gone.pt2"], "does not exist"),

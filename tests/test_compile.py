@@ -47,7 +47,7 @@ def test_result_is_a_graph_module_within_tolerance(compiled):
     # and it was accepted on the upper end of its interval
     low, high = report.error_interval
     assert low <= report.error <= high <= 0.02
-    assert "held-out" in report.accepted_on
+    assert "held out" in report.accepted_on
     assert report.serialized_bytes_after < report.serialized_bytes_before
 
 

@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from fxcompress.passes.int8 import range_headroom
-from fxcompress.passes.svd import decompose, shrinkage, shrunk
 from torch import nn
 
 import fxcompress
@@ -21,6 +19,8 @@ from fxcompress.acceptance import (
     split_batches,
 )
 from fxcompress.models import accuracy, digits_data, load_pretrained
+from fxcompress.passes.int8 import range_headroom
+from fxcompress.passes.svd import decompose, shrinkage, shrunk
 
 
 # --- the split -------------------------------------------------------------------------------
@@ -110,6 +110,18 @@ def test_a_scalar_evaluate_is_judged_as_measured_and_the_report_says_so():
                                evaluate=lambda m: accuracy(m, x, y))
     rep = small.meta["fxcompress_report"]
     assert rep.drop_interval is None and "return one score per example" in rep.accepted_on
+
+
+def test_thin_data_gets_notes_that_say_how_much_more_to_pass():
+    model, x, _, cal = _digits_mlp_case()
+    one = fxcompress.compile(model, (x[:8],), calibration=[(x,)], tolerance=0.02)
+    assert any("none could be held out" in n for n in one.meta["fxcompress_report"].notes)
+    # 2 held-out examples: too few, and the note says how many to pass
+    tiny = [(x[i:i + 2],) for i in range(0, 8, 2)]
+    rep = fxcompress.compile(model, (x[:8],), calibration=tiny,
+                             tolerance=0.02).meta["fxcompress_report"]
+    note = next(n for n in rep.notes if "rests on only 2 held-out calibration examples" in n)
+    assert "pass at least 32 (about 16x as many)" in note
 
 
 # --- out of sample, on the trained models ------------------------------------------------------

@@ -10,7 +10,14 @@ import math
 
 import pytest
 import torch
+
+import fxcompress
+from fxcompress.acceptance import DEFAULT_HOLDOUT, split_batches
+from fxcompress.capture import capture
+from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import load_profile
+from fxcompress.hostbench import host_isa, int8_weight_bits
+from fxcompress.observers import OBSERVERS, affine_qparams, fake_quant_affine, observe
 from fxcompress.passes.int8 import (
     Int8Config,
     dequantize_per_channel,
@@ -18,13 +25,6 @@ from fxcompress.passes.int8 import (
     quantize_per_channel,
     step_mode,
 )
-
-import fxcompress
-from fxcompress.acceptance import DEFAULT_HOLDOUT, split_batches
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers
-from fxcompress.hostbench import host_isa, int8_weight_bits
-from fxcompress.observers import OBSERVERS, affine_qparams, fake_quant_affine, observe
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten

@@ -5,6 +5,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.calibration import Calibration
+from fxcompress.capture import capture
+from fxcompress.depgraph import analyze
+from fxcompress.graph import find_layers, get_attr
 from fxcompress.passes.int8 import Int8Config, int8_pass
 from fxcompress.passes.prune import (
     PruneConfig,
@@ -13,13 +20,6 @@ from fxcompress.passes.prune import (
     uniform_config,
     unit_importance,
 )
-from torch import nn
-
-import fxcompress
-from fxcompress.calibration import Calibration
-from fxcompress.capture import capture
-from fxcompress.depgraph import analyze
-from fxcompress.graph import find_layers, get_attr
 from tests.zoo import ZOO, calibration
 
 

@@ -8,13 +8,13 @@ import functools
 
 import pytest
 import torch
-from fxcompress.hardware_profiles import load_profile
 from torch import nn
 
 import fxcompress
 from fxcompress.calibration import Calibration
 from fxcompress.capture import capture
 from fxcompress.graph import find_layers
+from fxcompress.hardware_profiles import load_profile
 from fxcompress.planner import build, build_options, measure
 from fxcompress.recover import Recover, Student, fine_tune
 

@@ -7,10 +7,6 @@ import io
 
 import pytest
 import torch
-from fxcompress.hardware_profiles import load_profile
-from fxcompress.passes import int8 as int8_mod
-from fxcompress.passes import share
-from fxcompress.passes import svd as svd_mod
 from torch import nn
 
 import fxcompress
@@ -18,6 +14,10 @@ from fxcompress.calibration import Calibration
 from fxcompress.candidates import Candidate, step_of_layer
 from fxcompress.capture import capture
 from fxcompress.graph import find_layers, get_attr
+from fxcompress.hardware_profiles import load_profile
+from fxcompress.passes import int8 as int8_mod
+from fxcompress.passes import share
+from fxcompress.passes import svd as svd_mod
 from fxcompress.planner import build
 from fxcompress.technique import ProposeContext
 

@@ -4,6 +4,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.capture import capture
+from fxcompress.graph import LAYER_META, find_layers, op_type
 from fxcompress.passes import svd as svd_module
 from fxcompress.passes.svd import (
     SVDConfig,
@@ -14,11 +19,6 @@ from fxcompress.passes.svd import (
     svd_pass,
     whitening,
 )
-from torch import nn
-
-import fxcompress
-from fxcompress.capture import capture
-from fxcompress.graph import LAYER_META, find_layers, op_type
 
 
 def _gen(seed):

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fxcompress.passes.tucker import TuckerConfig, rank_pairs, tucker2, tucker_pass
 from torch import nn
 
 import fxcompress
 from fxcompress.capture import capture
 from fxcompress.graph import LAYER_META, find_layers, op_type
+from fxcompress.passes.tucker import TuckerConfig, rank_pairs, tucker2, tucker_pass
 
 
 def _gen(seed):

@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import fx
@@ -27,6 +27,7 @@ from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
 from fxcompress.hostbench import calibrated, compile_threads, target_vs_host, threads
+from fxcompress.overrides import check_overrides, resolve_all
 from fxcompress.passes.svd import shrinkage
 from fxcompress.planner import (
     build_options,
@@ -169,8 +170,8 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
             techniques: Iterable[str] | None = None, objective: str | None = None,
             dynamic_shapes=None, recover=None, seed: int = 0,
             progress: Callable[[str], None] | None = None,
-            time_budget: float | None = None, holdout: float = DEFAULT_HOLDOUT
-            ) -> fx.GraphModule:
+            time_budget: float | None = None, holdout: float = DEFAULT_HOLDOUT,
+            overrides: Mapping[str, Mapping] | None = None) -> fx.GraphModule:
     """Compress `model` for the target `profile` within `tolerance`.
 
     Returns an ATen-level `torch.fx.GraphModule` that runs in eager mode, accepts any batch
@@ -198,6 +199,10 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
       below 1 (default 0.25; at least one batch is held out when there are two or more).
       0 judges on the data the rewrites were fitted to, as measured, without an interval: the
       tolerance then holds on the calibration data only.
+    - `overrides`: per-layer settings, `{pattern: {"skip": True, "techniques": [...],
+      "rank": r, "bits": b}}`, where a pattern is `"*"`, `"op:<type>"` or a layer-name
+      pattern; global < op type < name pattern (see `fxcompress.overrides`). A key that
+      selects no layer is an error.
     - `seed`: an integer from 0 to 2**63 - 1; fixes every random choice.
     - `progress`: a callable that receives one line per planner step (a bar is drawn on a
       terminal regardless). It is the caller's code: what it raises propagates.
@@ -213,7 +218,7 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     with EXPORT_LOCK, threads(n_threads):  # torch.export's state is process-wide
         result = _compile(model, example_inputs, profile, calibration, tolerance, evaluate,
                           techniques, objective, dynamic_shapes, recover, seed, progress,
-                          time_budget, holdout)
+                          time_budget, holdout, overrides)
     report = result.meta[REPORT_KEY]
     if "FXCOMPRESS_THREADS" in os.environ:
         report.notes.append(f"compiled with {n_threads} threads (FXCOMPRESS_THREADS)")
@@ -227,8 +232,8 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
 
 
 def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, techniques,
-             objective, dynamic_shapes, recover, seed, progress, time_budget, holdout
-             ) -> fx.GraphModule:
+             objective, dynamic_shapes, recover, seed, progress, time_budget, holdout,
+             overrides) -> fx.GraphModule:
     start = time.perf_counter()
     # every argument is checked before any work (the host benchmark of a measured profile,
     # the capture): a mistake costs nothing
@@ -251,6 +256,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     log = progress or (lambda s: None)
     prof = load_profile(profile)
     techs, user_techs = _check_techniques(techniques, prof)
+    overrides = check_overrides(overrides, techs)
     prof = calibrated(prof)
     obj = prof.objective if objective is None else objective
     torch.manual_seed(seed)
@@ -261,6 +267,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     base_score = base_score_of(evaluate, gm) if evaluate is not None else None
     batches = check_calibration(calibration, cap.example_inputs)
     layers = find_layers(gm)
+    settings = resolve_all(overrides, layers)
     fit_batches, held = split_batches(batches, holdout)
     log(f"captured {len(layers)} layers; calibrating on {len(fit_batches)} batches, "
         f"{len(held)} held out to judge plans on")
@@ -270,7 +277,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     scale = example_batch / calib_batch if example_batch and calib_batch else 1.0
     options = build_options(gm, layers, calib, prof, obj, techs, seed,
                             calibrated=calibration is not None, user_techniques=user_techs,
-                            scale_batch=scale)
+                            scale_batch=scale, settings=settings)
     log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
     deadline = None if time_budget is None else start + float(time_budget)
     measure(options, calib, Progress("measuring candidates").update, deadline)
@@ -311,6 +318,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     report.dynamic_batch = cap.dynamic_batch
     if cap.note:
         report.notes.append(cap.note)
+    report.notes.extend(override_notes(overrides, settings))
     report.notes.extend(budget_notes)
     report.notes.extend(plan.history)
     if prof.measure:
@@ -327,6 +335,17 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     report.compile_seconds = time.perf_counter() - start
     result.meta[REPORT_KEY] = report
     return result
+
+
+def override_notes(overrides: Mapping[str, dict], settings: Mapping) -> list[str]:
+    """One report line per `overrides` key: the layers it selected and what it set."""
+    notes = []
+    for key, given in overrides.items():
+        names = [n for n, s in settings.items() if key in s.keys]
+        what = "; ".join(f"{k} {v if not isinstance(v, tuple) else ', '.join(v)}"
+                         for k, v in given.items())
+        notes.append(f"overrides[{key!r}] ({what}) applied to {', '.join(names)}")
+    return notes
 
 
 def thin_fits(choice: dict, calib: Calibration) -> list[str]:

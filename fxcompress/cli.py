@@ -1,7 +1,8 @@
 """The `fxcompress` command line.
 
     fxcompress compile MODEL.pt2 --profile P [--calibration FILE] [--tolerance T]
-                       [--techniques svd,int8] [--holdout H] -o OUT.{pt2,pte,onnx}
+                       [--techniques svd,int8] [--holdout H] [--overrides JSON]
+                       -o OUT.{pt2,pte,onnx}
     fxcompress profiles
     fxcompress report OUT.pt2
     fxcompress demo [...]
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--techniques", nargs="+", metavar="T",
                    help="a subset of svd tucker prune share int8 binary (comma or space "
                         "separated); default: every technique the profile runs")
+    c.add_argument("--overrides", metavar="JSON",
+                   help="per-layer settings as a JSON object or a .json file, e.g. "
+                        "'{\"fc1\": {\"skip\": true}, \"op:conv2d\": {\"techniques\": "
+                        "[\"int8\"]}}'")
     c.add_argument("--holdout", type=float, default=None,
                    help="share of calibration batches held out to judge plans on (default "
                         "0.25; 0: judge on the data the rewrites were fitted to)")
@@ -211,6 +216,30 @@ def _load_calibration(path: str, n_inputs: int, batch: int, static: bool = True
                           "tuple of tensors (one per input), or a non-empty list of batches")
 
 
+def _load_overrides(text: str) -> dict:
+    """`--overrides`: a JSON object, inline or in a .json file (read as data only)."""
+    from fxcompress.errors import FxCompressError
+
+    source = "--overrides"
+    if not text.lstrip().startswith("{"):
+        p = Path(text)
+        if not p.is_file():
+            raise FxCompressError(f"--overrides {text!r} is neither a JSON object nor an "
+                                  "existing .json file; e.g. --overrides '{\"fc1\": "
+                                  "{\"skip\": true}}'")
+        text, source = p.read_text(encoding="utf-8", errors="replace"), f"--overrides file {p}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FxCompressError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}, "
+                              f"column {e.colno}); e.g. '{{\"fc1\": {{\"skip\": true}}}}'"
+                              ) from None
+    if not isinstance(data, dict):
+        raise FxCompressError(f"{source} must be a JSON object from layer pattern to settings, "
+                              f"not {type(data).__name__}")
+    return data
+
+
 def _plain_tensor(t) -> bool:
     import torch
 
@@ -306,6 +335,8 @@ def cmd_compile(args) -> dict[str, Any]:
     kwargs = {} if args.tolerance is None else {"tolerance": args.tolerance}
     if args.holdout is not None:
         kwargs["holdout"] = args.holdout
+    if args.overrides is not None:
+        kwargs["overrides"] = _load_overrides(args.overrides)
     small = fxcompress.compile(ep, example, profile=profile, calibration=calibration,
                                techniques=_techniques(args.techniques), objective=args.objective,
                                seed=args.seed, progress=lambda s: _say(args, f"  {s}"),

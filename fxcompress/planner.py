@@ -44,6 +44,7 @@ from fxcompress.capture import inference_graph
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import Layer, get_attr
 from fxcompress.hardware_profiles import Profile
+from fxcompress.overrides import LayerSettings
 from fxcompress.passes_infra import PassResult, run_passes
 from fxcompress.technique import REGISTRY, GroupContext, ProposeContext
 
@@ -84,12 +85,18 @@ def gain(c: Candidate, base: Candidate, objective: str) -> float:
 def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
                   profile: Profile, objective: str, techniques: tuple[str, ...], seed: int,
                   calibrated: bool, user_techniques: bool, scale_batch: float,
-                  ) -> list[LayerOptions]:
-    """Costed candidates for every layer."""
+                  settings: dict[str, LayerSettings] | None = None) -> list[LayerOptions]:
+    """Costed candidates for every layer; `settings`: the layers' resolved
+    `compile(overrides=...)` (see `fxcompress.overrides`)."""
     options = []
-    ordered = sorted((REGISTRY[t] for t in techniques if t in REGISTRY), key=lambda t: t.order)
-    stackers = [t for t in ordered if t.stack is not None]
+    ordered_all = sorted((REGISTRY[t] for t in techniques if t in REGISTRY),
+                         key=lambda t: t.order)
+    settings = settings or {}
     for index, layer in enumerate(layers):
+        s = settings.get(layer.name)
+        ordered = [t for t in ordered_all
+                   if s is None or s.techniques is None or t.name in s.techniques]
+        stackers = [t for t in ordered if t.stack is not None]
         st = calib.stats[layer.node]
         weight = get_attr(gm, layer.weight_target).detach()
         bias = get_attr(gm, layer.bias_target).detach() if layer.bias_target else None
@@ -105,8 +112,20 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
         if not weight.is_floating_point():
             opt.skip_reason = "weight is not floating point"
             continue
+        needs_int8 = profile.int8_required and profile.supports(layer.op, "int8") \
+            and "int8" in techniques
+        if s is not None and (s.skip or (needs_int8 and "int8" not in [t.name for t in
+                                                                       ordered])):
+            if needs_int8:
+                raise FxCompressError(
+                    f"overrides ({', '.join(s.keys)}) keep layer {layer.name!r} from int8, but "
+                    f"{profile.name} runs {layer.op} layers in int8 only; drop that override "
+                    "for this layer, or pick a profile that runs float layers")
+            if s.skip:
+                opt.skip_reason = f"skipped by overrides ({', '.join(s.keys)})"
+                continue
         ctx = ProposeContext(profile, objective, st, opt.shapes, weight, bias, seed, calibrated,
-                             user_techniques, index, len(layers), calib)
+                             user_techniques, index, len(layers), calib, s)
         proposed: list[Candidate] = []
         for tech in ordered:
             cands, why = tech.propose(layer, base, ctx)
@@ -120,10 +139,14 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
                 stacked = tech.stack(c, ctx)
                 if stacked is not None:
                     proposed.append(stacked)
-        opt.mandatory = profile.int8_required and profile.supports(layer.op, "int8") \
-            and "int8" in techniques
+        opt.mandatory = needs_int8
         for c in proposed:
             c = c.costed(inp, profile)
+            bits = c.params.get("bits")
+            if s is not None and s.bits is not None and bits is not None and bits != s.bits:
+                opt.rejected.append((c.describe(), f"{bits}-bit, and overrides "
+                                     f"({', '.join(s.keys)}) ask for {s.bits}-bit"))
+                continue
             if opt.mandatory and not c.payload.get("int8"):
                 opt.rejected.append((c.describe(), "the target runs int8 only"))
                 continue
@@ -138,11 +161,32 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
             opt.skip_reason = "no technique applies to this layer"
     # rewrites spanning several layers (pruned dependency groups): extra entries, one per group
     gctx = GroupContext(gm, calib, list(options), profile, objective, seed, calibrated)
-    for tech in ordered:
+    for tech in ordered_all:
         if tech.propose_groups is not None:
-            options.extend(tech.propose_groups(gctx))
+            groups = tech.propose_groups(gctx)
+            for g in groups:
+                _respect_overrides(g, tech.name, settings)
+            options.extend(groups)
     _check_costs(options, profile, objective)
     return options
+
+
+def _respect_overrides(opt: LayerOptions, technique: str,
+                       settings: dict[str, LayerSettings]) -> None:
+    """Drop a multi-layer candidate (a pruned group) that would change a layer the overrides
+    skip, or one whose techniques exclude `technique`, with the reason."""
+    kept = []
+    for c in opt.candidates:
+        blocked = [n for n in sorted(c.touches) if n in settings and (
+            settings[n].skip or (settings[n].techniques is not None
+                                 and technique not in settings[n].techniques))]
+        if blocked:
+            keys = ", ".join(dict.fromkeys(k for n in blocked for k in settings[n].keys))
+            opt.rejected.append((c.describe(), f"it changes {', '.join(blocked)}, which "
+                                 f"overrides ({keys}) keep from {technique}"))
+        else:
+            kept.append(c)
+    opt.candidates = kept
 
 
 def _check_costs(options: list[LayerOptions], profile: Profile, objective: str) -> None:

@@ -46,6 +46,8 @@ class ProposeContext:
     # the Calibration (graph, batches, reference outputs), for techniques that measure how a
     # layer's output error reaches the model's outputs (share: an embedding's output Hessian)
     calib: Any = None
+    # the layer's resolved `compile(overrides=...)` settings (fxcompress.overrides.LayerSettings)
+    settings: Any = None
 
 
 @dataclass(frozen=True)

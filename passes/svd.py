@@ -301,8 +301,14 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     cap = rmax
     if full >= RANDOMIZED_MIN_DIM:
         cap = min(rmax, max(ctx.profile.alignment, int(full * RANDOMIZED_MAX_SHARE)))
+    fixed = getattr(ctx.settings, "rank", None)
+    if fixed is not None:  # compile(overrides=...) fixed the rank
+        if fixed > rmax:
+            return [], (f"svd: rank {fixed} (overrides) saves nothing on a {m}x{n} weight "
+                        f"(at most rank {rmax} does)")
+        cap = fixed
     dec = decompose(w, cov, aware=True, max_rank=cap, seed=ctx.seed)
-    ranks = rank_ladder(dec, rmax, ctx.profile.align)
+    ranks = [fixed] if fixed is not None else rank_ladder(dec, rmax, ctx.profile.align)
     if not ranks:
         lowest = dec.error_at(min(cap, dec.max_rank))
         return [], (f"svd: no rank below {cap} (aligned to {ctx.profile.alignment}) meets even "

@@ -8,10 +8,10 @@ torch.export.export(small, (x,))
 ```
 
 The public contract (README.md, "Use"): `compile`, `export`, `load_profile`, `list_profiles`,
-the report, and the two exception types.
+the report, and the two exception types; `sweep` compiles at several tolerances at once.
 """
 
-from fxcompress.api import DEFAULT_TOLERANCE, compile
+from fxcompress.api import DEFAULT_TOLERANCE, compile, sweep
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.export import export
 from fxcompress.hardware_profiles import Profile, list_profiles, load_profile
@@ -31,4 +31,5 @@ __all__ = [
     "export",
     "list_profiles",
     "load_profile",
+    "sweep",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -252,15 +252,20 @@ class Acceptance:
         num, den = self.calib.example_errors(model)
         error = ratio_bound(num, den, self.seed, self.resample)
         if self.evaluate is None:
-            if self.exact_limit is not None:
-                ok = math.isfinite(error.value) and error.value <= self.exact_limit
-            else:
-                ok = math.isfinite(error.high) and error.high <= self.tolerance
-            return Verdict(error, None, None, ok)
+            return self.judged(Verdict(error, None, None, False))
         score = self.evaluate(model)
-        drop = self.drop(score)
-        ok = math.isfinite(drop.high) and drop.high <= self.tolerance + 1e-12
-        return Verdict(error, score.value, drop, ok)
+        return self.judged(Verdict(error, score.value, self.drop(score), False))
+
+    def judged(self, v: Verdict) -> Verdict:
+        """`v` with `ok` decided for this tolerance (the figures do not depend on it, so a
+        sweep measures each built plan once and judges it for every tolerance)."""
+        if v.drop is not None:
+            ok = math.isfinite(v.drop.high) and v.drop.high <= self.tolerance + 1e-12
+        elif self.exact_limit is not None:
+            ok = math.isfinite(v.error.value) and v.error.value <= self.exact_limit
+        else:
+            ok = math.isfinite(v.error.high) and v.error.high <= self.tolerance
+        return replace(v, ok=ok)
 
     def drop(self, score: Score) -> Estimate:
         """The drop of `score` from the original's: a paired bootstrap over examples when both

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import numbers
@@ -22,7 +23,7 @@ from fxcompress.acceptance import (
 )
 from fxcompress.built_cost import built_costs
 from fxcompress.calibration import Calibration, check_calibration
-from fxcompress.capture import EXPORT_LOCK, capture
+from fxcompress.capture import EXPORT_LOCK, capture, inference_graph
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
@@ -216,10 +217,45 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     `fxcompress.hostbench.compile_threads`)."""
     n_threads = compile_threads()
     with EXPORT_LOCK, threads(n_threads):  # torch.export's state is process-wide
-        result = _compile(model, example_inputs, profile, calibration, tolerance, evaluate,
+        result = _compile(model, example_inputs, profile, calibration, [tolerance], evaluate,
                           techniques, objective, dynamic_shapes, recover, seed, progress,
-                          time_budget, holdout, overrides)
-    report = result.meta[REPORT_KEY]
+                          time_budget, holdout, overrides)[0]
+    _thread_note(result.meta[REPORT_KEY], n_threads)
+    return result
+
+
+def sweep(model, example_inputs=None, *, tolerances: Iterable[float], profile="mobile-arm",
+          calibration: Iterable | None = None, evaluate: Callable | None = None,
+          techniques: Iterable[str] | None = None, objective: str | None = None,
+          dynamic_shapes=None, recover=None, seed: int = 0,
+          progress: Callable[[str], None] | None = None, time_budget: float | None = None,
+          holdout: float = DEFAULT_HOLDOUT, overrides: Mapping[str, Mapping] | None = None
+          ) -> list[fx.GraphModule]:
+    """`compile` at each of `tolerances` (in the order given), for the price of little more
+    than one: the capture, calibration, candidates and their measurement are done once, the
+    greedy plan sequence does not depend on the tolerance, and each plan of it is built and
+    measured once and judged for every tolerance. Returns one compiled model per tolerance,
+    each as `compile` would return it (its own report; the same plan as `compile` gives at
+    that tolerance). The other arguments are `compile`'s."""
+    try:
+        tols = list(tolerances)
+    except TypeError:
+        raise FxCompressError(f"tolerances must be a list of numbers, not "
+                              f"{type(tolerances).__name__}; e.g. tolerances=[0.005, 0.01, "
+                              "0.02]") from None
+    if not tols:
+        raise FxCompressError("tolerances is empty; give e.g. tolerances=[0.005, 0.01, 0.02]")
+    n_threads = compile_threads()
+    with EXPORT_LOCK, threads(n_threads):
+        results = _compile(model, example_inputs, profile, calibration, tols, evaluate,
+                           techniques, objective, dynamic_shapes, recover, seed, progress,
+                           time_budget, holdout, overrides)
+    for r in results:
+        _thread_note(r.meta[REPORT_KEY], n_threads)
+    return results
+
+
+def _thread_note(report: Report, n_threads: int) -> None:
     if "FXCOMPRESS_THREADS" in os.environ:
         report.notes.append(f"compiled with {n_threads} threads (FXCOMPRESS_THREADS)")
     elif n_threads < torch.get_num_threads():
@@ -228,16 +264,17 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
                             "pins the number, for results that repeat exactly)")
     else:
         report.notes.append(f"compiled with {n_threads} threads")
-    return result
 
 
-def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, techniques,
+def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, techniques,
              objective, dynamic_shapes, recover, seed, progress, time_budget, holdout,
-             overrides) -> fx.GraphModule:
+             overrides) -> list[fx.GraphModule]:
+    """One compiled model per tolerance (see `sweep`): what does not depend on the tolerance
+    is done once."""
     start = time.perf_counter()
     # every argument is checked before any work (the host benchmark of a measured profile,
     # the capture): a mistake costs nothing
-    tol = _check_tolerance(tolerance, evaluate)
+    tols = [_check_tolerance(t, evaluate) for t in tolerances]
     _check_callable("evaluate", evaluate, "evaluate=lambda m: accuracy(m, x_val, y_val)")
     _check_callable("progress", progress, "progress=print")
     objective = _check_objective(objective)
@@ -249,7 +286,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
         raise FxCompressError(f"recover must be None or fxcompress.Recover(...), not "
                               f"{type(recover).__name__}; e.g. recover=fxcompress.Recover("
                               "steps=200)")
-    if recover is not None and tol == 0 and evaluate is None:
+    if recover is not None and 0 in tols and evaluate is None:
         raise FxCompressError("recover= fine-tunes the weights, which is never lossless, and "
                               "tolerance=0 keeps only exact rewrites; drop recover=, or give a "
                               "tolerance > 0 (e.g. 0.01)")
@@ -285,16 +322,43 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     budget = prof.weight_budget_bytes
     fits = (lambda built: True) if budget is None else \
         (lambda built: weight_bytes(built) <= budget)
-    # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
-    # data: re-fitting on the example inputs alone would fit them, not the model's inputs
-    accept = Acceptance(calib, tol, score_fn, base_score, seed,
-                        exact_limit=rounding_floor(calib) if tol == 0 and evaluate is None
-                        else None, in_sample=holdout == 0)
-    plan = verify(gm, options, calib, accept, obj, log, fits,
-                  refit=calibration is not None, seed=seed)
-    if recover is not None:
-        plan, _ = recover_plan(gm, options, calib, plan, accept, obj, recover, seed, log)
-    result = plan.graph_module
+    shared = time.perf_counter() - start
+    bytes_before: list[int] = []  # the original's size, exported once
+    memo: dict = {}  # built plans and their figures, shared by every tolerance
+    handed_out: set[int] = set()
+    results = []
+    for tol in tols:
+        t0 = time.perf_counter()
+        # values re-fitted to the whole plan (SVD's sequential re-fit) only on real
+        # calibration data: re-fitting on the example inputs alone would fit them
+        accept = Acceptance(calib, tol, score_fn, base_score, seed,
+                            exact_limit=rounding_floor(calib) if tol == 0 and evaluate is None
+                            else None, in_sample=holdout == 0)
+        plan = verify(gm, options, calib, accept, obj, log, fits,
+                      refit=calibration is not None, seed=seed, memo=memo)
+        if recover is not None:
+            plan, _ = recover_plan(gm, options, calib, plan, accept, obj, recover, seed, log)
+        result = plan.graph_module
+        if id(result) in handed_out:  # the same plan at two tolerances: two models
+            result = copy.deepcopy(result)
+            inference_graph(result)
+        handed_out.add(id(result))
+        if not bytes_before:
+            ep_before = torch.export.export(gm, _export_args(cap.example_inputs),
+                                            dynamic_shapes=cap.dynamic_shapes, strict=False)
+            bytes_before.append(serialized_size(ep_before))
+        report = _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate,
+                         base_score, example_batch, cap, overrides, settings)
+        report.serialized_bytes_before = bytes_before[0]
+        report.compile_seconds = shared + time.perf_counter() - t0
+        result.meta[REPORT_KEY] = report
+        results.append(result)
+    return results
+
+
+def _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate, base_score,
+            example_batch, cap, overrides, settings) -> Report:
+    """Budgets, the export check and the report of one selected plan."""
     budget_notes = enforce_budgets(prof, options, plan.choice, result)
     try:
         ep_after = torch.export.export(result, _export_args(cap.example_inputs),
@@ -302,8 +366,6 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
     except Exception as e:
         raise InternalError(f"the compressed graph no longer exports ({type(e).__name__}: "
                             f"{str(e)[:300]}); please report this") from e
-    ep_before = torch.export.export(gm, _export_args(cap.example_inputs),
-                                    dynamic_shapes=cap.dynamic_shapes, strict=False)
     report = _report(options, plan, prof, obj, tol, seed, evaluate is not None,
                      None if base_score is None else base_score.value, example_batch or 1)
     report.accepted_on = accept.basis()
@@ -313,7 +375,6 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
         if v.drop is not None:
             report.drop = v.drop.value
             report.drop_interval = [v.drop.low, v.drop.high] if v.drop.units else None
-    report.serialized_bytes_before = serialized_size(ep_before)
     report.serialized_bytes_after = serialized_size(ep_after)
     report.dynamic_batch = cap.dynamic_batch
     if cap.note:
@@ -332,9 +393,7 @@ def _compile(model, example_inputs, profile, calibration, tolerance, evaluate, t
         mismatch = target_vs_host(prof)
         if mismatch:
             report.notes.append(mismatch)
-    report.compile_seconds = time.perf_counter() - start
-    result.meta[REPORT_KEY] = report
-    return result
+    return report
 
 
 def override_notes(overrides: Mapping[str, dict], settings: Mapping) -> list[str]:

@@ -394,7 +394,6 @@ def cmd_sweep(args) -> dict[str, Any]:
     import fxcompress
     from fxcompress.api import _check_tolerance
     from fxcompress.errors import FxCompressError
-    from fxcompress.progress import Progress
 
     try:
         tolerances = sorted({float(t) for t in args.tolerances.split(",") if t.strip()})
@@ -420,13 +419,13 @@ def cmd_sweep(args) -> dict[str, Any]:
     else:
         model, example, calibration = _prepare(args)
         label = args.model
-    bar = Progress(f"sweep over {len(tolerances)} tolerances")
-    bar.update(0, len(tolerances))
+    _say(args, f"sweep over {len(tolerances)} tolerances: one capture and calibration, each "
+               "plan built once ...")
+    models = fxcompress.sweep(model, example, tolerances=tolerances, profile=profile,
+                              calibration=calibration, techniques=_techniques(args.techniques),
+                              seed=args.seed)
     rows = []
-    for i, tol in enumerate(tolerances):
-        small = fxcompress.compile(model, example, profile=profile, calibration=calibration,
-                                   tolerance=tol, techniques=_techniques(args.techniques),
-                                   seed=args.seed)
+    for tol, small in zip(tolerances, models, strict=True):
         rep = small.meta["fxcompress_report"]
         row = {"tolerance": tol, "error": rep.error,
                "bytes": rep.serialized_bytes_after, "bytes_before": rep.serialized_bytes_before,
@@ -435,10 +434,8 @@ def cmd_sweep(args) -> dict[str, Any]:
         if evaluate is not None:
             row["accuracy"] = evaluate(small)
         rows.append(row)
-        bar.update(i + 1, len(tolerances))
-        if not bar.enabled:
-            _say(args, f"  tolerance {tol:g}: error {rep.error:.4f}, "
-                       f"{rep.serialized_bytes_after:,} B, {rep.latency_after_us:.1f} µs")
+        _say(args, f"  tolerance {tol:g}: error {rep.error:.4f}, "
+                   f"{rep.serialized_bytes_after:,} B, {rep.latency_after_us:.1f} µs")
     table = _sweep_table(rows, label, profile.name)
     _out(args, table)
     if plot is not None:

@@ -330,7 +330,7 @@ def build(gm: fx.GraphModule, choice: dict[str, Candidate], calib: Calibration |
 def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
            accept: Acceptance, objective: str, log: Callable[[str], None],
            fits: Callable[[fx.GraphModule], bool] = lambda gm: True, refit: bool = False,
-           seed: int = 0) -> Plan:
+           seed: int = 0, memo: dict | None = None) -> Plan:
     """The longest prefix of the greedy sequence whose *built* graph `accept` holds (see
     `fxcompress.acceptance`: on held-out calibration data, by a bootstrap bound). With `refit`,
     each plan is built with its techniques' values re-fitted on the calibration data (see
@@ -343,7 +343,12 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
     Tolerance 0 without evaluate() is lossless only (`accept.exact_limit` set): the sequence is
     made of the exact rewrites alone (measured error exactly 0.0 on the calibration data), and
     the built plan holds when its error is within float rounding (`rounding_floor`: removing a
-    dead channel reorders a sum). A NaN or infinite error or score never holds."""
+    dead channel reorders a sum). A NaN or infinite error or score never holds.
+
+    `memo` (a dict kept by the caller across calls on the same options) holds each built plan
+    and its figures by position in the sequence, so a sweep over tolerances builds and
+    measures each plan once; a plan taken from it is the same graph object (copy it before
+    handing out two results)."""
     tolerance = accept.tolerance
     exact = accept.exact_limit is not None
     note = None
@@ -365,8 +370,15 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
     def check(k: int) -> tuple[Plan, bool]:
         if k not in cache:
             choice = sequence[k]
-            out = build(gm, choice, calib if refit else None, seed).graph_module
-            v = accept(out)
+            key = (exact, k)
+            if memo is not None and key in memo:
+                out, v = memo[key]
+                v = accept.judged(v)
+            else:
+                out = build(gm, choice, calib if refit else None, seed).graph_module
+                v = accept(out)
+                if memo is not None:
+                    memo[key] = (out, v)
             plan = Plan(choice, v.error.value, v.score, out, verdict=v)
             limit = (f"float rounding ({accept.exact_limit:.2g}) of tolerance 0" if exact
                      else "tolerance")

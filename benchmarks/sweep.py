@@ -50,9 +50,11 @@ def main() -> None:
         x, _ = data("calib")
         cal = [(x[i:i + 64],) for i in range(0, len(x), 64)]
         kw = dict(profile="mobile-arm", calibration=cal)
-        one, _ = _timed(lambda: fxcompress.compile(model, (x[:32],), tolerance=0.01, **kw))
-        swept_t, swept = _timed(lambda: fxcompress.sweep(model, (x[:32],),
-                                                         tolerances=TOLERANCES, **kw))
+        example = (x[:32],)
+        one, _ = _timed(lambda m=model, e=example, k=kw: fxcompress.compile(
+            m, e, tolerance=0.01, **k))
+        swept_t, swept = _timed(lambda m=model, e=example, k=kw: fxcompress.sweep(
+            m, e, tolerances=TOLERANCES, **k))
         t0 = time.perf_counter()
         single = [fxcompress.compile(model, (x[:32],), tolerance=t, **kw) for t in TOLERANCES]
         five = time.perf_counter() - t0

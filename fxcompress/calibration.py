@@ -139,13 +139,7 @@ class Calibration:
                 interp = OverrideInterpreter(gm, watch=kinds, on_input=on_input)
                 _record_outputs(interp, set(kinds), out_shapes if i == 0 else {}, self.stats,
                                 keep_rows * 64)
-                try:
-                    out = interp.run(*batch)
-                except Exception as e:
-                    raise FxCompressError(
-                        f"calibration batch {i} does not run through the model "
-                        f"({type(e).__name__}: {str(e)[:200]}); each calibration item must be "
-                        "a tuple shaped like example_inputs (any batch size)") from e
+                out = _run_batch(interp.run, batch, f"calibration batch {i}")
                 self.reference.append([t.detach() for t in float_leaves(out)])
         for name, shape in out_shapes.items():
             self.stats[name].out_shape = shape
@@ -165,13 +159,7 @@ class Calibration:
         self.holdout_reference: list[list[torch.Tensor]] = []
         with torch.no_grad():
             for i, batch in enumerate(self.holdout):
-                try:
-                    out = gm(*batch)
-                except Exception as e:
-                    raise FxCompressError(
-                        f"held-out calibration batch {i} does not run through the model "
-                        f"({type(e).__name__}: {str(e)[:200]}); each calibration item must be "
-                        "a tuple shaped like example_inputs (any batch size)") from e
+                out = _run_batch(gm, batch, f"held-out calibration batch {i}")
                 self.holdout_reference.append([t.detach() for t in float_leaves(out)])
 
     def sensitivity_batches(self, examples: int = 64) -> int:
@@ -285,6 +273,17 @@ class Calibration:
     def example_count(batches: list[tuple]) -> int:
         """Examples in `batches` (a batch without a batch dimension counts as one)."""
         return sum(_batch_size(b) or 1 for b in batches)
+
+
+def _run_batch(run: Callable, batch: tuple, what: str):
+    """`run(*batch)`; the user error naming `what` when the batch does not run."""
+    try:
+        return run(*batch)
+    except Exception as e:
+        raise FxCompressError(
+            f"{what} does not run through the model ({type(e).__name__}: {str(e)[:200]}); "
+            "each calibration item must be a tuple shaped like example_inputs (any batch "
+            "size)") from e
 
 
 def _batch_size(batch: tuple) -> int | None:

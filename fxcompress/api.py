@@ -350,6 +350,14 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
         report = _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate,
                          base_score, example_batch, cap, overrides, settings)
         report.serialized_bytes_before = bytes_before[0]
+        if report.serialized_bytes_after > report.serialized_bytes_before:
+            report.notes.append(
+                f"the compiled program's file ({report.serialized_bytes_after:,} B) is larger "
+                f"than the original's ({report.serialized_bytes_before:,} B): on layers this "
+                "small the added ops (quantize / dequantize, their scales and zero points) "
+                "cost more bytes than the rewrites save, an overhead the cost model does not "
+                "count yet; if the file size matters, keep int8 off those layers "
+                "(overrides={'op:conv2d': {'techniques': [...]}} or techniques=)")
         report.compile_seconds = shared + time.perf_counter() - t0
         result.meta[REPORT_KEY] = report
         results.append(result)

@@ -197,3 +197,18 @@ def test_range_headroom_shrinks_with_the_calibration_size():
     assert range_headroom(64) == pytest.approx(1.25)
     assert range_headroom(10_000) == pytest.approx(1.02)
     assert range_headroom(None) == 1.0
+
+
+def test_a_file_larger_than_the_original_is_said_in_the_report():
+    """On a tiny random CNN, int8's added Q/DQ ops outweigh the bytes they save (a cost the
+    cost model does not count yet): the report says the file grew and what to do."""
+    from tests.zoo import ZOO, calibration
+
+    model, example = ZOO["concat_cnn"]()
+    rep = fxcompress.compile(model, example, profile="mobile-arm",
+                             calibration=calibration("concat_cnn", 4),
+                             tolerance=0.05).meta["fxcompress_report"]
+    assert rep.serialized_bytes_after > rep.serialized_bytes_before
+    note = next(n for n in rep.notes if "is larger than the original's" in n)
+    assert "keep int8 off those layers" in note
+

@@ -226,53 +226,47 @@ class Calibration:
 
     def error_of(self, model: Callable) -> float:
         """Relative output error of any callable model (the rewritten graph) against the
-        reference outputs."""
-        num = den = 0.0
-        with torch.no_grad():
-            for batch, ref in zip(self.batches, self.reference, strict=True):
-                out = float_leaves(model(*batch))
-                if len(out) != len(ref):
-                    raise ValueError(f"model gives {len(out)} float outputs, expected {len(ref)}")
-                for y, r in zip(out, ref, strict=True):
-                    num += float(((y.double() - r.double()) ** 2).sum())
-                    den += float((r.double() ** 2).sum())
-        return (num / den) ** 0.5 if den > 0 else 0.0
-
+        reference outputs of the calibration batches the fits use."""
+        num, den = _example_errors(model, self.batches, self.reference)
+        total = float(den.sum())
+        return (float(num.sum()) / total) ** 0.5 if total > 0 else 0.0
 
     def example_errors(self, model: Callable) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example squared output error of `model` and squared reference output, on the
         held-out batches (on the calibration batches when none is held out): two float64
         vectors whose sums' ratio's root is the relative output error. An example is one index
         of the batch dimension; a batch whose outputs do not all lead with it counts as one."""
-        batches, refs = ((self.holdout, self.holdout_reference) if self.holdout
-                         else (self.batches, self.reference))
-        nums, dens = [], []
-        with torch.no_grad():
-            for batch, ref in zip(batches, refs, strict=True):
-                out = float_leaves(model(*batch))
-                if len(out) != len(ref):
-                    raise ValueError(f"model gives {len(out)} float outputs, expected {len(ref)}")
-                n = _batch_size(batch)
-                per = n is not None and all(r.dim() >= 1 and r.shape[0] == n for r in ref)
-                num = torch.zeros(n if per else 1, dtype=torch.float64)
-                den = torch.zeros_like(num)
-                for y, r in zip(out, ref, strict=True):
-                    d = (y.double() - r.double()) ** 2
-                    e = r.double() ** 2
-                    if per:
-                        num += d.reshape(n, -1).sum(1)
-                        den += e.reshape(n, -1).sum(1)
-                    else:
-                        num += d.sum()
-                        den += e.sum()
-                nums.append(num)
-                dens.append(den)
-        return torch.cat(nums), torch.cat(dens)
+        if self.holdout:
+            return _example_errors(model, self.holdout, self.holdout_reference)
+        return _example_errors(model, self.batches, self.reference)
 
     @staticmethod
     def example_count(batches: list[tuple]) -> int:
         """Examples in `batches` (a batch without a batch dimension counts as one)."""
         return sum(_batch_size(b) or 1 for b in batches)
+
+
+def _example_errors(model: Callable, batches: list[tuple], refs: list[list[torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `Calibration.example_errors`."""
+    nums, dens = [], []
+    with torch.no_grad():
+        for batch, ref in zip(batches, refs, strict=True):
+            out = float_leaves(model(*batch))
+            if len(out) != len(ref):
+                raise ValueError(f"model gives {len(out)} float outputs, expected {len(ref)}")
+            n = _batch_size(batch)
+            per = n is not None and all(r.dim() >= 1 and r.shape[0] == n for r in ref)
+            num = torch.zeros(n if per else 1, dtype=torch.float64)
+            den = torch.zeros_like(num)
+            for y, r in zip(out, ref, strict=True):
+                d = (y.double() - r.double()) ** 2
+                e = r.double() ** 2
+                num += d.reshape(n, -1).sum(1) if per else d.sum()
+                den += e.reshape(n, -1).sum(1) if per else e.sum()
+            nums.append(num)
+            dens.append(den)
+    return torch.cat(nums), torch.cat(dens)
 
 
 def _run_batch(run: Callable, batch: tuple, what: str):

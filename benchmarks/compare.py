@@ -22,7 +22,7 @@ eager rows, of the ``.pte`` / ``.onnx`` for ExecuTorch / ONNX Runtime rows), eag
 ratio vs fp32 eager, lowered runtime latency ratio vs fp32 in the same runtime
 (ExecuTorch+XNNPACK for ``.pte`` rows, ONNX Runtime for ``.onnx`` rows, Inductor for
 ``torch.compile`` rows), compile time. Ratios are interleaved medians
-(`fxcompress.timing.interleaved`), batch 64. ``.pte`` accuracy is measured by running the
+(`fxcompress.host.interleaved`), batch 64. ``.pte`` accuracy is measured by running the
 file in ``executorch.runtime``.
 
 Writes ``BENCHMARKS.md`` at the repository root and ``benchmarks/results/compare.png``.
@@ -48,11 +48,13 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-import fxcompress
-from fxcompress.export import lower_to_pte
-from fxcompress.hardware_profiles import load_profile
-from fxcompress.models import accuracy, correct, digits_data, load_pretrained, text_data
-from fxcompress.timing import interleaved
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks.models import accuracy, correct, digits_data, load_pretrained, text_data  # noqa: E402
+from fxcompress.export import lower_to_pte  # noqa: E402
+from fxcompress.hardware_profiles import load_profile  # noqa: E402
+from fxcompress.host import interleaved  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_MD = ROOT / "BENCHMARKS.md"

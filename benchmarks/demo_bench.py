@@ -1,9 +1,10 @@
 """Benchmark of the demo job: the trained digits CNN compiled for each built-in profile.
 
 For each profile, in a fresh subprocess (so peak memory is the compile's own): serialized size
-before / after (`torch.export.save` bytes), eager latency ratio (interleaved medians, batch 64),
-test accuracy before / after, compile time, and peak resident memory of the process during
-the compile. Writes `benchmarks/results/demo.md`; the README quotes it.
+before / after (`torch.export.save` bytes, as the compile report measured them), eager latency
+ratio (interleaved medians, batch 64), test accuracy before / after, compile time, and peak
+resident memory of the process during the compile. Writes `benchmarks/results/demo.md`; the
+README quotes it.
 
     .venv/bin/python benchmarks/demo_bench.py [--profiles mobile-arm x86-server ...]
 """
@@ -24,8 +25,8 @@ import json, resource, sys
 import torch
 import fxcompress
 from fxcompress.demo import run
-from fxcompress.models import load_pretrained, digits_data
-load_pretrained("digits_cnn"); digits_data("test")
+from fxcompress.demo.digits import digits_data, load_digits_cnn
+load_digits_cnn(); digits_data("test")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 r = run(profile=sys.argv[1], tolerance=float(sys.argv[2]), runs=int(sys.argv[3]), pte=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the compile's, before any .pte
@@ -34,7 +35,7 @@ pte = {}
 prof = fxcompress.load_profile(sys.argv[1])
 if prof.export_format == ".pte":
     from fxcompress.demo import time_pte
-    pte = time_pte(load_pretrained("digits_cnn"), r["compiled"],
+    pte = time_pte(load_digits_cnn(), r["compiled"],
                    digits_data("test")[0][:r["batch"]], prof,
                    int(sys.argv[3]), lambda s: None)
 print(json.dumps({

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-import fxcompress
-from fxcompress.models import accuracy, digits_data, load_pretrained
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks.models import accuracy, digits_data, load_pretrained  # noqa: E402
 
 ex = sys.modules["fxcompress.export"]
 OUT = Path(__file__).parent / "results" / "export.md"

@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.export.passes import move_to_device_pass
 
-from fxcompress.hardware_profiles import load_profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+from fxcompress.hardware_profiles import load_profile  # noqa: E402
 
 
 def cuda_median(fn, runs: int = 20, warmup: int = 3) -> float:
@@ -103,7 +106,7 @@ def model_rows() -> list[dict]:
     rows = []
     models = []
     try:
-        from fxcompress.models import load_pretrained, text_data
+        from benchmarks.models import load_pretrained, text_data
 
         ids, _ = text_data("calib")
         models.append(("text_transformer (trained)", load_pretrained("text_transformer"),

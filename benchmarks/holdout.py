@@ -13,9 +13,9 @@ their regularisers (static int8 ranges from the MSE observer without headroom, a
 SVD on the raw covariance), which this script switches back on for that run only. So the table
 says what the promise costs in compression.
 
-A second table runs every architecture of `tests/zoo.py` (random weights) on three profiles,
-calibrated with 4 batches of 2 examples, and measures the error on 64 fresh examples, as
-shipped and as before issue 17.
+A second table runs every architecture of `benchmarks/zoo.py` (random weights) on three
+profiles, calibrated with 4 batches of 2 examples, and measures the error on 64 fresh examples,
+as shipped and as before issue 17.
 
     .venv/bin/python benchmarks/holdout.py
 """
@@ -35,11 +35,18 @@ import fxcompress
 import fxcompress.acceptance
 import fxcompress.passes.int8 as int8
 import fxcompress.passes.svd as svd
-from fxcompress.demo import saved_bytes
-from fxcompress.models import accuracy, correct, digits_data, load_pretrained, text_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.models import (  # noqa: E402
+    accuracy,
+    correct,
+    digits_data,
+    load_pretrained,
+    saved_bytes,
+    text_data,
+)
+
 OUT = Path(__file__).parent / "results" / "holdout.md"
 DATA = {"digits_cnn": digits_data, "digits_mlp": digits_data, "text_transformer": text_data}
 SETTINGS = [("digits_cnn", "error", 0.01), ("digits_cnn", "error", 0.02),
@@ -140,7 +147,7 @@ ZOO_TOLERANCE = 0.05
 
 
 def _zoo_case(name: str, profile: str) -> dict:
-    from tests.zoo import ZOO, calibration
+    from benchmarks.zoo import ZOO, calibration
 
     model, example = ZOO[name]()
     cal = calibration(name, 4)  # 4 batches of 2: a user in a hurry
@@ -168,7 +175,7 @@ def zoo_section() -> tuple[list[str], str]:
     """Every zoo architecture on three profiles, calibrated with 4 batches of 2."""
     rows = ["| model | profile | reported | on fresh inputs | size / fp32 | before #17: reported, "
             "fresh, size |", "|---|---|---|---|---|---|"]
-    from tests.zoo import ZOO
+    from benchmarks.zoo import ZOO
 
     over = {"now": 0, "before": 0}
     over_tol = {"now": 0, "before": 0}
@@ -226,7 +233,7 @@ def main() -> None:
         "",
         "## Every zoo architecture, calibrated in a hurry",
         "",
-        f"The models of `tests/zoo.py` (seeded random weights) on {', '.join(ZOO_PROFILES)}, "
+        f"The models of `benchmarks/zoo.py` (seeded random weights) on {', '.join(ZOO_PROFILES)}, "
         f"tolerance {ZOO_TOLERANCE:g}, calibrated with 4 batches of 2 examples, as a user in a "
         "hurry would; *fresh*: the relative output error on 64 further examples that no compile "
         "saw. *Reported*: the error the report gives (held-out now; in-sample before). Size: the "

@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fxcompress
-from fxcompress import hostbench
-from fxcompress.demo import saved_bytes
-from fxcompress.models import digits_data, load_pretrained, text_data
-from fxcompress.timing import interleaved
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks.models import digits_data, load_pretrained, saved_bytes, text_data  # noqa: E402
+from fxcompress import host  # noqa: E402
+from fxcompress.host import interleaved  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "host.md"
 ex = sys.modules["fxcompress.export"]
@@ -51,7 +52,7 @@ for path in sys.argv[2:]:
 INDUCTOR_CHILD = r"""
 import json, sys, torch
 import fxcompress
-from fxcompress.timing import interleaved
+from fxcompress.host import interleaved
 ex = sys.modules["fxcompress.export"]
 torch._inductor.config.freezing = True
 x = torch.load(sys.argv[1])
@@ -73,8 +74,8 @@ print(json.dumps(out))
 DEMO_CHILD = r"""
 import json, time, torch
 import fxcompress
-from fxcompress.models import digits_data, load_pretrained
-model = load_pretrained("digits_cnn")
+from fxcompress.demo.digits import digits_data, load_digits_cnn
+model = load_digits_cnn()
 x_cal, _ = digits_data("calib")
 cal = [(x_cal[i:i + 64],) for i in range(0, len(x_cal), 64)]
 t0, c0 = time.perf_counter(), time.process_time()
@@ -293,7 +294,7 @@ def main() -> None:
             ind_rows = inductor_section(models, d)
     time_rows = compile_time_section() if 4 in todo else _previous(4)
     bert_rows = bert_section() if 5 in todo else _previous(5)
-    flags = " ".join(hostbench.host_isa())
+    flags = " ".join(host.host_isa())
     text = "\n".join([
         "# The target is not the host",
         "",

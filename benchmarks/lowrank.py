@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
-import fxcompress
-from fxcompress.calibration import Calibration
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers, get_attr
-from fxcompress.models import digits_data, load_pretrained, text_data
-from fxcompress.passes.svd import SVDConfig, decompose, refit_config, refit_factors, svd_pass
-from fxcompress.timing import interleaved
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks.models import digits_data, load_pretrained, text_data  # noqa: E402
+from fxcompress.calibration import Calibration  # noqa: E402
+from fxcompress.capture import capture  # noqa: E402
+from fxcompress.graph import find_layers, get_attr  # noqa: E402
+from fxcompress.host import interleaved  # noqa: E402
+from fxcompress.passes.svd import SVDConfig, decompose, refit_config, refit_factors, svd_pass  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowrank.md"
 THREADS = 2

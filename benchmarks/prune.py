@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 import fxcompress  # noqa: E402
 from fxcompress.calibration import Calibration  # noqa: E402
 from fxcompress.capture import capture  # noqa: E402
-from fxcompress.depgraph import analyze  # noqa: E402
 from fxcompress.graph import find_layers, get_attr, op_type  # noqa: E402
+from fxcompress.host import interleaved  # noqa: E402
 from fxcompress.passes.prune import PruneConfig, prune_pass, uniform_config  # noqa: E402
-from fxcompress.timing import interleaved  # noqa: E402
+from fxcompress.passes.prune.depgraph import analyze  # noqa: E402
 
 aten = torch.ops.aten
 QUICK = "--quick" in sys.argv
@@ -65,7 +65,7 @@ def macs(gm: fx.GraphModule, x: torch.Tensor) -> int:
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    """Top-1 accuracy in percent. (`fxcompress.models.accuracy` calls `.eval()`, which an
+    """Top-1 accuracy in percent. (`fxcompress.accuracy` calls `.eval()`, which an
     exported program's module refuses; these graphs are inference graphs already.)"""
     correct = 0
     with torch.no_grad():
@@ -82,7 +82,7 @@ def params(gm) -> int:
 
 def zoo_exactness() -> list[str]:
     """Rows of the zoo table."""
-    from tests.zoo import ZOO
+    from benchmarks.zoo import ZOO
 
     rows = []
     for name, build in ZOO.items():
@@ -125,7 +125,7 @@ def zoo_exactness() -> list[str]:
 
 def digits() -> list[str]:
     """Rows of the digits CNN section."""
-    from fxcompress.models import digits_data, load_pretrained
+    from benchmarks.models import digits_data, load_pretrained
 
     model = load_pretrained("digits_cnn")
     xc, yc = digits_data("calib")
@@ -173,7 +173,7 @@ def digits() -> list[str]:
 
 def text() -> list[str]:
     """Rows of the text transformer section."""
-    from fxcompress.models import load_pretrained, text_data
+    from benchmarks.models import load_pretrained, text_data
 
     model = load_pretrained("text_transformer")
     xc, yc = text_data("calib")

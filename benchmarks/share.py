@@ -24,18 +24,21 @@ from __future__ import annotations
 import copy
 import io
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import fxcompress
-from fxcompress.calibration import Calibration
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers
-from fxcompress.models import digits_data, load_pretrained, text_data
-from fxcompress.passes import share
-from fxcompress.passes_infra import run_passes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks.models import digits_data, load_pretrained, text_data  # noqa: E402
+from fxcompress.calibration import Calibration  # noqa: E402
+from fxcompress.capture import capture  # noqa: E402
+from fxcompress.graph import find_layers  # noqa: E402
+from fxcompress.passes import share  # noqa: E402
+from fxcompress.passes_infra import run_passes  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "share.md"
 
@@ -49,7 +52,7 @@ def file_bytes(m, x: tuple) -> int:
 
 
 def accuracy(m, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    """Top-1 accuracy in percent; unlike `models.accuracy` it never calls `.eval()`, which an
+    """Top-1 accuracy in percent; unlike `fxcompress.accuracy` it never calls `.eval()`, which an
     exported program's module refuses (every model here is captured in eval mode)."""
     correct = 0
     with torch.no_grad():

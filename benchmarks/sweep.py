@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import fxcompress
-from fxcompress.models import digits_data, load_pretrained, text_data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks.models import digits_data, load_pretrained, text_data  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "sweep.md"
 TOLERANCES = [0.005, 0.01, 0.02, 0.05, 0.1]

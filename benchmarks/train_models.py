@@ -1,10 +1,12 @@
-"""Retrain the three shipped models and rewrite their weight files.
+"""Retrain the three trained models and rewrite their weight files.
 
 Trains ``digits_cnn``, ``digits_mlp`` and ``text_transformer`` with the seeded training
-functions of :mod:`fxcompress.models`, writes ``fxcompress/weights/<name>.pt`` atomically and
-prints, per model: parameter count, training time, calib/test accuracy and weight-file size.
-With ``--rebuild-vocab`` the text vocabulary (``weights/text_vocab.json``) is rebuilt from the
-training split first (it is otherwise reused, so the shipped token ids stay stable).
+functions of :mod:`benchmarks.models`, writes their weights atomically (the digits CNN's, which
+ship with fxcompress, to ``fxcompress/weights/digits_cnn.pt``; the others to
+``benchmarks/weights/<name>.pt``) and prints, per model: parameter count, training time,
+calib/test accuracy and weight-file size. With ``--rebuild-vocab`` the text vocabulary
+(``benchmarks/weights/text_vocab.json``) is rebuilt from the training split first (it is
+otherwise reused, so the token ids stay stable).
 
     .venv/bin/python benchmarks/train_models.py [--only digits_cnn text_transformer ...]
 """
@@ -12,11 +14,15 @@ training split first (it is otherwise reused, so the shipped token ids stay stab
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fxcompress import models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
+
+from benchmarks import models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,13 +8,15 @@ torch.export.export(small, (x,))
 ```
 
 The public contract (README.md, "Use"): `compile`, `export`, `load_profile`, `list_profiles`,
-the report, and the two exception types; `sweep` compiles at several tolerances at once.
+the report, and the two exception types; `sweep` compiles at several tolerances at once;
+`correct` and `accuracy` are classifier metrics in the form `compile(evaluate=...)` takes.
 """
 
 from fxcompress.api import DEFAULT_TOLERANCE, compile, sweep
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.export import export
 from fxcompress.hardware_profiles import Profile, list_profiles, load_profile
+from fxcompress.metrics import accuracy, correct
 from fxcompress.passes_infra import PassResult
 from fxcompress.recover import Recover
 from fxcompress.report import Report
@@ -27,7 +29,9 @@ __all__ = [
     "Recover",
     "Profile",
     "Report",
+    "accuracy",
     "compile",
+    "correct",
     "export",
     "list_profiles",
     "load_profile",

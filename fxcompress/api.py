@@ -9,6 +9,8 @@ import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -26,17 +28,16 @@ from fxcompress.calibration import Calibration, check_calibration
 from fxcompress.capture import EXPORT_LOCK, capture, inference_graph
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
-from fxcompress.hardware_profiles import TECHNIQUES, Profile, load_profile
-from fxcompress.hostbench import calibrated, compile_threads, target_vs_host, threads
-from fxcompress.overrides import check_overrides, resolve_all
-from fxcompress.passes.svd import shrinkage
+from fxcompress.hardware_profiles import Profile, known_techniques, load_profile
+from fxcompress.host import calibrated, compile_threads, target_vs_host, threads
+from fxcompress.overrides import check_overrides, resolve_all, resolve_global
 from fxcompress.planner import (
+    Selection,
     build_options,
     enforce_budgets,
     measure,
     rounding_floor,
     verify,
-    weight_bytes,
 )
 from fxcompress.progress import Progress
 from fxcompress.recover import Recover, recover_plan
@@ -131,6 +132,7 @@ def _technique_names(techniques) -> tuple[str, ...] | None:
     """`techniques` as a tuple of known names (None stays None); checked before any work."""
     if techniques is None:
         return None
+    TECHNIQUES = known_techniques()  # noqa: N806
     if isinstance(techniques, str):
         techniques = [techniques]
     try:
@@ -163,7 +165,8 @@ def _check_techniques(techniques, profile: Profile) -> tuple[tuple[str, ...], bo
         if t not in REGISTRY:
             raise FxCompressError(f"technique {t!r} is not available in this version of "
                                   f"fxcompress; available: {', '.join(sorted(REGISTRY))}")
-    return tuple(sorted(set(names), key=TECHNIQUES.index)), True
+    order = known_techniques()
+    return tuple(sorted(set(names), key=order.index)), True
 
 
 def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: Iterable | None
@@ -266,6 +269,89 @@ def _thread_note(report: Report, n_threads: int) -> None:
         report.notes.append(f"compiled with {n_threads} threads")
 
 
+@dataclass
+class Prepared:
+    """What a compile computes before it depends on the tolerance: the capture, the
+    calibration (fit batches, held-out batches), the per-layer settings, every layer's costed
+    and measured candidates, and the `planner.Selection` (the greedy sequence and the plans
+    built from it). `compile` and `sweep` run on one; `prepare` returns it, the one internal
+    seam for tools and tests that inspect or drive the planner."""
+
+    captured: Any  # capture.Captured
+    graph_module: fx.GraphModule  # the captured graph (ATen), layers tagged
+    layers: list  # graph.Layer, in graph order
+    calib: Calibration
+    options: list  # planner.LayerOptions per layer (and per multi-layer rewrite)
+    profile: Profile
+    objective: str
+    seed: int
+    overrides: dict  # the checked overrides
+    settings: dict  # layer name -> overrides.LayerSettings
+    selection: Selection
+    base_score: Any = None  # acceptance.Score of the original, with evaluate=
+
+
+def prepare(model, example_inputs=None, *, profile="mobile-arm", calibration: Iterable | None
+            = None, techniques: Iterable[str] | None = None, objective: str | None = None,
+            dynamic_shapes=None, seed: int = 0, holdout: float = DEFAULT_HOLDOUT,
+            overrides: Mapping[str, Mapping] | None = None, time_budget: float | None = None,
+            progress: Callable[[str], None] | None = None) -> Prepared:
+    """The tolerance-independent front half of `compile` (its arguments, checked as it checks
+    them): capture, calibrate, propose, cost and measure every candidate, and set up the
+    selection. `planner.verify(prepared.selection, acceptance, log)` then selects a plan for a
+    tolerance. For tools and tests that inspect the candidates or drive selection."""
+    start = time.perf_counter()
+    _check_callable("progress", progress, "progress=print")
+    objective = _check_objective(objective)
+    seed = _check_seed(seed)
+    time_budget = _check_time_budget(time_budget)
+    holdout = _check_holdout(holdout)
+    techniques = _technique_names(techniques)
+    with EXPORT_LOCK:
+        return _prepare(model, example_inputs, profile, calibration, techniques, objective,
+                        dynamic_shapes, seed, holdout, overrides, time_budget,
+                        progress or (lambda s: None), start)
+
+
+def _prepare(model, example_inputs, profile, calibration, techniques, objective,
+             dynamic_shapes, seed, holdout, overrides, time_budget, log, start,
+             evaluate=None) -> Prepared:
+    prof = load_profile(profile)
+    techs, user_techs = _check_techniques(techniques, prof)
+    overrides = check_overrides(overrides, techs)
+    prof = calibrated(prof)
+    obj = prof.objective if objective is None else objective
+    torch.manual_seed(seed)
+
+    cap = capture(model, example_inputs, dynamic_shapes)
+    gm = cap.graph_module
+    # the original's score first: a score that is not a finite number fails before the work
+    base_score = base_score_of(evaluate, gm) if evaluate is not None else None
+    batches = check_calibration(calibration, cap.example_inputs)
+    layers = find_layers(gm)
+    settings = resolve_all(overrides, layers)
+    fit_batches, held = split_batches(batches, holdout)
+    log(f"captured {len(layers)} layers; calibrating on {len(fit_batches)} batches, "
+        f"{len(held)} held out to judge plans on")
+    calib = Calibration(gm, fit_batches, {lay.node: lay.op for lay in layers}, holdout=held)
+    example_batch = _batch_of(cap.example_inputs)
+    calib_batch = _batch_of(batches[0])
+    scale = example_batch / calib_batch if example_batch and calib_batch else 1.0
+    options = build_options(gm, layers, calib, prof, obj, techs, seed,
+                            calibrated=calibration is not None, user_techniques=user_techs,
+                            scale_batch=scale, settings=settings,
+                            global_settings=resolve_global(overrides))
+    log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
+    deadline = None if time_budget is None else start + float(time_budget)
+    measure(options, calib, Progress("measuring candidates").update, deadline)
+    # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
+    # data: re-fitting on the example inputs alone would fit them
+    selection = Selection(gm, options, calib, obj, prof, refit=calibration is not None,
+                          seed=seed)
+    return Prepared(cap, gm, layers, calib, options, prof, obj, seed, overrides, settings,
+                    selection, base_score)
+
+
 def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, techniques,
              objective, dynamic_shapes, recover, seed, progress, time_budget, holdout,
              overrides) -> list[fx.GraphModule]:
@@ -291,53 +377,26 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
                               "tolerance=0 keeps only exact rewrites; drop recover=, or give a "
                               "tolerance > 0 (e.g. 0.01)")
     log = progress or (lambda s: None)
-    prof = load_profile(profile)
-    techs, user_techs = _check_techniques(techniques, prof)
-    overrides = check_overrides(overrides, techs)
-    prof = calibrated(prof)
-    obj = prof.objective if objective is None else objective
-    torch.manual_seed(seed)
-
-    cap = capture(model, example_inputs, dynamic_shapes)
-    gm = cap.graph_module
-    # the original's score first: a score that is not a finite number fails before the work
-    base_score = base_score_of(evaluate, gm) if evaluate is not None else None
-    batches = check_calibration(calibration, cap.example_inputs)
-    layers = find_layers(gm)
-    settings = resolve_all(overrides, layers)
-    fit_batches, held = split_batches(batches, holdout)
-    log(f"captured {len(layers)} layers; calibrating on {len(fit_batches)} batches, "
-        f"{len(held)} held out to judge plans on")
-    calib = Calibration(gm, fit_batches, {lay.node: lay.op for lay in layers}, holdout=held)
+    prep = _prepare(model, example_inputs, profile, calibration, techniques, objective,
+                    dynamic_shapes, seed, holdout, overrides, time_budget, log, start,
+                    evaluate=evaluate)
+    cap, gm, calib, options, prof, obj = (prep.captured, prep.graph_module, prep.calib,
+                                          prep.options, prep.profile, prep.objective)
+    overrides, settings, base_score = prep.overrides, prep.settings, prep.base_score
     example_batch = _batch_of(cap.example_inputs)
-    calib_batch = _batch_of(batches[0])
-    scale = example_batch / calib_batch if example_batch and calib_batch else 1.0
-    options = build_options(gm, layers, calib, prof, obj, techs, seed,
-                            calibrated=calibration is not None, user_techniques=user_techs,
-                            scale_batch=scale, settings=settings)
-    log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
-    deadline = None if time_budget is None else start + float(time_budget)
-    measure(options, calib, Progress("measuring candidates").update, deadline)
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
-    budget = prof.weight_budget_bytes
-    fits = (lambda built: True) if budget is None else \
-        (lambda built: weight_bytes(built) <= budget)
     shared = time.perf_counter() - start
     bytes_before: list[int] = []  # the original's size, exported once
-    memo: dict = {}  # built plans and their figures, shared by every tolerance
     handed_out: set[int] = set()
     results = []
     for tol in tols:
         t0 = time.perf_counter()
-        # values re-fitted to the whole plan (SVD's sequential re-fit) only on real
-        # calibration data: re-fitting on the example inputs alone would fit them
         accept = Acceptance(calib, tol, score_fn, base_score, seed,
                             exact_limit=rounding_floor(calib) if tol == 0 and evaluate is None
                             else None, in_sample=holdout == 0)
-        plan = verify(gm, options, calib, accept, obj, log, fits,
-                      refit=calibration is not None, seed=seed, memo=memo)
+        plan = verify(prep.selection, accept, log)
         if recover is not None:
-            plan, _ = recover_plan(gm, options, calib, plan, accept, obj, recover, seed, log)
+            plan, _ = recover_plan(prep.selection, plan, accept, recover, log)
         result = plan.graph_module
         if id(result) in handed_out:  # the same plan at two tolerances: two models
             result = copy.deepcopy(result)
@@ -374,6 +433,11 @@ def _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate
     except Exception as e:
         raise InternalError(f"the compressed graph no longer exports ({type(e).__name__}: "
                             f"{str(e)[:300]}); please report this") from e
+    from fxcompress.export import keep_program
+
+    # fxcompress.export lowers from this program rather than exporting the result again
+    keep_program(result, ep_after, example_inputs=cap.example_inputs,
+                 dynamic_shapes=cap.dynamic_shapes)
     report = _report(options, plan, prof, obj, tol, seed, evaluate is not None,
                      None if base_score is None else base_score.value, example_batch or 1)
     report.accepted_on = accept.basis()
@@ -395,9 +459,11 @@ def _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate
                             f"{prof.sources.get('measured', '')}; {prof.sources.get('isa', '')}"
                             f"; int8 weights {prof.int8_weight_bits}-bit. The plan depends on "
                             "the host")
-    report.notes.extend(thin_fits(plan.choice, calib))
+    for tech in REGISTRY.values():  # what each technique has to say about its rewrites
+        if tech.notes is not None:
+            report.notes.extend(tech.notes(plan.choice, calib))
     report.notes.extend(accept.notes(plan.verdict))
-    if any(c.payload.get("int8") for c in plan.choice.values()):
+    if any(s.fmt == "int8" for c in plan.choice.values() for s in c.steps):
         mismatch = target_vs_host(prof)
         if mismatch:
             report.notes.append(mismatch)
@@ -412,31 +478,6 @@ def override_notes(overrides: Mapping[str, dict], settings: Mapping) -> list[str
         what = "; ".join(f"{k} {v if not isinstance(v, tuple) else ', '.join(v)}"
                          for k, v in given.items())
         notes.append(f"overrides[{key!r}] ({what}) applied to {', '.join(names)}")
-    return notes
-
-
-def thin_fits(choice: dict, calib: Calibration) -> list[str]:
-    """Notes for chosen rewrites fitted to fewer calibration rows than the layer has input
-    features: an activation-aware SVD is fitted to the span of the rows it saw, so with fewer
-    rows than features it can match the calibration data exactly (error near 0 there) and not
-    other inputs. Each note says how much more data to pass."""
-    notes = []
-    for c in choice.values():
-        if c.technique.split("+")[0] != "svd" or not c.params.get("aware"):
-            continue
-        features = int(c.layer.weight_shape[1])
-        stats = calib.stats.get(c.layer.node)
-        rows = stats.rows if stats is not None else 0
-        if rows >= features:
-            continue
-        more = math.ceil(features / max(rows, 1))
-        rho = shrinkage(stats.covariance, rows, stats.fourth) if stats.gram is not None else 1.0
-        notes.append(f"layer {c.layer.name}: activation-aware SVD (rank {c.params.get('rank')}) "
-                     f"was fitted to {rows} calibration rows, fewer than its {features} input "
-                     f"features, so its input covariance was shrunk {rho:.0%}"
-                     " of the way to the identity (nearer plain SVD) and the fit still leans on "
-                     f"the rows seen: pass at least {features} rows ({more}x the calibration "
-                     "data the fits used)")
     return notes
 
 
@@ -465,7 +506,7 @@ def _report(options, plan, prof, obj, tol, seed, with_eval, base_score, batch) -
         chosen = plan.choice.get(o.layer.name)
         cands = []
         for c in o.candidates:
-            if c is chosen:
+            if chosen is not None and chosen.same_rewrite(c):  # chosen may be re-fitted
                 verdict = "chosen"
             elif chosen is not None and gain(c, o.base, obj) <= gain(chosen, o.base, obj):
                 verdict = "smaller gain than the chosen rewrite"

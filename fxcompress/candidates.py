@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fxcompress.graph import Layer, input_arg_index
-from fxcompress.hardware_profiles import Profile
+from fxcompress.hardware_profiles import BYTES_PER_ELEMENT, FLOAT_FORMATS, Profile
 
 aten = torch.ops.aten
 
@@ -96,28 +96,25 @@ def step_macs(step: Step, inp: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     return n * w[0] * oh * ow * w[1] * kh * kw, (n, w[0], oh, ow)
 
 
-_ACT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "binary": 0.125, "shared": 4}
-
-
 def chain_cost(steps: tuple[Step, ...], inp: tuple[int, ...], profile: Profile,
                ) -> tuple[int, float]:
     """(MACs, estimated latency in seconds) of a chain on `profile`."""
     macs_total, latency, shape = 0, 0.0, inp
     for s in steps:
         macs, out = step_macs(s, shape)
-        act = _ACT_BYTES.get(profile.precision_of(s.fmt), 4)
+        act = BYTES_PER_ELEMENT.get(profile.precision_of(s.fmt), 4)
         act_bytes = (math.prod(shape) + math.prod(out)) * act
         wbytes = s.stored_bytes
         if s.op == "embedding":
             # a gather reads the rows it looks up, not the table: at most one row per index
             wbytes *= min(1.0, math.prod(shape) / s.weight.shape[0])
-        if s.fmt in ("int8", "shared", "binary") and profile.precision_of(s.fmt) != s.fmt \
+        if s.fmt not in FLOAT_FORMATS and profile.precision_of(s.fmt) != s.fmt \
                 and not profile.weight_only_speedup:
             # weight-only, decoded in the graph: the decode is its own ops (convert, scale /
             # look up) that read the stored weight and write a full-width copy, which the
             # kernel then reads. Measured on an H100: ignoring this made weight-only int8 look
             # free while it ran 1.4x slower in eager.
-            decoded = s.weight.numel() * _ACT_BYTES[profile.compute_dtype]
+            decoded = s.weight.numel() * BYTES_PER_ELEMENT[profile.compute_dtype]
             latency += profile.latency(0, wbytes + decoded, 0, profile.compute_dtype, n_ops=2)
             wbytes = decoded
         latency += profile.latency(macs, wbytes, act_bytes, s.fmt)
@@ -131,11 +128,13 @@ class Candidate:
     """One way to rewrite one layer, with its cost on the target and (once measured) its
     error."""
 
-    technique: str  # e.g. "svd", "int8", "svd+int8"
+    technique: str  # the stack of techniques, innermost first, e.g. "svd", "svd+int8"
     layer: Layer
     params: dict[str, Any]  # rank / bits / clusters / kept channels ...
     steps: tuple[Step, ...]
-    payload: dict[str, Any] = field(default_factory=dict)  # what the passes need to build it
+    # what each technique of the stack needs to build it: technique name -> that technique's
+    # own typed (frozen dataclass) part, e.g. the SVD factors, the int8 qparams
+    parts: dict[str, Any] = field(default_factory=dict)
     macs: int = 0
     latency: float = 0.0
     error: float | None = None  # measured relative output error, this candidate alone
@@ -144,9 +143,34 @@ class Candidate:
     touches: frozenset[str] = frozenset()
 
     @property
+    def techniques(self) -> list[str]:
+        """The names of the stack's techniques, innermost first (none for the unchanged
+        layer)."""
+        return [t for t in self.technique.split("+") if t != "none"]
+
+    def uses(self, technique: str) -> bool:
+        """Whether `technique` is part of this candidate's stack."""
+        return technique in self.techniques
+
+    def part(self, technique: str) -> Any:
+        """`technique`'s part of this candidate (None if it has none)."""
+        return self.parts.get(technique)
+
+    def with_part(self, technique: str, part: Any) -> Candidate:
+        """This candidate with `technique`'s part replaced."""
+        return replace(self, parts={**self.parts, technique: part})
+
+    @property
     def stored_bytes(self) -> int:
         """Bytes of weights stored after the rewrite."""
         return sum(s.stored_bytes for s in self.steps)
+
+    def same_rewrite(self, other: Candidate) -> bool:
+        """Whether `other` is this rewrite (the same layer, techniques and parameters), with
+        values perhaps re-fitted or trained since."""
+        return other is self or (other.layer.name == self.layer.name
+                                 and other.technique == self.technique
+                                 and other.params == self.params)
 
     @property
     def param_count(self) -> int:
@@ -181,17 +205,3 @@ class Candidate:
             return self.technique
         inner = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.technique}({inner})"
-
-
-def compatible(a: Candidate, b: Candidate) -> bool:
-    """Whether two rewrites can be built together. A rewrite that changes the shapes of other
-    layers (`touches`: a pruned dependency group) cannot be combined with a rewrite of one of
-    those layers whose weights were computed for the old shapes (SVD factors); int8 and share
-    read the weight from the graph when they apply (share re-clusters a weight whose shape
-    changed), so they stack on pruned layers, and pruned groups combine with each other in
-    one pass."""
-    for x, y in ((a, b), (b, a)):
-        if x.touches and not y.touches and y.layer.name in x.touches \
-                and y.technique not in ("int8", "share"):
-            return False
-    return True

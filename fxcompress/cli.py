@@ -343,6 +343,7 @@ def cmd_compile(args) -> dict[str, Any]:
                                **kwargs)
     report = small.meta["fxcompress_report"]
     _say(args, f"writing {out} (checked in its runtime) ...")
+    # written from the program compile exported where it fits (fxcompress.export, "Export once")
     written = export(small, example, out, profile=profile)
     _out(args, str(report))
     _out(args, f"\nwrote {written.path}: {written.size_bytes:,} B ({written.format}, checked in "
@@ -446,9 +447,10 @@ def cmd_sweep(args) -> dict[str, Any]:
 
 
 def _demo_model():
-    from fxcompress.models import accuracy, digits_data, load_pretrained
+    from fxcompress.demo.digits import digits_data, load_digits_cnn
+    from fxcompress.metrics import accuracy
 
-    model = load_pretrained("digits_cnn")
+    model = load_digits_cnn()
     x_cal, _ = digits_data("calib")
     x_test, y_test = digits_data("test")
     calibration = [(x_cal[i:i + CALIBRATION_BATCH],)

@@ -14,13 +14,18 @@ Settings are a dict with any of:
   runs);
 - `"rank": r`: SVD factors the layer at exactly rank r (or not at all);
 - `"bits": b`: quantized or palettized candidates only at b bits (int8: 8, share: the
-  profile's palette widths, binary: 1); rewrites without a bit width are unaffected.
+  profile's palette widths, binary: 1); rewrites without a bit width are unaffected;
+- `"<technique>": {...}`: that technique's settings for the layer, fields of its settings
+  dataclass (`fxcompress.technique.Technique.settings`, e.g. `{"svd": {"sequential_refit":
+  False}}`, `{"prune": {"ratios": [0.5]}}`); rewrites spanning several layers (pruned groups)
+  take the `"*"` key's.
 
 One precedence: global < op type < name pattern; among name patterns, a later key wins over an
-earlier one; each setting is resolved on its own, so `{"*": {"techniques": ["int8"]}, "fc1":
-{"bits": 8}}` gives fc1 both. `resolve` is the one function that does it; the report names,
-for every layer, the keys that applied. Every key must select at least one layer, and every
-setting is checked before any work: a typo is an error, not a silent no-op.
+earlier one; each setting (and each field of a technique's settings) is resolved on its own,
+so `{"*": {"techniques": ["int8"]}, "fc1": {"bits": 8}}` gives fc1 both. `resolve` is the one
+function that does it; the report names, for every layer, the keys that applied. Every key
+must select at least one layer, and every setting is checked before any work: a typo is an
+error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fxcompress.errors import FxCompressError
+from fxcompress.technique import REGISTRY, check_settings
 
 SETTINGS = ("skip", "techniques", "rank", "bits")
 EXAMPLE = ('e.g. overrides={"fc1": {"skip": True}, "op:conv2d": {"techniques": ["int8"]}, '
@@ -46,6 +52,8 @@ class LayerSettings:
     rank: int | None = None
     bits: int | None = None
     keys: tuple[str, ...] = ()  # the overrides keys that applied, in precedence order
+    # technique name -> the fields of its settings these overrides change
+    knobs: Mapping[str, Mapping] | None = None
 
     def describe(self) -> str:
         """The settings in a few words, for the report."""
@@ -58,6 +66,8 @@ class LayerSettings:
             parts.append(f"rank {self.rank}")
         if self.bits is not None:
             parts.append(f"bits {self.bits}")
+        for tech, changes in (self.knobs or {}).items():
+            parts.append(f"{tech} " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
         return "; ".join(parts)
 
 
@@ -80,10 +90,13 @@ def check_overrides(overrides, techniques: Sequence[str]) -> dict[str, dict]:
         if not isinstance(settings, Mapping):
             raise FxCompressError(f"overrides[{key!r}] must be a dict of settings, not "
                                   f"{type(settings).__name__}; {EXAMPLE}")
-        unknown = [k for k in settings if k not in SETTINGS]
+        tunable = sorted(t for t, tech in REGISTRY.items() if tech.settings is not None)
+        unknown = [k for k in settings if k not in SETTINGS and k not in tunable]
         if unknown:
             raise FxCompressError(f"overrides[{key!r}] has unknown setting(s) "
-                                  f"{', '.join(map(repr, unknown))}; use {', '.join(SETTINGS)}")
+                                  f"{', '.join(map(repr, unknown))}; use {', '.join(SETTINGS)}"
+                                  f", or a technique's name for its settings "
+                                  f"({', '.join(tunable)})")
         out[key] = _checked(key, dict(settings), techniques)
     return out
 
@@ -111,6 +124,8 @@ def _checked(key: str, s: dict, techniques: Sequence[str]) -> dict:
                 raise FxCompressError(f"{where}[{name!r}] must be a positive integer, not "
                                       f"{v!r}")
             s[name] = int(v)
+    for tech in [k for k in s if k not in SETTINGS]:
+        s[tech] = check_settings(tech, s[tech], f"{where}[{tech!r}]")
     if s.get("bits") is not None and s["bits"] > 8:
         raise FxCompressError(f"{where}['bits'] is {s['bits']}; fxcompress quantizes to 8 bits "
                               "or fewer (int8: 8, palettes: the profile's widths, binary: 1)")
@@ -134,12 +149,27 @@ def resolve(overrides: Mapping[str, dict], name: str, op: str) -> LayerSettings:
     name patterns over earlier ones, each setting on its own."""
     keys = sorted((k for k in overrides if _selects(k, name, op)),
                   key=lambda k: _precedence(k))  # stable: patterns keep their given order
+    return _merged(overrides, keys)
+
+
+def _merged(overrides: Mapping[str, dict], keys: Sequence[str]) -> LayerSettings:
     merged: dict = {}
+    knobs: dict[str, dict] = {}
     for k in keys:
-        merged.update(overrides[k])
+        for name, value in overrides[k].items():
+            if name in SETTINGS:
+                merged[name] = value
+            else:  # a technique's settings: field by field
+                knobs.setdefault(name, {}).update(value)
     return LayerSettings(skip=bool(merged.get("skip", False)),
                          techniques=merged.get("techniques"), rank=merged.get("rank"),
-                         bits=merged.get("bits"), keys=tuple(keys))
+                         bits=merged.get("bits"), keys=tuple(keys), knobs=knobs or None)
+
+
+def resolve_global(overrides: Mapping[str, dict]) -> LayerSettings:
+    """The settings of the `"*"` key alone: what applies to rewrites that span several layers
+    (a pruned group), whose layers' own patterns may disagree."""
+    return _merged(overrides, [k for k in overrides if k == "*"])
 
 
 def resolve_all(overrides: Mapping[str, dict], layers: Sequence) -> dict[str, LayerSettings]:

@@ -39,14 +39,14 @@ from torch import fx
 
 from fxcompress.acceptance import Acceptance, Verdict
 from fxcompress.calibration import Calibration
-from fxcompress.candidates import Candidate, Shapes, compatible, step_of_layer
+from fxcompress.candidates import Candidate, Shapes, step_of_layer
 from fxcompress.capture import inference_graph
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import Layer, get_attr
 from fxcompress.hardware_profiles import Profile
 from fxcompress.overrides import LayerSettings
 from fxcompress.passes_infra import PassResult, run_passes
-from fxcompress.technique import REGISTRY, GroupContext, ProposeContext
+from fxcompress.technique import REGISTRY, GroupContext, ProposeContext, compatible
 
 
 @dataclass
@@ -59,7 +59,9 @@ class LayerOptions:
     candidates: list[Candidate] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (rewrite, reason)
     skip_reason: str | None = None  # why the layer is left alone before any candidate
-    mandatory: bool = False  # the target cannot run this layer unless it is rewritten (int8)
+    # the techniques the target requires of this layer (`Profile.requires` their format: an
+    # int8-only target); then the layer must get a candidate of one of them
+    required: tuple[str, ...] = ()
     shapes: Shapes | None = None  # input / output shapes on the example batch
 
 
@@ -73,6 +75,7 @@ class Plan:
     graph_module: fx.GraphModule | None = None
     history: list[str] = field(default_factory=list)  # what the verification loop did
     verdict: Verdict | None = None  # the acceptance judgment of the built plan
+    index: int | None = None  # the plan's position in the greedy sequence it was taken from
 
 
 def gain(c: Candidate, base: Candidate, objective: str) -> float:
@@ -85,13 +88,17 @@ def gain(c: Candidate, base: Candidate, objective: str) -> float:
 def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
                   profile: Profile, objective: str, techniques: tuple[str, ...], seed: int,
                   calibrated: bool, user_techniques: bool, scale_batch: float,
-                  settings: dict[str, LayerSettings] | None = None) -> list[LayerOptions]:
+                  settings: dict[str, LayerSettings] | None = None,
+                  global_settings: LayerSettings | None = None) -> list[LayerOptions]:
     """Costed candidates for every layer; `settings`: the layers' resolved
-    `compile(overrides=...)` (see `fxcompress.overrides`)."""
+    `compile(overrides=...)` (see `fxcompress.overrides`), `global_settings`: those of its
+    `"*"` key alone (for rewrites spanning several layers)."""
     options = []
     ordered_all = sorted((REGISTRY[t] for t in techniques if t in REGISTRY),
                          key=lambda t: t.order)
     settings = settings or {}
+    # techniques whose format the target requires of every layer that can run it
+    requiring = [t for t in ordered_all if t.fmt is not None and profile.requires(t.fmt)]
     for index, layer in enumerate(layers):
         s = settings.get(layer.name)
         ordered = [t for t in ordered_all
@@ -112,15 +119,15 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
         if not weight.is_floating_point():
             opt.skip_reason = "weight is not floating point"
             continue
-        needs_int8 = profile.int8_required and profile.supports(layer.op, "int8") \
-            and "int8" in techniques
-        if s is not None and (s.skip or (needs_int8 and "int8" not in [t.name for t in
-                                                                       ordered])):
-            if needs_int8:
+        required = tuple(t.name for t in requiring if profile.supports(layer.op, t.fmt))
+        if s is not None and (s.skip or (required and not any(t.name in required
+                                                              for t in ordered))):
+            if required:
                 raise FxCompressError(
-                    f"overrides ({', '.join(s.keys)}) keep layer {layer.name!r} from int8, but "
-                    f"{profile.name} runs {layer.op} layers in int8 only; drop that override "
-                    "for this layer, or pick a profile that runs float layers")
+                    f"overrides ({', '.join(s.keys)}) keep layer {layer.name!r} from "
+                    f"{' / '.join(required)}, but {profile.name} runs {layer.op} layers in "
+                    f"{' / '.join(required)} only; drop that override for this layer, or pick a "
+                    "profile that runs float layers")
             if s.skip:
                 opt.skip_reason = f"skipped by overrides ({', '.join(s.keys)})"
                 continue
@@ -134,12 +141,12 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
             proposed.extend(cands)
         for tech in stackers:
             for c in list(proposed):
-                if tech.name in c.technique.split("+"):
+                if c.uses(tech.name):
                     continue
                 stacked = tech.stack(c, ctx)
                 if stacked is not None:
                     proposed.append(stacked)
-        opt.mandatory = needs_int8
+        opt.required = required
         for c in proposed:
             c = c.costed(inp, profile)
             bits = c.params.get("bits")
@@ -147,11 +154,12 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
                 opt.rejected.append((c.describe(), f"{bits}-bit, and overrides "
                                      f"({', '.join(s.keys)}) ask for {s.bits}-bit"))
                 continue
-            if opt.mandatory and not c.payload.get("int8"):
-                opt.rejected.append((c.describe(), "the target runs int8 only"))
+            if required and not any(c.uses(t) for t in required):
+                opt.rejected.append((c.describe(), f"the target runs {' / '.join(required)} "
+                                     "only"))
                 continue
             g = gain(c, base, objective)
-            if g <= 0 and not opt.mandatory:
+            if g <= 0 and not required:
                 what = "slower" if objective == "latency" else "larger"
                 opt.rejected.append((c.describe(), f"{what} than the original on "
                                      f"{profile.name} by the cost model"))
@@ -160,7 +168,8 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
         if not opt.candidates and not opt.rejected:
             opt.skip_reason = "no technique applies to this layer"
     # rewrites spanning several layers (pruned dependency groups): extra entries, one per group
-    gctx = GroupContext(gm, calib, list(options), profile, objective, seed, calibrated)
+    gctx = GroupContext(gm, calib, list(options), profile, objective, seed, calibrated,
+                        settings, global_settings)
     for tech in ordered_all:
         if tech.propose_groups is not None:
             groups = tech.propose_groups(gctx)
@@ -261,7 +270,7 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
     one before it, so a looser tolerance (a later plan) never gives a bigger or slower model."""
     choice: dict[str, int] = {}
     for opt in options:
-        if opt.mandatory and opt.candidates:
+        if opt.required and opt.candidates:
             choice[opt.layer.name] = min(range(len(opt.candidates)),
                                          key=lambda i: (opt.candidates[i].error, i))
     by_name = {o.layer.name: o for o in options}
@@ -304,82 +313,127 @@ def estimated_error(plan: dict[str, Candidate]) -> float:
     return math.sqrt(sum(c.error ** 2 for c in plan.values()))
 
 
-def build(gm: fx.GraphModule, choice: dict[str, Candidate], calib: Calibration | None = None,
-          seed: int = 0) -> PassResult:
-    """The rewritten graph for a plan: a copy of `gm` with the chosen rewrites applied, one
-    pass per technique, in the techniques' order. With `calib`, techniques that can re-fit
-    their chosen values to the whole plan (`Technique.refine`: SVD's sequential re-fit) do so
-    first; the candidates in `choice` are left as they are."""
+def build_plan(gm: fx.GraphModule, choice: dict[str, Candidate],
+               calib: Calibration | None = None, seed: int = 0,
+               ) -> tuple[PassResult, dict[str, Candidate]]:
+    """The rewritten graph for a plan, and the plan as built: a copy of `gm` with the chosen
+    rewrites applied, one pass per technique, in the techniques' order. With `calib`,
+    techniques that can re-fit their chosen values to the whole plan (`Technique.refine`:
+    SVD's sequential re-fit) do so first; the returned plan holds those re-fitted candidates,
+    so it describes the graph (`choice` itself is left as it is)."""
     work = copy.deepcopy(gm)
+    built = dict(choice)
     by_tech: dict[str, list[Candidate]] = {}
     for c in choice.values():
-        for t in c.technique.split("+"):
+        for t in c.techniques:
             by_tech.setdefault(t, []).append(c)
     passes = []
     for tech in sorted((REGISTRY[t] for t in by_tech), key=lambda t: t.order):
         chosen = by_tech[tech.name]
         if calib is not None and tech.refine is not None:
-            others = [c for c in choice.values() if tech.name not in c.technique.split("+")]
-            chosen = tech.refine(gm, chosen, others, calib.batches, seed)
+            others = [c for c in built.values() if not c.uses(tech.name)]
+            refined = tech.refine(gm, chosen, others, calib.batches, seed)
+            for old, new in zip(chosen, refined, strict=True):
+                if new is not old:
+                    built = {n: (new if c is old else c) for n, c in built.items()}
+            chosen = refined
         passes.append((tech.name, tech.apply, tech.make_config(chosen)))
     result = run_passes(work, passes)
     inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train
-    return result
+    return result, built
 
 
-def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
-           accept: Acceptance, objective: str, log: Callable[[str], None],
-           fits: Callable[[fx.GraphModule], bool] = lambda gm: True, refit: bool = False,
-           seed: int = 0, memo: dict | None = None) -> Plan:
+def build(gm: fx.GraphModule, choice: dict[str, Candidate], calib: Calibration | None = None,
+          seed: int = 0) -> PassResult:
+    """The rewritten graph of `build_plan`."""
+    return build_plan(gm, choice, calib, seed)[0]
+
+
+class Selection:
+    """Selection's tolerance-independent state, computed once and shared by every tolerance
+    of a sweep and by recovery: the greedy plan sequence (`moves`; the exact-only one for
+    tolerance 0), and each plan of it built once — re-fitted where `refit`, the plan as built
+    kept with its graph — and measured once by an `Acceptance`, whose `judged` then decides
+    each tolerance. `fits(gm)` is the target's weight budget (`Profile.weight_budget_bytes`);
+    `enforce_budgets` reports the final plan against it."""
+
+    def __init__(self, gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
+                 objective: str, profile: Profile | None = None, refit: bool = False,
+                 seed: int = 0):
+        self.gm, self.options, self.calib = gm, options, calib
+        self.objective, self.refit, self.seed = objective, refit, seed
+        self.budget = None if profile is None else profile.weight_budget_bytes
+        self._sequences: dict[bool, tuple[list[dict[str, Candidate]], str | None]] = {}
+        self._built: dict[tuple[bool, int], tuple[fx.GraphModule, dict, Verdict]] = {}
+
+    def fits(self, built: fx.GraphModule) -> bool:
+        """Whether a built graph's weights fit the target's weight budget."""
+        return self.budget is None or weight_bytes(built) <= self.budget
+
+    def sequence(self, exact: bool) -> tuple[list[dict[str, Candidate]], str | None]:
+        """The greedy sequence (of exact rewrites only, with `exact`), and the note saying how
+        many rewrites are exact."""
+        if exact not in self._sequences:
+            note = None
+            options = self.options
+            if exact:
+                kept = [o if o.required else dataclasses.replace(
+                    o, candidates=[c for c in o.candidates if c.error == 0.0]) for o in options]
+                n_all = sum(len(o.candidates) for o in options if not o.required)
+                n_exact = sum(len(o.candidates) for o in kept if not o.required)
+                note = (f"tolerance 0 keeps only exact rewrites (error exactly 0 on the "
+                        f"calibration data): {n_exact} of {n_all} candidates are exact"
+                        + ("" if n_exact else ", so no layer is rewritten; give a tolerance > "
+                           "0 (e.g. 0.01) to allow lossy rewrites"))
+                options = kept
+            self._sequences[exact] = (moves(options, self.objective), note)
+        return self._sequences[exact]
+
+    def built(self, exact: bool, k: int, accept: Acceptance,
+              ) -> tuple[fx.GraphModule, dict[str, Candidate], Verdict]:
+        """Plan `k` of the sequence built (once) and judged for `accept`'s tolerance: (its
+        graph, the plan as built, the verdict). The same graph object for every tolerance:
+        copy it before handing out two results."""
+        key = (exact, k)
+        if key in self._built:
+            out, choice, v = self._built[key]
+            return out, choice, accept.judged(v)
+        choice = self.sequence(exact)[0][k]
+        result, built = build_plan(self.gm, choice, self.calib if self.refit else None,
+                                   self.seed)
+        v = accept(result.graph_module)
+        self._built[key] = (result.graph_module, built, v)
+        return result.graph_module, built, v
+
+
+def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None]) -> Plan:
     """The longest prefix of the greedy sequence whose *built* graph `accept` holds (see
-    `fxcompress.acceptance`: on held-out calibration data, by a bootstrap bound). With `refit`,
-    each plan is built with its techniques' values re-fitted on the calibration data (see
-    `build`), and that is the graph judged and returned.
+    `fxcompress.acceptance`: on held-out calibration data, by a bootstrap bound). With the
+    selection's `refit`, each plan is built with its techniques' values re-fitted on the
+    calibration data (see `build_plan`), and that graph, with the re-fitted plan, is judged
+    and returned.
 
     Without evaluate(), the first try is the longest prefix whose estimated error is within
     0.9 x tolerance; with it, the longest prefix of all. If the built plan misses the
-    tolerance, a binary search over shorter prefixes finds the longest that holds.
+    tolerance, a binary search over shorter prefixes finds the longest that holds. If the
+    plan misses the target's weight budget, the first longer prefix that fits and holds is
+    taken (`Selection.fits`).
 
     Tolerance 0 without evaluate() is lossless only (`accept.exact_limit` set): the sequence is
     made of the exact rewrites alone (measured error exactly 0.0 on the calibration data), and
     the built plan holds when its error is within float rounding (`rounding_floor`: removing a
-    dead channel reorders a sum). A NaN or infinite error or score never holds.
-
-    `memo` (a dict kept by the caller across calls on the same options) holds each built plan
-    and its figures by position in the sequence, so a sweep over tolerances builds and
-    measures each plan once; a plan taken from it is the same graph object (copy it before
-    handing out two results)."""
+    dead channel reorders a sum). A NaN or infinite error or score never holds."""
     tolerance = accept.tolerance
     exact = accept.exact_limit is not None
-    note = None
-    if exact:
-        kept = [o if o.mandatory else dataclasses.replace(
-            o, candidates=[c for c in o.candidates if c.error == 0.0]) for o in options]
-        n_all = sum(len(o.candidates) for o in options if not o.mandatory)
-        n_exact = sum(len(o.candidates) for o in kept if not o.mandatory)
-        note = (f"tolerance 0 keeps only exact rewrites (error exactly 0 on the calibration "
-                f"data): {n_exact} of {n_all} candidates are exact"
-                + ("" if n_exact else ", so no layer is rewritten; give a tolerance > 0 (e.g. "
-                   "0.01) to allow lossy rewrites"))
+    sequence, note = selection.sequence(exact)
+    if note is not None:
         log(note)
-        sequence = moves(kept, objective)
-    else:
-        sequence = moves(options, objective)
     cache: dict[int, tuple[Plan, bool]] = {}
 
     def check(k: int) -> tuple[Plan, bool]:
         if k not in cache:
-            choice = sequence[k]
-            key = (exact, k)
-            if memo is not None and key in memo:
-                out, v = memo[key]
-                v = accept.judged(v)
-            else:
-                out = build(gm, choice, calib if refit else None, seed).graph_module
-                v = accept(out)
-                if memo is not None:
-                    memo[key] = (out, v)
-            plan = Plan(choice, v.error.value, v.score, out, verdict=v)
+            out, choice, v = selection.built(exact, k, accept)
+            plan = Plan(choice, v.error.value, v.score, out, verdict=v, index=k)
             limit = (f"float rounding ({accept.exact_limit:.2g}) of tolerance 0" if exact
                      else "tolerance")
             plan.history.append(f"plan {k}/{len(sequence) - 1}: {len(choice)} rewrites, "
@@ -400,7 +454,7 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
         top = len(sequence) - 1
     plan, ok = check(top)
     if ok:
-        return noted(_fit(plan, sequence, top, check, fits))
+        return noted(_fit(plan, sequence, top, check, selection.fits))
     lo, hi = 0, top  # invariant: hi fails; lo is the best known to hold (0 is checked below)
     plan0, ok0 = check(0)
     if not ok0:
@@ -416,7 +470,7 @@ def verify(gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
             lo = mid
         else:
             hi = mid
-    return noted(_fit(cache[lo][0], sequence, lo, check, fits))
+    return noted(_fit(cache[lo][0], sequence, lo, check, selection.fits))
 
 
 #: How far, in units of the output dtype's machine epsilon, a plan of exact rewrites may be
@@ -457,7 +511,7 @@ def peak_activation_bytes(options: list[LayerOptions], choice: dict[str, Candida
     peak = 0
     for o in options:
         c = choice.get(o.layer.name) or o.base
-        act = 1 if profile.precision_of(c.steps[0].fmt) == "int8" else 4
+        act = profile.activation_bytes(c.steps[0].fmt)
         if o.shapes is None or not o.shapes.inp or not o.shapes.out:
             continue
         per = (math.prod(o.shapes.inp[1:]) + math.prod(o.shapes.out[1:])) * act

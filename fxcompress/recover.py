@@ -6,27 +6,28 @@ in when given: L = alpha * L_hard + (1 - alpha) * L_soft), quantization-aware fi
 through a straight-through estimator, and iterative schedules that compress a step further and
 recover between steps.
 
-How it fits the planner. The plan is `{layer name: Candidate}`, each a chain of `Step`s. The
-student is the original graph run through an `OverrideInterpreter` whose layers compute their
-steps from trainable *latent* tensors, so the student computes exactly what the built graph
-will. The trainable form of each rewrite (`TECHNIQUES`):
+How it fits the planner. Recovery is a strategy of selection (`recover_plan`): it takes the
+plan `planner.verify` selected, with its position in the selection's greedy sequence, trains it,
+and tries longer prefixes of the same sequence from the trained weights, each judged by the
+same `Acceptance` and built by the same `planner.build_plan` (re-fitted where selection
+re-fits), so the returned plan holds the candidates its graph was built from.
 
-- SVD and Tucker factors train directly (new factors in the payload);
-- int8 and binary weights train a latent full-precision weight through a straight-through
-  estimator (`FORMATS`; binary: sign with the hardtanh window of BinaryConnect / BNN, the
-  per-channel scale differentiable), written back to the base graph's weight, which their
-  passes re-encode; static int8 activations keep their calibrated quantizers (STE), and binary
-  activation levels (mu, beta) train as learned quantizer parameters (LSQ-style) and are
-  stored in the candidate's payload, which is what the pass builds;
-- shared weights train their palettes with the indices fixed (centroid fine-tuning); on a
-  member of a pruned group the palette is the one the share pass clusters from the kept
-  entries, written back keyed to that sliced weight, so the pass stores it as trained;
-- a pruned group's consumers train their kept columns (initialized by the pass's re-fit), and
-  are then stored as trained: the re-fit is dropped from the pass config for them.
+The student is the original graph run through an `OverrideInterpreter` whose layers compute
+their steps from trainable *latent* tensors, so the student computes exactly what the built
+graph will. How each rewrite trains is its technique's (`Technique.trainable`, a
+`fxcompress.technique.Trainable`; the stored formats' straight-through quantizers are
+`Technique.formats`), and a technique that reshapes other layers says how those train
+(`Technique.regroup`): SVD and Tucker factors train directly; int8 and binary weights train a
+latent full-precision weight through their format's straight-through estimator, written back
+to the base graph's weight, which their passes re-encode; static int8 activations keep their
+calibrated quantizers (STE), and binary activation levels train as learned quantizer
+parameters (LSQ-style); shared weights train their palettes with the indices fixed (centroid
+fine-tuning); a pruned group's consumers train their kept columns (initialized by the pass's
+re-fit) and are then stored as trained.
 
 The plan is then built by the normal passes, so the stored form and exportability are exactly
-those of a plan without recovery. A technique without an adapter is not trained (its layer
-stays as the planner made it, with a note): new techniques plug in by registering here.
+those of a plan without recovery. A technique without a trainable form is not trained (its
+layer stays as the planner made it, with a note).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ from fxcompress.candidates import Candidate
 from fxcompress.errors import FxCompressError
 from fxcompress.graph import get_attr, input_arg_index
 from fxcompress.progress import Progress
+from fxcompress.technique import (
+    REGISTRY,
+    Trainable,
+    fake_quantizer,
+    straight_through,
+    techniques_of,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,238 +128,60 @@ class Recover:
 
 
 # --------------------------------------------------------------------------------------------
-# Registries: how each format trains, and how each technique's trained latents are written back
+# How candidates train: each technique's `Trainable` (fxcompress.technique), asked here
 # --------------------------------------------------------------------------------------------
 
 
-def straight_through(fn: Callable[[torch.Tensor], torch.Tensor]):
-    """`fn` in the forward, identity in the backward (the straight-through estimator)."""
-
-    def ste(x: torch.Tensor) -> torch.Tensor:
-        return x + (fn(x) - x).detach()
-
-    return ste
-
-
-def _int8_fake(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
-    # per output channel, symmetric, as passes/int8.py stores it (q in [-qmax, qmax])
-    from fxcompress.passes.int8 import dequantize_per_channel, quantize_per_channel
-
-    return dequantize_per_channel(*quantize_per_channel(w, 0, qmax), 0).to(w.dtype)
-
-
-def sign_ste(u: torch.Tensor) -> torch.Tensor:
-    """sign(u) (sign(0) = +1) in the forward; in the backward the hardtanh straight-through
-    estimator of BinaryConnect / BNN: gradient 1 where |u| <= 1, 0 outside (an element far past
-    its threshold gets no push that could not change its sign anyway)."""
-    c = u.clamp(-1.0, 1.0)
-    return c + (torch.where(u >= 0, 1.0, -1.0) - c).detach()
-
-
-#: Half-width of the binary weights' straight-through window, in units of the channel's scale
-#: alpha = mean |W|: latent weights beyond it get no gradient (hardtanh STE). On the digits
-#: CNN (fpga-binary, 300 steps on the train split) the weights' STE barely matters (98.4-99.1 %
-#: test with window 1, 2, none, or a plain identity STE); what recovery needs there is the
-#: trained binary activation levels with their clipped STE (59.6 % with them fixed).
-BINARY_WINDOW = 2.0
-
-
-def _binary_fake(w: torch.Tensor) -> torch.Tensor:
-    # sign(W) * mean|W| per output channel, sign(0) = +1, as passes/binary.py stores it; alpha
-    # is differentiable (its gradient trains the channel's scale through the latent magnitudes)
-    dims = list(range(1, w.dim()))
-    alpha = w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
-    a = alpha.detach().clamp_min(1e-12) * BINARY_WINDOW
-    return sign_ste(w / a) * alpha
-
-
-#: step format -> latent weight to effective weight, differentiable (straight-through).
-FORMATS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+#: Float formats' straight-through forms; a compressed format's comes from the technique that
+#: introduces it (`Technique.formats`, e.g. int8's per-channel rounding, binary's sign).
+FLOAT_FORMATS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "fp32": lambda w: w,
     "fp16": straight_through(lambda w: w.half().float()),
-    "int8": straight_through(_int8_fake),
-    "binary": _binary_fake,
 }
 
 
-@dataclass(frozen=True)
-class TrainableTechnique:
-    """How one technique's candidates train: `init(candidate, base_weight)` gives the latent
-    tensor of every step (or None to defer to the technique below it in a stack);
-    `write(candidate, latents, graph)` returns the candidate rebuilt from the trained latents,
-    writing into the student's copy of the base graph where that technique's pass reads its
-    weight from there; `weight(candidate, step, latent)`, where given, is the step's effective
-    weight from its latent (else the step format's quantizer, `FORMATS`)."""
-
-    init: Callable[[Candidate, torch.Tensor], list[torch.Tensor] | None]
-    write: Callable[[Candidate, list[torch.Tensor], fx.GraphModule], Candidate]
-    weight: Callable[[Candidate, int, torch.Tensor], torch.Tensor] | None = None
+def format_quantizer(c: Candidate, fmt: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The differentiable (straight-through) form of stored format `fmt` for candidate `c`."""
+    return FLOAT_FORMATS.get(fmt) or fake_quantizer(c, fmt)
 
 
-def _svd_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
-    v, u = c.payload["svd"]
-    return [v.reshape(c.steps[0].weight.shape).clone(), u.reshape(c.steps[1].weight.shape).clone()]
+def _trainable(c: Candidate) -> list[Trainable]:
+    return [t.trainable for t in techniques_of(c) if t.trainable is not None]
 
 
-def _svd_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
-    v, u = latents[0], latents[1]
-    return replace(c, payload=dict(c.payload, svd=(v.reshape(v.shape[0], -1).contiguous(),
-                                                   u.reshape(u.shape[0], -1).contiguous())))
+def _hook(c: Candidate, name: str):
+    """The first technique of `c`'s stack (outermost first) that has the Trainable hook
+    `name`, as that hook; None if none has."""
+    for t in reversed(_trainable(c)):
+        fn = getattr(t, name)
+        if fn is not None:
+            return fn
+    return None
 
 
-def _reencoded_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor] | None:
-    # a one-step chain whose pass re-encodes the base graph's weight: train that weight itself
-    # (a binary step's weight is alpha * sign: its magnitudes are in the original weight only)
-    return [base_w.clone()] if len(c.steps) == 1 else None
-
-
-def _reencoded_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
-    if len(c.steps) == 1:
-        with torch.no_grad():
-            get_attr(gm, c.layer.weight_target).copy_(latents[0])
-    return c  # stacked: the pass encodes the (already written) factors of the chain
-
-
-def _tucker_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
-    return [s.weight.detach().clone() for s in c.steps]  # first / core / last, as present
-
-
-def _tucker_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
-    f = c.payload["tucker"]
-    it = iter(t.contiguous() for t in latents)
-    first = next(it) if f.first is not None else None
-    core = next(it)
-    last = next(it) if f.last is not None else None
-    return replace(c, payload=dict(c.payload, tucker=replace(f, first=first, core=core,
-                                                             last=last)))
-
-
-# Shared weights train their palettes (centroid fine-tuning): each step's latent is its lookup
-# table (groups x 2^bits), the indices stay fixed, and the gathered weight's gradient sums into
-# the entries it was gathered from. Only the codebooks' public palette and indices are used.
-def _share_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
-    return [cb.lut.detach().float().clone() for _, cb in c.payload["share"].codebooks]
-
-
-def _lut_int8(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # int8 entries, one scale per table, as passes/share.py's cluster(lut_int8=True) stores them
-    scale = (lut.detach().abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
-    return torch.round(lut / scale).clamp(-127, 127), scale
-
-
-def _share_lut(cb, lut: torch.Tensor) -> torch.Tensor:
-    if cb.lut_q is None:
-        return lut
-    return straight_through(lambda t: _lut_int8(t)[0] * _lut_int8(t)[1])(lut)
-
-
-def _share_weight(c: Candidate, i: int, lut: torch.Tensor) -> torch.Tensor:
-    cb = c.payload["share"].codebooks[i][1]
-    return torch.gather(_share_lut(cb, lut), 1, cb.indices.long()).reshape(cb.shape)
-
-
-def _share_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
-    spec = c.payload["share"]
-    books = []
-    for (src, cb), lut in zip(spec.codebooks, latents, strict=True):
-        if cb.lut_q is not None:
-            q, scale = _lut_int8(lut)
-            cb = replace(cb, lut=(q * scale).to(cb.lut.dtype), lut_q=q.to(torch.int8),
-                         lut_scale=scale.float())
-        else:
-            cb = replace(cb, lut=lut.to(cb.lut.dtype).contiguous())
-        books.append((src, cb))  # same source weight: the pass reuses this codebook
-    return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=tuple(books))))
-
-
-def _share_on_kept(c: Candidate, kept: torch.Tensor, full: torch.Tensor) -> Candidate:
-    """The palette of a pruned group's member as the passes build it (prune slices the weight,
-    a consumer's re-fit first; share clusters what is left afresh), its indices widened back to
-    the full shape: removed entries pick entry 0, and are zero columns of a consumer (its mask)
-    or rows whose outputs only such columns read. `c` is a plain "share" candidate (one
-    palette, of the layer's weight)."""
-    from fxcompress.passes.share import _codebook_for
-
-    spec = c.payload["share"]
-    sliced = full[kept].reshape(_kept_shape(kept))
-    cb = _codebook_for(sliced, spec)  # a trained one (`_share_sliced`) where it is this weight
-    idx = torch.zeros(full.shape, dtype=cb.indices.dtype)
-    idx[kept] = cb.indices.reshape(-1)
-    wide = replace(cb, shape=tuple(full.shape), indices=idx.reshape(cb.groups, -1))
-    return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=((full, wide),))))
-
-
-def _kept_shape(kept: torch.Tensor) -> tuple[int, ...]:
-    # the shape of a tensor sliced by a product of per-axis masks
-    return tuple(int(kept.movedim(a, 0).reshape(kept.shape[a], -1).any(1).sum())
-                 for a in range(kept.dim()))
-
-
-def _share_sliced(c: Candidate, kept: torch.Tensor, gm: fx.GraphModule) -> Candidate:
-    """Undo `_share_on_kept` on the trained candidate: the codebook of the kept entries, keyed
-    by the weight the prune pass will slice out of `gm` (written there), so the share pass
-    stores this trained palette rather than clustering again."""
-    spec = c.payload["share"]
-    (_, wide), = spec.codebooks
-    idx = wide.indices.reshape(wide.shape)[kept].reshape(wide.groups, -1)
-    cb = replace(wide, shape=_kept_shape(kept), indices=idx.contiguous())
-    src = cb.decode()
-    with torch.no_grad():
-        w = get_attr(gm, c.layer.weight_target)
-        w.zero_()
-        w[kept] = src.reshape(-1).to(w.dtype)
-    return replace(c, payload=dict(c.payload, share=replace(spec, codebooks=((src, cb),))))
-
-
-#: technique name -> its trainable form. A candidate trains when every technique of its stack
-#: ("svd+int8") is here and every step's weight has a differentiable form. The latents belong
-#: to the outermost technique of the stack that claims them (int8 defers on a chain, so the
-#: factors of "svd+int8" train; share claims its palettes, so "svd+share" trains those).
-TECHNIQUES: dict[str, TrainableTechnique] = {
-    "svd": TrainableTechnique(_svd_init, _svd_write),
-    "tucker": TrainableTechnique(_tucker_init, _tucker_write),
-    "int8": TrainableTechnique(_reencoded_init, _reencoded_write),
-    "binary": TrainableTechnique(_reencoded_init, _reencoded_write),
-    "share": TrainableTechnique(_share_init, _share_write, _share_weight),
-}
-
-
-def _static_outputs(c: Candidate) -> tuple | None:
-    """The per-step output quantization (affine qparams or None) of an int8 chain with static
-    activations, as passes/int8.py simulates and builds it; None for any other candidate."""
-    act = c.payload.get("int8_act")
-    if not c.payload.get("int8") or act is None:
-        return None
-    from fxcompress.passes.int8 import step_mode
-
-    rep, kind = c.payload["int8_representation"], c.payload["int8_activations"]
-    modes = [step_mode(s.op, s.groups, rep, kind) for s in c.steps]
-    if len(act) != len(c.steps):
-        return None
-    return tuple(a[1] if m == "qdq_static" else None for a, m in zip(act, modes, strict=True))
-
-
-def _owner(c: Candidate) -> str | None:
-    """The technique of `c`'s stack whose latents train (see TECHNIQUES)."""
-    techs = [t for t in c.technique.split("+") if t != "none"]
-    for t in reversed(techs):
-        if TECHNIQUES[t].init(c, c.steps[0].weight) is not None:
+def _owner(c: Candidate) -> Trainable | None:
+    """The trainable form of `c`'s stack whose latents train: the outermost technique that
+    claims them (int8 defers on a chain, so the factors of "svd+int8" train; share claims its
+    palettes, so "svd+share" trains those)."""
+    for t in reversed(_trainable(c)):
+        if t.init(c, c.steps[0].weight) is not None:
             return t
     return None
 
 
 def trainable(c: Candidate) -> str | None:
     """None if candidate `c` can be fine-tuned, else why not."""
-    techs = [t for t in c.technique.split("+") if t != "none"]
-    for t in techs:
-        if t not in TECHNIQUES:
-            return f"no trainable form of {t!r} yet"
-    if c.overrides is not None and _static_outputs(c) is None:
+    for name in c.techniques:
+        tech = REGISTRY.get(name)
+        if tech is None or tech.trainable is None:
+            return f"no trainable form of {name!r} yet"
+    if c.overrides is not None and (_hook(c, "output_quant") is None
+                                    or _hook(c, "output_quant")(c) is None):
         return "custom simulation"
-    owner = _owner(c) if techs else None
-    if owner is None or TECHNIQUES[owner].weight is None:
+    owner = _owner(c) if c.techniques else None
+    if owner is None or owner.weight is None:
         for s in c.steps:
-            if s.fmt not in FORMATS:
+            if format_quantizer(c, s.fmt) is None:
                 return f"no straight-through quantizer for format {s.fmt!r} yet"
     return None
 
@@ -364,18 +194,18 @@ def trainable(c: Candidate) -> str | None:
 @dataclass
 class _Entry:
     cand: Candidate
-    owner: str | None  # the technique whose latents these are (None: the layer as it is)
+    owner: Trainable | None  # whose latents these are (None: the layer as it is)
     latents: list[torch.nn.Parameter]
-    bias: torch.nn.Parameter | None  # the base graph's bias, trained, used by `bias_step`
+    bias: torch.nn.Parameter | None  # the layer's bias, trained, used by `bias_step`
     bias_step: int
     mask: torch.Tensor | None = None  # a pruned group's consumer: its kept input columns
-    levels: tuple[torch.nn.Parameter, torch.nn.Parameter] | None = None  # binary act (mu, beta)
-    out_q: tuple | None = None  # int8 static: per step, the output's affine qparams or None
-    kept: torch.Tensor | None = None  # a palette re-clustered on the entries pruning keeps
+    levels: tuple[torch.nn.Parameter, torch.nn.Parameter] | None = None  # learned input levels
+    out_q: tuple | None = None  # per step, a fixed output fake-quantizer or None
+    kept: torch.Tensor | None = None  # a weight re-encoded from the entries pruning keeps
 
     def _gathered(self) -> bool:
         # the owner computes the weight from latents of another shape (a palette)
-        return self.owner is not None and TECHNIQUES[self.owner].weight is not None
+        return self.owner is not None and self.owner.weight is not None
 
     def latent(self, i: int) -> torch.Tensor:
         """Latent `i`; a pruned consumer's removed input columns held at zero where the latent
@@ -389,13 +219,9 @@ class _Entry:
     def weight(self, i: int) -> torch.Tensor:
         """The effective weight of step `i`, differentiable in its latent."""
         if self._gathered():
-            w = TECHNIQUES[self.owner].weight(self.cand, i, self.latent(i))
+            w = self.owner.weight(self.cand, i, self.latent(i))
             return w if self.mask is None or i != 0 else w * self.mask
-        fmt = self.cand.steps[i].fmt
-        qmax = self.cand.payload.get("int8_weight_qmax", 127)
-        if fmt == "int8" and qmax != 127:  # a 7-bit target (x86 without VNNI)
-            return straight_through(lambda w: _int8_fake(w, qmax))(self.latent(i))
-        return FORMATS[fmt](self.latent(i))
+        return format_quantizer(self.cand, self.cand.steps[i].fmt)(self.latent(i))
 
 
 def _pass_gradient(simulation: Callable, target: Callable) -> Callable:
@@ -411,18 +237,6 @@ def _pass_gradient(simulation: Callable, target: Callable) -> Callable:
     return run
 
 
-def _binary_levels(mu: torch.Tensor, beta: torch.Tensor):
-    """x -> mu + beta * sign(x - mu), as passes/binary.py builds it, with the hardtanh
-    straight-through window |x - mu| <= beta for x and gradients into both levels (LSQ-style
-    learned activation quantizer)."""
-
-    def fq(x: torch.Tensor) -> torch.Tensor:
-        b = beta.clamp_min(1e-6)
-        return mu + b * sign_ste((x - mu) / b)
-
-    return fq
-
-
 class Student:
     """The original graph with every trainable layer computing its (candidate's) steps from
     latent weights. `gm` is the student's own copy of the base graph, whose weights and biases
@@ -436,8 +250,10 @@ class Student:
         self.entries: dict[str, _Entry] = {}
         self.frozen: dict[str, str] = {}  # layer -> why not trained
         self.fixed: dict[str, Callable] = {}  # overrides of untrainable chosen candidates
-        self.pruned = {n: c for n, c in choice.items() if "prune" in c.payload}
-        consumers, keeps = self._pruned_layout()
+        # rewrites that reshape other layers (pruned groups), by their technique's `Regroup`
+        self.regrouped = {n: c for n, c in choice.items()
+                          if any(t.regroup is not None for t in techniques_of(c))}
+        consumers, keeps = self._regrouped_layout()
         targets = {n.name: n.target for n in self.gm.graph.nodes}
         layer_nodes = set()
         for o in options:
@@ -463,23 +279,22 @@ class Student:
             if lay.name in consumers:
                 keep, base_w = consumers[lay.name]
                 mask = keep.to(base_w.dtype).view([1, -1] + [1] * (base_w.dim() - 2))
-            owner = _owner(c) if c.technique != "none" else None
-            kept = keeps.get(lay.weight_target) if c.technique == "share" else None
-            if kept is not None:
-                c = _share_on_kept(c, kept, base_w)
-            latents = TECHNIQUES[owner].init(c, base_w) if owner else [base_w.clone()]
-            bias, bias_step = None, -1
-            if lay.bias_target is not None:
-                b = get_attr(self.gm, lay.bias_target).detach()
-                for i, s in enumerate(c.steps):
-                    if s.bias is not None and s.bias.shape == b.shape:
-                        bias, bias_step = torch.nn.Parameter(b.clone()), i
-            levels = c.payload.get("binary_act") if c.payload.get("binary") else None
+            owner = _owner(c) if c.techniques else None
+            kept = None
+            if owner is not None and owner.on_kept is not None and len(c.techniques) == 1:
+                kept = keeps.get(lay.weight_target)
+                if kept is not None:
+                    c = owner.on_kept(c, kept, base_w)
+            latents = owner.init(c, base_w) if owner else [base_w.clone()]
+            bias, bias_step = self._bias(lay, c, o.base)
+            levels = _hook(c, "input_levels")
+            levels = levels(c) if levels is not None else None
             if levels is not None:
                 levels = tuple(torch.nn.Parameter(torch.tensor(float(v))) for v in levels)
+            out_q = _hook(c, "output_quant")
             self.entries[lay.name] = _Entry(
                 c, owner, [torch.nn.Parameter(w.float().clone()) for w in latents], bias,
-                bias_step, mask, levels, _static_outputs(c), kept)
+                bias_step, mask, levels, out_q(c) if out_q is not None else None, kept)
         self.node_of = {o.layer.name: o.layer.node for o in options}
         # parameters that are no layer's weight or bias (norm scales and shifts): trained in
         # place in the student's graph, which the plan is built from
@@ -489,16 +304,37 @@ class Student:
         for p in self.others:
             p.requires_grad_(True)
 
-    def _pruned_layout(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
-                                      dict[str, torch.Tensor]]:
-        """For the chosen pruned groups: consumer layer -> (kept input columns, initial weight),
-        and weight target -> mask of the entries the prune pass keeps."""
-        if not self.pruned:
-            return {}, {}
-        from fxcompress.passes.prune import consumer_weights, make_config, weight_keeps
+    def _bias(self, lay, c: Candidate, base: Candidate) -> tuple[torch.nn.Parameter | None, int]:
+        """The layer's trainable bias and the step that adds it: the graph's (trained by an
+        earlier stage, perhaps), unless the candidate's technique replaced it (a re-fitted
+        bias), then that one."""
+        if lay.bias_target is None:
+            return None, -1
+        b = get_attr(self.gm, lay.bias_target).detach()
+        own = base.steps[-1].bias
+        for i, s in enumerate(c.steps):
+            if s.bias is not None and s.bias.shape == b.shape:
+                replaced = own is None or s.bias.shape != own.shape \
+                    or not torch.equal(s.bias, own)
+                return torch.nn.Parameter((s.bias if replaced else b).detach().clone()), i
+        return None, -1
 
-        config = make_config(list(self.pruned.values()))
-        return consumer_weights(self.gm, config), weight_keeps(self.gm, config)
+    def _regrouped_layout(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                         dict[str, torch.Tensor]]:
+        """For the chosen rewrites that reshape other layers: consumer layer -> (kept input
+        columns, initial weight), and weight target -> mask of the entries kept."""
+        consumers: dict = {}
+        keeps: dict = {}
+        by_tech: dict[str, list[Candidate]] = {}
+        for c in self.regrouped.values():
+            for t in techniques_of(c):
+                if t.regroup is not None:
+                    by_tech.setdefault(t.name, []).append(c)
+        for name, chosen in by_tech.items():
+            cons, kp = REGISTRY[name].regroup.layout(self.gm, chosen)
+            consumers.update(cons)
+            keeps.update(kp)
+        return consumers, keeps
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable tensors of the layers, in layer order (without `others`)."""
@@ -518,21 +354,20 @@ class Student:
 
     @staticmethod
     def _runner(name: str, e: _Entry, record: dict | None):
-        from fxcompress.observers import fake_quant_affine
+        levels = _hook(e.cand, "learned_levels") if e.levels is not None else None
 
         def run(args, kwargs):
             x = args[input_arg_index(e.cand.layer.op)]
             for i, s in enumerate(e.cand.steps):
-                if i == 0 and e.levels is not None:
-                    x = _binary_levels(*e.levels)(x)
+                if i == 0 and levels is not None:
+                    x = levels(*e.levels)(x)
                 elif s.input_quant is not None:
                     x = straight_through(s.input_quant)(x) if x.is_floating_point() \
                         else s.input_quant(x)
                 b = e.bias if i == e.bias_step else s.bias
                 x = replace(s, weight=e.weight(i), bias=b, input_quant=None).run(x)
                 if e.out_q is not None and e.out_q[i] is not None:
-                    qp = e.out_q[i]
-                    x = straight_through(lambda t, qp=qp: fake_quant_affine(t, *qp))(x)
+                    x = straight_through(e.out_q[i])(x)
             if record is not None:
                 record[name] = x
             return x
@@ -545,8 +380,6 @@ class Student:
 
     def write_back(self) -> tuple[fx.GraphModule, dict[str, Candidate]]:
         """(the base graph with trained weights, the trained candidates of the chosen layers)."""
-        from fxcompress.passes.binary import binary_activation
-
         trained: dict[str, Candidate] = {}
         refit_done = set()  # pruned consumers now trained: the pass slices them as they are
         for name, e in self.entries.items():
@@ -561,23 +394,25 @@ class Student:
                 with torch.no_grad():
                     get_attr(self.gm, c.layer.weight_target).copy_(lat[0])
                 continue
-            c = TECHNIQUES[e.owner].write(c, lat, self.gm)
+            c = e.owner.write(c, lat, self.gm)
             if e.kept is not None:
-                c = _share_sliced(c, e.kept, self.gm)
+                c = e.owner.off_kept(c, e.kept, self.gm)
             steps = []
             with torch.no_grad():
                 for i, s in enumerate(c.steps):
                     b = e.bias.detach().clone() if i == e.bias_step else s.bias
-                    s = replace(s, weight=e.weight(i).detach().clone(), bias=b)
-                    if i == 0 and e.levels is not None:
-                        mu, beta = float(e.levels[0]), float(e.levels[1].clamp_min(1e-6))
-                        s = replace(s, input_quant=binary_activation(mu, beta))
-                        c = replace(c, payload=dict(c.payload, binary_act=(mu, beta)))
-                    steps.append(s)
-            trained[name] = replace(c, steps=tuple(steps))
-        for name, c in self.pruned.items():
-            grams = {k: v for k, v in c.payload.get("grams", {}).items() if k not in refit_done}
-            trained[name] = replace(c, payload=dict(c.payload, grams=grams))
+                    steps.append(replace(s, weight=e.weight(i).detach().clone(), bias=b))
+            c = replace(c, steps=tuple(steps))
+            if e.levels is not None:
+                mu = float(e.levels[0].detach())
+                beta = float(e.levels[1].detach().clamp_min(1e-6))
+                c = _hook(c, "with_input_levels")(c, mu, beta)
+            trained[name] = c
+        for name, c in self.regrouped.items():
+            for t in techniques_of(c):
+                if t.regroup is not None:
+                    c = t.regroup.trained(c, refit_done)
+            trained[name] = c
         return self.gm, trained
 
 
@@ -732,68 +567,66 @@ class Recovery:
     seconds: float = 0.0
 
 
-def recover_plan(gm: fx.GraphModule, options, calib: Calibration, plan, accept,
-                 objective: str, rec: Recover, seed: int, log: Callable[[str], None]):
-    """Recover the planner's `plan` by distillation, then (up to `rec.stages` times) extend it
-    to a longer prefix of the planner's greedy sequence, recovering again from the trained
-    weights, for as long as the recovered plan holds the tolerance, as `accept` (an
-    `fxcompress.acceptance.Acceptance`, the planner's own judge) rules. Returns the new `Plan`
-    (its `history` extended with each stage's error before / after) and the `Recovery`."""
-    from fxcompress.planner import Plan, build, moves
+def recover_plan(selection, plan, accept, rec: Recover, log: Callable[[str], None]):
+    """Recover the selected `plan` (a `planner.Plan` from `planner.verify` on `selection`) by
+    distillation, then (up to `rec.stages` times) extend it to a longer prefix of the
+    selection's greedy sequence, recovering again from the trained weights, for as long as
+    the recovered plan holds the tolerance, as `accept` (an `fxcompress.acceptance.Acceptance`,
+    the planner's own judge) rules. Each stage builds its plan as selection does
+    (`planner.build_plan`, re-fitted where selection re-fits) and trains the plan as built.
+    Returns the new `Plan` (its `history` extended with each stage's error before / after) and
+    the `Recovery`."""
+    from fxcompress.planner import Plan, build_plan
 
+    gm, options, calib, seed = selection.gm, selection.options, selection.calib, selection.seed
     start = time.perf_counter()
     deadline = None if rec.time_budget is None else start + float(rec.time_budget)
     inputs, labels = training_data(rec, calib)
     teacher = gm
     evaluate = accept.evaluate
     kind = rec.soft_loss if rec.soft_loss != "auto" else ("kl" if evaluate else "mse")
-    sequence = moves(options, objective)
-    k0 = next((k for k, p in enumerate(sequence) if p.keys() == plan.choice.keys()
-               and all(p[n] is plan.choice[n] for n in p)), None)
+    sequence = selection.sequence(False)[0]
+    k0 = plan.index if accept.exact_limit is None else None
     info = Recovery()
-
-    def judge(out):
-        v = accept(out)
-        return v.error.value, v.score, v.ok, v
 
     def stage(base_gm, choice, k, stage_seed):
         t0 = time.perf_counter()
-        before = build(base_gm, choice).graph_module
-        e0, s0, _, _ = judge(before)
+        before, choice = build_plan(base_gm, choice, calib if selection.refit else None, seed)
+        v0 = accept(before.graph_module)
         student = Student(base_gm, options, choice, rec.train_unchanged, rec.train_others)
         info.frozen.update(student.frozen)
         n = fine_tune(student, teacher, rec, inputs, labels, stage_seed, deadline,
                       label=f"recovering plan {k}", kind=kind)
         new_gm, trained = student.write_back()
         new_choice = {name: trained.get(name, c) for name, c in choice.items()}
-        after = build(new_gm, new_choice).graph_module
-        e1, s1, ok, v = judge(after)
-        rec_ = StageRecord(k, len(choice), e0, e1, s0, s1, n, time.perf_counter() - t0, ok)
+        after, new_choice = build_plan(new_gm, new_choice)
+        v = accept(after.graph_module)
+        rec_ = StageRecord(k, len(choice), v0.error.value, v.error.value, v0.score, v.score, n,
+                           time.perf_counter() - t0, v.ok)
         info.stages.append(rec_)
         log(rec_.line())
-        return new_gm, new_choice, after, e1, s1, ok, v
+        return new_gm, new_choice, Plan(new_choice, v.error.value, v.score, after.graph_module,
+                                        verdict=v, index=k), v.ok
 
-    base_gm, choice, out, err, score, ok, v = stage(gm, plan.choice,
-                                                    k0 if k0 is not None else -1, seed)
-    if not ok:  # recovery made it worse (possible with a poor teacher signal): keep the plan
-        best = plan
-    else:
-        best = Plan(choice, err, score, out, list(plan.history), verdict=v)
+    base_gm, choice, trained_plan, ok = stage(gm, plan.choice, k0 if k0 is not None else -1,
+                                              seed)
+    # recovery can make it worse (a poor teacher signal): then keep the plan
+    best = trained_plan if ok else plan
     if k0 is not None:
-        # extend from the recovered weights where they held, else from the planner's plan
+        # extend from the recovered weights where they held, else from the selected plan
         cur_gm, cur_choice, k = (base_gm, choice, k0) if ok else (gm, plan.choice, k0)
         hi = len(sequence) - 1
         for s in range(rec.stages):
             if k >= hi or (deadline is not None and time.perf_counter() > deadline):
                 break
             nxt = k + max(1, (hi - k + 1) // 2)  # halve the remaining way each stage
+            # the layers whose rewrite is unchanged since plan k keep their trained form
             merged = {name: (cur_choice[name] if name in cur_choice
                              and sequence[k].get(name) is c else c)
                       for name, c in sequence[nxt].items()}
-            g2, c2, out2, e2, s2, ok2, v2 = stage(cur_gm, merged, nxt, seed + s + 1)
+            g2, c2, p2, ok2 = stage(cur_gm, merged, nxt, seed + s + 1)
             if ok2:
-                cur_gm, cur_choice, k = g2, c2, nxt
-                best = Plan(c2, e2, s2, out2, list(plan.history), verdict=v2)
+                cur_gm, cur_choice, k, best = g2, c2, nxt, p2
             else:
                 hi = nxt - 1
     best.history = list(plan.history) + [st.line() for st in info.stages]

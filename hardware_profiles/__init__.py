@@ -2,10 +2,10 @@
 
 A profile is a TOML file that says what a target runs and how fast: its backend and how a model
 is lowered to it, which techniques it can run, peak throughput per precision and memory
-bandwidth (for a roofline latency estimate), how it represents int8, which sparsity patterns
-speed up compute or only shrink storage, palette sizes for weight sharing, channel alignment and
-memory budgets. The planner only asks a profile questions (`supports`, `latency`); no code
-branches on a profile's name.
+bandwidth (for a roofline latency estimate), how it represents int8 and on which ops, which ops
+run binary weights, palette sizes for weight sharing, channel alignment and memory budgets.
+The planner only asks a profile questions (`supports`, `latency`); no code branches on a
+profile's name.
 
 Built-in profiles live beside this file; `load_profile` also takes a path to a user's file.
 Every field is validated on load, and an error names the field and the fix.
@@ -22,10 +22,28 @@ from typing import Any
 
 from fxcompress.errors import FxCompressError
 
-#: Every technique fxcompress knows. A profile lists the subset its target can run.
-TECHNIQUES = ("svd", "tucker", "prune", "share", "int8", "binary")
+
+def known_techniques() -> tuple[str, ...]:
+    """Every technique fxcompress knows: those registered by `passes/<technique>/`, in pass
+    order. A profile lists the subset its target can run. (Also `TECHNIQUES`.)"""
+    import fxcompress.passes  # noqa: F401  (registers the techniques)
+    from fxcompress.technique import REGISTRY
+
+    return tuple(t.name for t in sorted(REGISTRY.values(), key=lambda t: t.order))
+
+
+def __getattr__(name: str):
+    # `TECHNIQUES` is the registry's names, read when asked: a new technique folder is enough
+    if name == "TECHNIQUES":
+        return known_techniques()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: Precisions a profile can give throughput for (GOP/s, one multiply-accumulate = 2 ops).
 PRECISIONS = ("fp32", "fp16", "int8", "binary")
+#: stored formats that are a float precision (a layer stored so computes in it, no decode)
+FLOAT_FORMATS = ("fp32", "fp16")
+#: bytes one element takes in each precision / stored format ("shared": decoded to fp32)
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1, "binary": 0.125, "shared": 4}
 OBJECTIVES = ("latency", "size")
 INT8_ACTIVATIONS = ("static", "dynamic", "none")
 # How int8 is written into the graph: quantize/dequantize ops in the pattern ExecuTorch and ONNX
@@ -36,8 +54,7 @@ INT8_REPRESENTATIONS = ("qdq", "int_mm", "dequant")
 # signed int8; x86's oneDNN int8 GEMM (VNNI's vpdpbusd multiplies u8 by s8) wants unsigned
 # activations, and falls back to a reference kernel 4000x slower for signed ones (measured).
 INT8_ACTIVATION_DTYPES = ("int8", "uint8")
-SPARSITY_EFFECTS = ("compute", "storage", "none")
-SPARSITY_PATTERNS = ("structured", "semi_structured_2_4", "unstructured")
+OP_TYPES = ("linear", "conv2d", "embedding")
 EXPORT_FORMATS = (".pt2", ".pte", ".onnx")
 
 
@@ -62,7 +79,6 @@ class Profile:
     int8_ops: tuple[str, ...]  # op types int8 applies to ("linear", "conv2d", "embedding")
     weight_only_speedup: bool  # does weight-only int8 run faster (less weight traffic)?
     int8_required: bool  # the target runs int8 only: every layer that can be int8 must be
-    sparsity: dict[str, str]  # pattern -> "compute" | "storage" | "none"
     share_bits: tuple[int, ...]  # palette index widths the target decodes natively
     binary_activations: bool  # does the target run binary activations (XNOR-popcount)?
     weight_budget_bytes: int | None  # flash / storage for weights, if bounded
@@ -77,6 +93,11 @@ class Profile:
     # kernels add pairs of products in 16 bits (x86 without VNNI) and full-range weights would
     # saturate them
     int8_weight_bits: int = 8
+    # op types the target runs with binary weights (FINN-style: matmuls and convolutions)
+    binary_ops: tuple[str, ...] = ("linear", "conv2d")
+    # whether the runtime has dynamically quantized grouped / depthwise convolutions (XNNPACK
+    # has none: such a conv stays weight-only int8 under dynamic activations)
+    int8_dynamic_grouped_conv: bool = False
 
     def __post_init__(self):
         # a Profile built in code (`dataclasses.replace`, `Profile(...)`) gets the same checks
@@ -109,10 +130,15 @@ class Profile:
         if fmt == "int8":
             return self.allows("int8") and op in self.int8_ops
         if fmt == "binary":
-            return self.allows("binary") and op in ("linear", "conv2d")
+            return self.allows("binary") and op in self.binary_ops
         if fmt == "shared":
             return self.allows("share")
         return fmt in self.peak_gops
+
+    def requires(self, fmt: str) -> bool:
+        """Whether the target runs only `fmt` on the layers that can run it (no float
+        kernels: `[int8] required = true`)."""
+        return fmt == "int8" and self.int8_required
 
     def precision_of(self, fmt: str) -> str:
         """The precision whose throughput a layer stored in `fmt` computes at."""
@@ -121,6 +147,12 @@ class Profile:
         if fmt == "binary" and self.binary_activations:
             return "binary"
         return self.compute_dtype
+
+    def activation_bytes(self, fmt: str) -> int:
+        """Bytes per activation element of a layer stored in `fmt`, for the activation budget:
+        1 where it computes in int8, else 4 (binary activations are counted as the float
+        outputs their popcounts are scaled into)."""
+        return 1 if self.precision_of(fmt) == "int8" else 4
 
     def latency(self, macs: float, weight_bytes: float, activation_bytes: float, fmt: str,
                 n_ops: int = 1) -> float:
@@ -175,10 +207,10 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "target": {"isa": ((list, str), False)},
     "int8": {"activations": (str, False), "representation": (str, False), "ops": (list, False),
              "activation_dtype": (str, False), "weight_bits": (int, False),
-             "weight_only_speedup": (bool, False), "required": (bool, False)},
-    "sparsity": {p: (str, False) for p in SPARSITY_PATTERNS},
+             "weight_only_speedup": (bool, False), "required": (bool, False),
+             "dynamic_grouped_conv": (bool, False)},
     "share": {"bits": (list, False)},
-    "binary": {"activations": (bool, False)},
+    "binary": {"activations": (bool, False), "ops": (list, False)},
     "memory": {"weight_budget_bytes": (int, False), "activation_budget_bytes": (int, False)},
     "sources": {},  # free-form: field name -> citation
 }
@@ -278,7 +310,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
 
     techniques = tuple(flat["planner.techniques"])
     for t in techniques:
-        _one_of(source, "planner.techniques", t, TECHNIQUES)
+        _one_of(source, "planner.techniques", t, known_techniques())
     _check_numbers(source, {k: (flat[k], None) for k in _NUMBERS if k in flat})
     peak = {p: float(flat[f"throughput.{p}"]) for p in PRECISIONS if f"throughput.{p}" in flat}
     compute_dtype = _one_of(source, "backend.compute_dtype", flat["backend.compute_dtype"],
@@ -300,7 +332,10 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
             raise _err(source, "share.bits", f"contains {b!r}", "use whole numbers 1 to 8")
     int8_ops = tuple(flat.get("int8.ops", ["linear", "conv2d"]))
     for op in int8_ops:
-        _one_of(source, "int8.ops", op, ("linear", "conv2d", "embedding"))
+        _one_of(source, "int8.ops", op, OP_TYPES)
+    binary_ops = tuple(flat.get("binary.ops", ["linear", "conv2d"]))
+    for op in binary_ops:
+        _one_of(source, "binary.ops", op, ("linear", "conv2d"))
     measure = bool(flat.get("throughput.measure", False))
     isa = flat.get("target.isa", [])
     if isinstance(isa, str):
@@ -343,10 +378,8 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
                                       INT8_ACTIVATION_DTYPES),
         weight_only_speedup=bool(flat.get("int8.weight_only_speedup", False)),
         int8_required=bool(flat.get("int8.required", False)),
-        sparsity={p: _one_of(source, f"sparsity.{p}", flat.get(f"sparsity.{p}", default),
-                             SPARSITY_EFFECTS)
-                  for p, default in (("structured", "compute"), ("semi_structured_2_4", "none"),
-                                     ("unstructured", "storage"))},
+        binary_ops=binary_ops,
+        int8_dynamic_grouped_conv=bool(flat.get("int8.dynamic_grouped_conv", False)),
         share_bits=share_bits,
         binary_activations=binary_act,
         weight_budget_bytes=flat.get("memory.weight_budget_bytes"),

@@ -7,7 +7,7 @@ import torch
 @pytest.fixture(scope="session")
 def digits():
     """(calibration batches, calib inputs, test inputs, test labels) of scikit-learn digits."""
-    from fxcompress.models import digits_data
+    from fxcompress.demo.digits import digits_data
 
     x_cal, _ = digits_data("calib")
     x_test, y_test = digits_data("test")
@@ -18,7 +18,7 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_cnn():
     """The shipped, trained digits CNN (eval mode)."""
-    from fxcompress.models import load_pretrained
+    from fxcompress.demo.digits import load_digits_cnn
 
     torch.manual_seed(0)
-    return load_pretrained("digits_cnn")
+    return load_digits_cnn()

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import fxcompress
+from benchmarks.models import load_pretrained
 from fxcompress import cli, demo
 from fxcompress.errors import FxCompressError
 
@@ -79,7 +80,7 @@ def test_run_times_both_pte_files_for_a_pte_target():
     pytest.importorskip("executorch.runtime")
     lines = []
     r = demo.run("mobile-arm", model_name="digits_mlp", techniques=["int8"], runs=3,
-                 progress=lines.append)
+                 progress=lines.append, model=load_pretrained("digits_mlp"))
     assert r["export_format"] == ".pte" and r["pte_note"] is None
     assert r["pte_latency_ratio"] > 0
     assert 0 < r["pte_bytes_after"] < r["pte_bytes_before"]  # int8 weights: a smaller file
@@ -89,7 +90,13 @@ def test_run_times_both_pte_files_for_a_pte_target():
 
 def test_run_without_executorch_measures_eager_only(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch", None)
-    r = demo.run("mobile-arm", model_name="digits_mlp", techniques=["int8"], runs=3)
+    r = demo.run("mobile-arm", model_name="digits_mlp", techniques=["int8"], runs=3,
+                 model=load_pretrained("digits_mlp"))
     assert r["latency_ratio"] > 0
     assert r["pte_latency_ratio"] is None and r["pte_bytes_before"] is None
     assert "fxcompress[demo]" in r["pte_note"]
+
+
+def test_the_demo_ships_only_the_digits_cnn():
+    with pytest.raises(FxCompressError, match="model="):
+        demo.run("mobile-arm", model_name="digits_mlp")

@@ -1,9 +1,11 @@
 """fxcompress.export: .pt2 / .pte / .onnx files, each run in its own runtime and compared with
 the compiled model; int8 Q/DQ graphs lowered to int8 kernels; atomic writes; safe loading."""
 
+import copy
 import dataclasses
 import io
 import json
+import pickle
 import sys
 import zipfile
 
@@ -276,3 +278,132 @@ def test_load_program_refuses_pickles_and_strangers(tmp_path):
             zout.writestr(item, data)
     with pytest.raises(FxCompressError, match="pickled"):
         ex.load_program(bad)
+
+
+# --- export once: the programs compile exported are reused ----------------------------------
+def _count_exports(monkeypatch) -> list:
+    """Count `torch.export.export` calls (looked up as `torch.export.export` by
+    `fxcompress.export.to_exported_program` and by compile)."""
+    calls = []
+    real = torch.export.export
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counting)
+    return calls
+
+
+def test_pt2_reuses_the_program_compile_exported(compiled, tmp_path, monkeypatch):
+    _, small = compiled
+    assert isinstance(small.meta[ex.PROGRAM_KEY], ex.StoredProgram)
+    assert ex.stored_program(small) is small.meta[ex.PROGRAM_KEY].program
+    calls = _count_exports(monkeypatch)
+    out = fxcompress.export(small, (X,), tmp_path / "m.pt2")
+    assert calls == []  # lowered from the stored program: no second export
+    assert out.dynamic_batch and out.check_error <= ex.FLOAT_CHECK_TOLERANCE
+    loaded = ex.load_program(out.path)
+    with torch.no_grad():
+        for batch in (2, 5, 8):
+            torch.testing.assert_close(loaded.module()(X[:batch]), small(X[:batch]))
+    # the archive stores two rows of the caller's inputs, as a fresh export would
+    assert [tuple(x.shape) for x in loaded.example_inputs[0]] == [(2, 1, 8, 8)]
+    assert torch.equal(loaded.example_inputs[0][0], X[:2])
+    stored = small.meta[ex.PROGRAM_KEY].program  # left as compile stored it
+    assert ex.stored_program(small) is stored and stored.example_inputs[0][0].shape[0] == 8
+    assert ex.read_report(out.path) == small.meta["fxcompress_report"].to_dict()
+
+
+def test_a_model_changed_in_place_is_exported_afresh(tmp_path, monkeypatch):
+    small = fxcompress.compile(_cnn(), (X,), profile="mobile-arm", calibration=CAL,
+                               tolerance=0.05, techniques=["int8"])
+    bias = next(p for name, p in small.named_parameters() if name.endswith("bias"))
+    calls = _count_exports(monkeypatch)
+    with torch.no_grad():
+        before = small(X)
+        bias.add_(1.0)  # a weight of the compiled model, changed in place
+        after = small(X)
+    assert not torch.allclose(before, after)
+    assert ex.stored_program(small) is None  # the fingerprint no longer matches
+    out = fxcompress.export(small, (X,), tmp_path / "changed.pt2")
+    assert calls  # exported afresh
+    with torch.no_grad():
+        got = ex.load_program(out.path).module()(X)
+    torch.testing.assert_close(got, after)  # the file holds the changed weight
+    # a change through .data escapes the version counter: the stored program is still taken,
+    # its file disagrees with the model, and the model is exported afresh
+    small.meta[ex.PROGRAM_KEY] = ex.StoredProgram(ex.load_program(out.path), small, True)
+    assert ex.stored_program(small) is not None
+    bias.data.add_(1.0)
+    with torch.no_grad():
+        after = small(X)
+    assert ex._reusable_program(small, (X,), dynamic_batch=True) is not None
+    calls.clear()
+    out = fxcompress.export(small, (X,), tmp_path / "data.pt2")
+    assert calls
+    with torch.no_grad():
+        torch.testing.assert_close(ex.load_program(out.path).module()(X), after)
+    # a weight replaced by another tensor is noticed too
+    replacement = tmp_path / "replaced.pt2"
+    name = next(n for n, _ in small.named_parameters() if n.endswith("bias"))
+    owner = small.get_submodule(name.rpartition(".")[0]) if "." in name else small
+    setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(bias.detach() * 0))
+    assert ex.stored_program(small) is None
+    calls.clear()
+    fxcompress.export(small, (X,), replacement)
+    assert calls
+
+
+def test_other_example_shapes_reuse_or_export_as_before(compiled, tmp_path, monkeypatch):
+    _, small = compiled
+    calls = _count_exports(monkeypatch)
+    # another batch within the program's dynamic batch: reused
+    out = fxcompress.export(small, (X[:3],), tmp_path / "b3.pt2")
+    assert calls == [] and out.dynamic_batch
+    # a batch of 1 is outside the stored program's range: exported afresh, as before
+    out = fxcompress.export(small, (X[:1],), tmp_path / "b1.pt2")
+    assert calls and out.dynamic_batch
+    with torch.no_grad():
+        torch.testing.assert_close(ex.load_program(out.path).module()(X[:4]), small(X[:4]))
+    # a .pte is a program for fixed shapes: the stored, dynamic one is not lowered
+    assert ex._reusable_program(small, (X,), dynamic_batch=False) is None
+    # inputs that do not fit the model: the same error as without a stored program
+    with pytest.raises(FxCompressError, match="do not fit"):
+        fxcompress.export(small, (torch.randn(3, 1, 7, 7),), tmp_path / "bad.pt2")
+    with pytest.raises(FxCompressError, match="do not fit"):
+        fxcompress.export(small, (X.double(),), tmp_path / "bad.pt2")
+    assert not (tmp_path / "bad.pt2").exists()
+
+
+def test_copies_and_reexports_of_a_compiled_model_carry_no_stale_program(compiled):
+    _, small = compiled
+    copied = copy.deepcopy(small)  # the programs are dropped on copy, not deep-copied
+    assert repr(copied.meta[ex.PROGRAM_KEY]) == "StoredProgram(empty)"
+    assert ex.stored_program(copied) is None
+    with torch.no_grad():
+        torch.testing.assert_close(copied(X), small(X))
+    ep = torch.export.export(small, (X,), strict=False)  # still chains with torch.export
+    assert ex.stored_program(ep.module()) is None  # not the module the program describes
+    assert pickle.loads(pickle.dumps(small.meta[ex.PROGRAM_KEY])).program is None
+
+
+def test_pte_lowers_a_stored_static_program(tmp_path, monkeypatch):
+    """A program captured with a fixed batch is stored static: a .pte of the same shapes is
+    lowered from it, without exporting the model again."""
+    ep = torch.export.export(_cnn(), (X,), strict=False)  # static batch
+    small = fxcompress.compile(ep, (X,), profile="mobile-arm", calibration=[(X,)],
+                               tolerance=0.05, techniques=["int8"])
+    program = ex.stored_program(small)
+    assert program is not None and not program.range_constraints
+    assert ex._reusable_program(small, (X,), dynamic_batch=False) is program
+    assert ex._reusable_program(small, (X[:4],), dynamic_batch=False) is None  # other shape
+    pytest.importorskip("executorch.runtime")
+    exported = []
+    real = ex.pte.to_exported_program
+    monkeypatch.setattr(ex.pte, "to_exported_program",
+                        lambda *a, **k: exported.append(1) or real(*a, **k))
+    out = fxcompress.export(small, (X,), tmp_path / "m.pte")
+    assert exported == [] and out.delegate == "xnnpack"
+    with torch.no_grad():
+        assert _rel(ex.PteProgram(out.path)(X)[0], small(X)) < ex.INT8_CHECK_TOLERANCE

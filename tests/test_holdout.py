@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fxcompress
+from benchmarks.models import accuracy, digits_data, load_pretrained
 from fxcompress import FxCompressError
 from fxcompress.acceptance import (
     DEFAULT_HOLDOUT,
@@ -18,7 +19,6 @@ from fxcompress.acceptance import (
     score_of,
     split_batches,
 )
-from fxcompress.models import accuracy, digits_data, load_pretrained
 from fxcompress.passes.int8 import range_headroom
 from fxcompress.passes.svd import decompose, shrinkage, shrunk
 
@@ -202,7 +202,7 @@ def test_range_headroom_shrinks_with_the_calibration_size():
 def test_a_file_larger_than_the_original_is_said_in_the_report():
     """On a tiny random CNN, int8's added Q/DQ ops outweigh the bytes they save (a cost the
     cost model does not count yet): the report says the file grew and what to do."""
-    from tests.zoo import ZOO, calibration
+    from benchmarks.zoo import ZOO, calibration
 
     model, example = ZOO["concat_cnn"]()
     rep = fxcompress.compile(model, example, profile="mobile-arm",

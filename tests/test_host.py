@@ -22,7 +22,9 @@ from torch import nn
 
 import fxcompress
 from fxcompress import FxCompressError, load_profile
-from fxcompress import hostbench as hb
+from fxcompress import host as hb
+from fxcompress.host import cores as hb_cores
+from fxcompress.host import measure as hb_measure
 
 ex = sys.modules["fxcompress.export"]
 QEMU = shutil.which("qemu-x86_64")
@@ -112,10 +114,10 @@ def test_x86_host_reads_the_host_and_says_so(monkeypatch, tmp_path):
 
 def test_a_corrupt_host_cache_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path))
-    monkeypatch.setattr(hb.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(hb_measure.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     measured = {"fp32": 100.0, "int8": 300.0, "bandwidth_gbs": 10.0, "op_overhead_us": 5.0}
-    monkeypatch.setattr(hb, "measure_host", lambda: dict(measured))
-    path = hb._cache_path()
+    monkeypatch.setattr(hb_measure, "measure_host", lambda: dict(measured))
+    path = hb_measure._cache_path()
     for corrupt in ("{not json", json.dumps({"fp32": "fast"}), json.dumps([1, 2]),
                     json.dumps({"fp32": float("nan"), "int8": 1, "bandwidth_gbs": 1,
                                 "op_overhead_us": 1})):
@@ -148,10 +150,10 @@ def test_compile_threads_follow_the_knob_and_are_restored(monkeypatch):
 
 def test_a_busy_host_gets_fewer_threads(monkeypatch):
     monkeypatch.delenv("FXCOMPRESS_THREADS", raising=False)
-    monkeypatch.setattr(hb.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(hb, "_others_running", lambda: 3)
+    monkeypatch.setattr(hb_cores.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hb_cores, "_others_running", lambda: 3)
     assert hb.compile_threads() == 1
-    monkeypatch.setattr(hb, "_others_running", lambda: 0)
+    monkeypatch.setattr(hb_cores, "_others_running", lambda: 0)
     assert hb.compile_threads() == min(2, torch.get_num_threads())
 
 

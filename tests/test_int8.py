@@ -16,8 +16,7 @@ from fxcompress.acceptance import DEFAULT_HOLDOUT, split_batches
 from fxcompress.capture import capture
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import load_profile
-from fxcompress.hostbench import host_isa, int8_weight_bits
-from fxcompress.observers import OBSERVERS, affine_qparams, fake_quant_affine, observe
+from fxcompress.host import host_isa, int8_weight_bits
 from fxcompress.passes.int8 import (
     Int8Config,
     dequantize_per_channel,
@@ -25,6 +24,7 @@ from fxcompress.passes.int8 import (
     quantize_per_channel,
     step_mode,
 )
+from fxcompress.passes.int8.observers import OBSERVERS, affine_qparams, fake_quant_affine, observe
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten

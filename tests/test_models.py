@@ -1,11 +1,13 @@
-"""The shipped models and data sets: loading, accuracy, splits, and export with dynamic batch."""
+"""The trained models and data sets (`benchmarks.models`, the digits CNN and its data from
+`fxcompress.demo.digits`): loading, accuracy, splits, and export with dynamic batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fxcompress import models
+from benchmarks import models
+from fxcompress.demo import digits
 
 # Measured with the shipped weights (see benchmarks/train_models.py): CNN 99.3 %, MLP 98.2 %,
 # transformer 78.8 %. The thresholds leave room for BLAS differences and, for the text task,
@@ -40,6 +42,18 @@ def test_weight_files_are_small() -> None:
     for name in models.MODEL_NAMES:
         assert models.weights_path(name).stat().st_size < 8 * 2**20
     assert (models.WEIGHTS_DIR / "text_vocab.json").exists()
+
+
+def test_the_package_ships_only_the_digits_cnn(pretrained: dict[str, torch.nn.Module]) -> None:
+    """The demo's model loads from fxcompress itself, identical to the benchmarks' copy; the
+    other weights live in benchmarks/weights/."""
+    assert models.weights_path("digits_cnn") == digits.DIGITS_CNN_WEIGHTS
+    assert sorted(p.name for p in digits.WEIGHTS_DIR.iterdir()) == ["digits_cnn.pt"]
+    shipped = digits.load_digits_cnn().state_dict()
+    ours = pretrained["digits_cnn"].state_dict()
+    assert shipped.keys() == ours.keys()
+    assert all(torch.equal(shipped[k], ours[k]) for k in shipped)
+    assert models.digits_data is digits.digits_data
 
 
 def test_parameter_counts(pretrained: dict[str, torch.nn.Module]) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fxcompress
+from benchmarks.models import digits_data, load_pretrained
 from fxcompress import FxCompressError, cli
-from fxcompress.models import digits_data, load_pretrained
 from fxcompress.overrides import check_overrides, resolve
 
 X, _ = digits_data("calib")

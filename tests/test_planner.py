@@ -8,7 +8,7 @@ import torch
 
 import fxcompress
 from fxcompress import FxCompressError, load_profile
-from fxcompress.models import accuracy
+from fxcompress.metrics import accuracy
 
 
 def rel_error(a, b, x):
@@ -70,7 +70,7 @@ def test_tolerance_sweep_is_monotone(digits_cnn, digits):
 
 def test_evaluate_bounds_the_metric_drop(digits_cnn, digits):
     batches, x_cal, x_test, y_test = digits
-    _, y_cal = __import__("fxcompress.models", fromlist=["digits_data"]).digits_data("calib")
+    _, y_cal = __import__("fxcompress.demo.digits", fromlist=["digits_data"]).digits_data("calib")
 
     def score(m):
         return accuracy(m, x_cal, y_cal)

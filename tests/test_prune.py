@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import fxcompress
+from benchmarks.zoo import ZOO, calibration
 from fxcompress.calibration import Calibration
 from fxcompress.capture import capture
-from fxcompress.depgraph import analyze
 from fxcompress.graph import find_layers, get_attr
 from fxcompress.passes.int8 import Int8Config, int8_pass
 from fxcompress.passes.prune import (
@@ -20,7 +20,7 @@ from fxcompress.passes.prune import (
     uniform_config,
     unit_importance,
 )
-from tests.zoo import ZOO, calibration
+from fxcompress.passes.prune.depgraph import analyze
 
 
 def _captured(model, inputs):

@@ -11,11 +11,8 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.calibration import Calibration
-from fxcompress.capture import capture
-from fxcompress.graph import find_layers
-from fxcompress.hardware_profiles import load_profile
-from fxcompress.planner import build, build_options, measure
+from fxcompress.api import prepare
+from fxcompress.planner import build
 from fxcompress.recover import Recover, Student, fine_tune
 
 
@@ -41,12 +38,9 @@ def _plan(techniques=("svd", "int8"), profile="nvidia-gpu", kind="mlp"):
     """The graph, its options and a plan with every layer at its most compressed candidate
     (cached: the tests only read it; the student works on its own copy)."""
     x = _data(kind=kind)
-    gm = capture(_model(kind), (x[:4],), None).graph_module
-    layers = find_layers(gm)
-    calib = Calibration(gm, [(x,)], {lay.node: lay.op for lay in layers})
-    options = build_options(gm, layers, calib, load_profile(profile), "size", techniques, 0,
-                            calibrated=True, user_techniques=True, scale_batch=1.0)
-    measure(options, calib)
+    prep = prepare(_model(kind), (x[:4],), profile=profile, calibration=[(x,)],
+                   techniques=techniques, objective="size", holdout=0)
+    gm, options, calib = prep.graph_module, prep.options, prep.calib
     choice = {}
     for o in options:
         if o.candidates:
@@ -79,7 +73,7 @@ def test_student_computes_the_built_graph_and_recovery_lowers_its_error(case):
     techs = {t for c in choice.values() for t in c.technique.split("+")}
     assert set(case.split("+")) <= techs, techs
     if case == "prune+share":
-        pruned = {n for n, c in choice.items() if "prune" in c.payload}
+        pruned = {n for n, c in choice.items() if c.uses("prune")}
         assert any("share" in c.technique and n not in pruned for n, c in choice.items())
     before = build(gm, choice).graph_module
     before.graph.lint()
@@ -115,12 +109,12 @@ def test_student_computes_the_built_graph_and_recovery_lowers_its_error(case):
 def test_binary_activation_levels_train_and_are_stored():
     gm, options, calib, choice, x = _plan(*CASES["binary"])
     name = next(n for n, c in choice.items() if c.technique == "binary")
-    levels0 = choice[name].payload["binary_act"]
+    levels0 = choice[name].part("binary").levels
     assert levels0 is not None
     student = Student(gm, options, choice, train_unchanged=False)
     fine_tune(student, gm, Recover(steps=10, lr=5e-3), (x,), None, 0, None, kind="mse")
     _, trained = student.write_back()
-    levels1 = trained[name].payload["binary_act"]
+    levels1 = trained[name].part("binary").levels
     assert levels1 != levels0 and levels1[1] > 0
     built = build(gm, {**choice, name: trained[name]}).graph_module
     consts = {a for n in built.graph.nodes if n.target == torch.ops.aten.ge.Scalar
@@ -134,8 +128,8 @@ def test_shared_weights_keep_their_indices_and_train_their_palettes():
     fine_tune(student, gm, Recover(steps=10, lr=2e-3), (x,), None, 0, None, kind="mse")
     _, trained = student.write_back()
     for name, c in trained.items():
-        for (src0, cb0), (src1, cb1) in zip(choice[name].payload["share"].codebooks,
-                                            c.payload["share"].codebooks, strict=True):
+        for (src0, cb0), (src1, cb1) in zip(choice[name].part("share").codebooks,
+                                            c.part("share").codebooks, strict=True):
             assert src1 is src0 and torch.equal(cb1.indices, cb0.indices)
             assert cb1.lut.shape == cb0.lut.shape and not torch.equal(cb1.lut, cb0.lut)
 

@@ -185,7 +185,7 @@ def test_propose_offers_every_profile_width_and_counts_packed_bytes():
     prof = load_profile("apple-ane")
     assert sorted({c.params["bits"] for c in cands}) == sorted(prof.share_bits)
     for c in cands:
-        cb = c.payload["share"].codebooks[0][1]
+        cb = c.part("share").codebooks[0][1]
         step = c.steps[0]
         assert step.fmt == "shared"
         assert step.weight_bytes == cb.file_bytes > cb.packed_bytes + cb.lut_bytes
@@ -205,7 +205,8 @@ def test_stacks_on_svd_factors_and_int8_leaves_shared_weights_alone():
     # too flat for svd to offer a rank on its own)
     v, u = svd_mod.decompose(ctx.weight).factors(4)
     svd_cand = Candidate("svd", fc1, {"rank": 4, "aware": False},
-                         svd_mod._steps(fc1, v, u, ctx.bias), payload={"svd": (v, u)})
+                         svd_mod._steps(fc1, v, u, ctx.bias),
+                         parts={"svd": svd_mod.SVDPart(v, u, 0.0)})
     stacked = share.stack(svd_cand, ctx)
     assert stacked.technique == "svd+share" and len(stacked.steps) == 2
     assert all(s.fmt == "shared" for s in stacked.steps)
@@ -333,18 +334,17 @@ def test_pass_reclusters_a_pruned_weight_through_the_planned_hessian():
 
 
 def test_prune_then_share_stacks_per_layer_and_shrinks_the_file_further():
-    from fxcompress.candidates import compatible
-    from fxcompress.planner import build_options
+    from fxcompress.api import prepare
+    from fxcompress.technique import compatible
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
     x = (torch.randn(4, 64),)
-    gm = capture(model, x).graph_module
-    layers = find_layers(gm)
-    calib = Calibration(gm, [(torch.randn(512, 64, generator=torch.Generator().manual_seed(1)),)],
-                        {lay.node: lay.op for lay in layers})
-    opts = build_options(gm, layers, calib, load_profile("apple-ane"), "size",
-                         ("prune", "share", "svd"), 0, True, True, 1.0)
+    prep = prepare(model, x, profile="apple-ane", objective="size", holdout=0,
+                   techniques=["prune", "share", "svd"],
+                   calibration=[(torch.randn(512, 64,
+                                             generator=torch.Generator().manual_seed(1)),)])
+    gm, opts, calib = prep.graph_module, prep.options, prep.calib
     group = next(o for o in opts if o.layer.name.startswith("prune[") and o.candidates)
     pruned = group.candidates[0]
     shares = {o.layer.name: next(c for c in o.candidates if c.technique == "share"

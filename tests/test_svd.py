@@ -9,7 +9,6 @@ from torch import nn
 import fxcompress
 from fxcompress.capture import capture
 from fxcompress.graph import LAYER_META, find_layers, op_type
-from fxcompress.passes import svd as svd_module
 from fxcompress.passes.svd import (
     SVDConfig,
     decompose,
@@ -191,7 +190,7 @@ def test_compile_factors_within_tolerance_and_never_where_it_does_not_shrink():
 def _digits_mlp():
     """The trained digits MLP (64-512-256-10, ReLU): real activations, where the error a
     truncated layer leaves after a ReLU is partly predictable by the next layer."""
-    from fxcompress.models import digits_data, load_pretrained
+    from benchmarks.models import digits_data, load_pretrained
 
     m = load_pretrained("digits_mlp")
     xc, _ = digits_data("calib")
@@ -252,13 +251,13 @@ def test_sequential_refit_at_full_rank_reconstructs():
     assert _e2e(m, gm, refit_config(refit), test_x)[0] < 1e-4
 
 
-def test_compile_builds_the_refitted_factors(monkeypatch):
+def test_compile_builds_the_refitted_factors():
     m, _, cal, test_x = _digits_mlp()
 
-    def run():
+    def run(overrides=None):
         small = fxcompress.compile(m, (cal[0][0][:16],), profile="mobile-arm",
                                    calibration=cal, tolerance=0.1, techniques=["svd"],
-                                   objective="size")
+                                   objective="size", overrides=overrides)
         small.graph.lint()
         with torch.no_grad():
             ref = m(test_x)
@@ -266,8 +265,7 @@ def test_compile_builds_the_refitted_factors(monkeypatch):
         return small, small.meta["fxcompress_report"], err
 
     small, rep, err = run()
-    monkeypatch.setattr(svd_module, "SEQUENTIAL_REFIT", False)
-    one_shot, rep0, err0 = run()
+    one_shot, rep0, err0 = run({"*": {"svd": {"sequential_refit": False}}})
     assert sum(lay.applied.startswith("svd") for lay in rep.layers) >= 2
     # verification measured the built graph, and that graph holds the re-fitted values
     assert rep.error <= 0.1

@@ -6,8 +6,8 @@ import torch
 
 import fxcompress
 import fxcompress.planner as planner
+from benchmarks.models import digits_data, load_pretrained
 from fxcompress import FxCompressError
-from fxcompress.models import digits_data, load_pretrained
 
 X, _ = digits_data("calib")
 CAL = [(X[i:i + 32],) for i in range(0, len(X), 32)]
@@ -21,13 +21,13 @@ def _applied(gm):
 
 def _counting_builds(monkeypatch) -> list:
     calls = []
-    real = planner.build
+    real = planner.build_plan
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(planner, "build", counted)
+    monkeypatch.setattr(planner, "build_plan", counted)
     return calls
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxcompress
-from tests.zoo import ZOO
+from benchmarks.zoo import ZOO
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -1,24 +1,27 @@
-"""Real trained models and datasets used by the demo, the tests and the benchmarks.
+"""The trained models and data sets the tests and benchmarks use (not part of the package).
 
-Three models ship with pretrained weights in ``fxcompress/weights/``:
+Three trained models:
 
 ``digits_cnn``
     :class:`DigitsCNN`, a plain conv/BN/ReLU network (620 k parameters) for scikit-learn's
-    8x8 handwritten digits; 99.3 % test accuracy.
+    8x8 handwritten digits; 99.3 % test accuracy. The demo's model: it and its data live in
+    :mod:`fxcompress.demo.digits`, and its weights ship with fxcompress
+    (``fxcompress/weights/digits_cnn.pt``); they are re-exported here.
 ``digits_mlp``
     :class:`DigitsMLP`, a 64-512-256-10 multilayer perceptron (167 k parameters) for the same
-    data; 98.2 % test accuracy.
+    data; 98.2 % test accuracy. Weights in ``benchmarks/weights/``.
 ``text_transformer``
     :class:`TextClassifier`, a small BERT-style encoder written out by hand (every projection
     an ``nn.Linear``, attention as explicit view/permute/matmul/softmax; 1.17 M parameters,
     two thirds of them in the token embedding) that reads a window of 64 tokens of Python's
     own documentation and says which of 11 topics it comes from (:data:`TEXT_CLASSES`);
-    78.8 % test accuracy (chance: 17 % for the largest class).
+    78.8 % test accuracy (chance: 17 % for the largest class). Weights and vocabulary in
+    ``benchmarks/weights/``.
 
 Everything is built from data that ships with Python or scikit-learn, so nothing is
 downloaded. :func:`load_pretrained` trains and saves a model (deterministically, seeded) when
 its weight file is missing, so a fresh checkout still works; ``benchmarks/train_models.py``
-retrains all three.
+retrains all three. `accuracy` and `correct` are `fxcompress.accuracy` / `fxcompress.correct`.
 
 The text task
 -------------
@@ -35,9 +38,9 @@ even a near-duplicate, is seen in training. Per class and split the documents' t
 concatenated and cut into windows of :data:`SEQ_LEN` tokens (stride 32 for train,
 non-overlapping for calib and test): with Python 3.11 that is 4881 / 389 / 720 windows. The
 vocabulary (every training token, 5988 words, plus ``<pad>`` and ``<unk>``) ships as
-``weights/text_vocab.json`` so token ids stay fixed. The metric is top-1 accuracy over the
-windows. Another Python version words some docstrings differently, so its windows differ a
-little (Python 3.12 gives 78.2 % with the shipped weights).
+``benchmarks/weights/text_vocab.json`` so token ids stay fixed. The metric is top-1 accuracy
+over the windows. Another Python version words some docstrings differently, so its windows
+differ a little (Python 3.12 gives 78.2 % with the shipped weights).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import collections
 import functools
 import importlib
 import inspect
+import io
 import json
 import os
 import re
@@ -61,6 +65,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fxcompress.demo.digits import (
+    DIGITS_CNN_WEIGHTS,
+    SPLITS,
+    DigitsCNN,
+    _digits_arrays,
+    check_split,
+    digits_data,
+)
+from fxcompress.metrics import accuracy, correct
 
 __all__ = [
     "MODEL_NAMES",
@@ -80,6 +94,7 @@ __all__ = [
     "load_pretrained",
     "reset_caches",
     "save_weights",
+    "saved_bytes",
     "text_data",
     "text_vocab",
     "tokenize",
@@ -89,14 +104,12 @@ __all__ = [
     "weights_path",
 ]
 
-#: Directory holding the shipped state dicts (``<name>.pt``) and the text vocabulary.
+#: Directory holding the benchmarks' state dicts (``<name>.pt``) and the text vocabulary; the
+#: digits CNN's weights ship with fxcompress instead (``fxcompress.demo.digits``).
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 
 #: Names accepted by :func:`load_pretrained`.
 MODEL_NAMES: tuple[str, ...] = ("digits_cnn", "digits_mlp", "text_transformer")
-
-#: Splits accepted by :func:`digits_data` and :func:`text_data`.
-SPLITS: tuple[str, ...] = ("train", "calib", "test")
 
 #: Number of tokens per text window fed to :class:`TextClassifier`.
 SEQ_LEN: int = 64
@@ -109,91 +122,9 @@ _TRAIN_STRIDE = 32
 _NEAR_DUP_NGRAM = 12  # documents sharing this many consecutive tokens go to the same split
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
-
-
 # --------------------------------------------------------------------------------------------
-# Digits data and models
+# Digits MLP (the digits data and CNN: fxcompress.demo.digits)
 # --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:
-        from fxcompress.errors import FxCompressError
-
-        raise FxCompressError(f"the digits data is scikit-learn's load_digits, and scikit-learn "
-                              f"cannot be imported here ({e}); install it: "
-                              "pip install 'fxcompress[demo]'") from None
-
-    ds = load_digits()
-    images = (ds.images.astype(np.float32) / 16.0)[:, None, :, :]
-    labels = ds.target.astype(np.int64)
-    idx = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(idx, test_size=0.25, random_state=0, stratify=labels)
-    fit_idx, calib_idx = train_test_split(
-        train_idx, test_size=128, random_state=0, stratify=labels[train_idx]
-    )
-    splits = {"train": fit_idx, "calib": calib_idx, "test": test_idx}
-    return images, labels, splits
-
-
-def digits_data(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)`` of one split of scikit-learn's 8x8 digits data set.
-
-    ``images`` is float32 of shape ``(N, 1, 8, 8)`` scaled to ``[0, 1]``; ``labels`` is int64
-    of shape ``(N,)``. The split is deterministic and stratified: ``"test"`` is 25 % of the
-    1797 images (450), ``"calib"`` a fixed 128-image subset of the rest that is never trained
-    on, and ``"train"`` the remaining 1219 images. Fresh tensors are returned on every call.
-
-    Raises:
-        ValueError: if ``split`` is not one of ``"train"``, ``"calib"``, ``"test"``.
-    """
-    _check_split(split)
-    images, labels, splits = _digits_arrays()
-    idx = splits[split]
-    return torch.from_numpy(images[idx].copy()), torch.from_numpy(labels[idx].copy())
-
-
-class DigitsCNN(nn.Module):
-    """Plain CNN for ``(N, 1, 8, 8)`` digit images, ~0.62 M parameters, 10 logits out.
-
-    conv 1->32 (3x3, pad 1) + BN + ReLU, conv 32->64 (3x3, pad 1) + BN + ReLU, 2x2 max-pool,
-    conv 64->128 (3x3, pad 1) + BN + ReLU, flatten (2048), linear 2048->256, ReLU,
-    linear 256->10.
-    """
-
-    def __init__(self, num_classes: int = 10) -> None:
-        """Build the layers; ``num_classes`` is the size of the output layer."""
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(64)
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(128)
-        self.fc1 = nn.Linear(128 * 4 * 4, 256)
-        self.fc2 = nn.Linear(256, num_classes)
-        self.dropout = 0.3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images ``(N, 1, 8, 8)`` to logits ``(N, num_classes)``."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = self.pool(x)
-        x = F.relu(self.bn3(self.conv3(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        if self.training:  # no dropout node at all in an eval-mode export
-            x = F.dropout(x, self.dropout)
-        return self.fc2(x)
-
 
 class DigitsMLP(nn.Module):
     """Multilayer perceptron 64->512->256->10 with ReLU for ``(N, 1, 8, 8)`` digit images."""
@@ -216,6 +147,8 @@ class DigitsMLP(nn.Module):
         if self.training:
             x = F.dropout(x, self.dropout)
         return self.fc3(x)
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,9 +380,9 @@ def _cached_vocab() -> tuple[str, ...]:
 def text_vocab() -> dict[str, int]:
     """Word -> id map of the text task (``<pad>`` is 0, ``<unk>`` is 1).
 
-    Read from ``weights/text_vocab.json`` (shipped beside the weights, so ids match them even
-    if a different Python version words its docstrings differently); when that file is
-    missing it is rebuilt deterministically from the training split and saved.
+    Read from ``benchmarks/weights/text_vocab.json`` (kept beside the weights, so ids match
+    them even if a different Python version words its docstrings differently); when that file
+    is missing it is rebuilt deterministically from the training split and saved.
     """
     return {w: i for i, w in enumerate(_cached_vocab())}
 
@@ -494,7 +427,7 @@ def text_data(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     Raises:
         ValueError: if ``split`` is not one of ``"train"``, ``"calib"``, ``"test"``.
     """
-    _check_split(split)
+    check_split(split)
     ids, labels = _text_arrays(split)
     return torch.from_numpy(ids.copy()), torch.from_numpy(labels.copy())
 
@@ -610,49 +543,13 @@ class TextClassifier(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+
 class TrainResult(NamedTuple):
     """A freshly trained model (in eval mode) and the wall-clock seconds training took."""
 
     model: nn.Module
     seconds: float
 
-
-def correct(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
-) -> torch.Tensor:
-    """Per-example top-1 correctness of ``model`` in percent: a float tensor of 100 (right) and
-    0 (wrong), one per label, whose mean is `accuracy`. What `compile(evaluate=...)` takes to
-    bound an accuracy drop by a paired bootstrap over the examples.
-
-    Runs in eval mode under ``torch.no_grad`` in batches of ``batch_size``; the module's
-    previous train/eval mode is restored afterwards.
-    """
-    if len(labels) == 0:
-        raise ValueError("accuracy of an empty data set is undefined")
-    was_training = model.training
-    model.eval()
-    hits = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(labels), batch_size):
-                logits = model(inputs[start : start + batch_size])
-                pred = logits.argmax(dim=-1)
-                hits.append(pred == labels[start : start + batch_size])
-    finally:
-        model.train(was_training)
-    return 100.0 * torch.cat(hits).float()
-
-
-def accuracy(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
-) -> float:
-    """Top-1 accuracy of ``model`` on ``inputs``/``labels`` in percent (0-100): the mean of
-    `correct`.
-
-    Runs in eval mode under ``torch.no_grad`` in batches of ``batch_size``; the module's
-    previous train/eval mode is restored afterwards.
-    """
-    return float(correct(model, inputs, labels, batch_size).double().mean())
 
 
 def _fit(
@@ -789,14 +686,18 @@ _TRAINERS: dict[str, Callable[[], TrainResult]] = {
 
 
 def weights_path(name: str) -> Path:
-    """Path of the shipped state dict of model ``name`` (``WEIGHTS_DIR / f"{name}.pt"``)."""
+    """Path of the state dict of model ``name``: ``WEIGHTS_DIR / f"{name}.pt"``, except the
+    digits CNN's, which ships with fxcompress (``fxcompress/weights/digits_cnn.pt``)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names are {', '.join(MODEL_NAMES)}")
+    if name == "digits_cnn":
+        return DIGITS_CNN_WEIGHTS
     return WEIGHTS_DIR / f"{name}.pt"
 
 
 def save_weights(name: str, model: nn.Module) -> Path:
-    """Atomically write ``model``'s state dict as the shipped weights of ``name``."""
+    """Atomically write ``model``'s state dict as the weights of ``name`` (at
+    :func:`weights_path`)."""
     path = weights_path(name)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     _atomic_write_bytes(path, lambda p: torch.save(state, p))
@@ -806,7 +707,8 @@ def save_weights(name: str, model: nn.Module) -> Path:
 def load_pretrained(name: str) -> nn.Module:
     """Return pretrained model ``name`` (one of :data:`MODEL_NAMES`) in eval mode.
 
-    Weights come from ``fxcompress/weights/<name>.pt``. If that file is missing the model is
+    Weights come from :func:`weights_path` (``benchmarks/weights/<name>.pt``; the digits
+    CNN's from ``fxcompress/weights/``). If that file is missing the model is
     trained (seeded) and the file written atomically, so a fresh checkout still works.
 
     Raises:
@@ -820,3 +722,14 @@ def load_pretrained(name: str) -> nn.Module:
     model = _BUILDERS[name]()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def saved_bytes(model: nn.Module, example: tuple, dynamic: bool = True) -> int:
+    """Bytes of `torch.export.save` of `model` exported on clones of `example` (dim 0 of every
+    input dynamic unless `dynamic` is False)."""
+    args = tuple(x.clone() for x in example)
+    dyn = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic else None
+    ep = torch.export.export(model, args, dynamic_shapes=dyn, strict=False)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    return buf.getbuffer().nbytes

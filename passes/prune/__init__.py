@@ -1,6 +1,6 @@
 """prune: structured filter pruning over dependency groups, channels physically removed.
 
-The dependency analysis (`fxcompress.depgraph`) splits the graph's channels into groups of
+The dependency analysis (`depgraph.py`) splits the graph's channels into groups of
 units that must go together (a residual stream, a concat's inputs, an attention layer's heads,
 an FFN's neurons). Removing units shrinks every tensor that carries them: producer weights and
 biases, norm parameters, layer-scale constants, consumer weights' input axis, the `groups` of
@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
 
 from fxcompress.candidates import Candidate, Step, chain_cost, step_of_layer
-from fxcompress.depgraph import DepGraph, Group, analyze, clean_positions, varying_axes
 from fxcompress.graph import Layer, _fake_like, get_attr, node_by_name
+from fxcompress.passes.prune.depgraph import (
+    DepGraph,
+    Group,
+    analyze,
+    clean_positions,
+    varying_axes,
+)
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import set_val
-from fxcompress.technique import GroupContext, Technique, register
+from fxcompress.technique import GroupContext, Regroup, Technique, checked_field, register
 
 aten = torch.ops.aten
 IMPORTANCE = ("l1", "l2", "bn_scale", "activation")
@@ -45,6 +51,43 @@ class PruneConfig:
     # over the calibration data; a consumer listed here is re-fit by least squares
     grams: Mapping[str, torch.Tensor] = field(default_factory=dict)
     damp: float = 1e-3  # ridge added to G[K, K], relative to its mean diagonal
+    # the dependency analysis the planner made of the captured graph (node names only, so it
+    # holds for any copy of that graph); None: analyze the graph the pass is given
+    analysis: DepGraph | None = None
+
+    def graph_analysis(self, gm: fx.GraphModule) -> DepGraph:
+        """The planner's analysis where it describes `gm`'s nodes, else `gm` analyzed."""
+        if self.analysis is not None and set(self.analysis.shapes) <= {
+                n.name for n in gm.graph.nodes}:
+            return self.analysis
+        return analyze(gm)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """prune's settings; `compile(overrides={"*": {"prune": {...}}})` changes them."""
+
+    #: shares of a group's units each candidate removes (rounded to the channel alignment)
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+    def __post_init__(self):
+        if isinstance(self.ratios, list):
+            object.__setattr__(self, "ratios", tuple(self.ratios))
+        checked_field(self.ratios, "ratios", tuple,
+                      lambda v: len(v) > 0 and all(isinstance(r, int | float)
+                                                   and not isinstance(r, bool) and 0 < r < 1
+                                                   for r in v),
+                      "a non-empty list of shares in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PrunePart:
+    """What the prune pass needs to build a group candidate."""
+
+    group: str  # the dependency group's name
+    remove: tuple[int, ...]  # indices into the group's units to remove
+    grams: Mapping[str, torch.Tensor]  # consumer layer -> input second moment (re-fit)
+    analysis: DepGraph | None = None  # the planner's analysis of the captured graph
 
 
 # --- importance -------------------------------------------------------------------------------
@@ -186,7 +229,7 @@ def prune_pass(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
     """Remove the configured units from `gm` (see module docstring)."""
     if not any(config.remove.values()):
         return PassResult(gm, False)
-    dg = analyze(gm)
+    dg = config.graph_analysis(gm)
     removed = removed_units(dg, config)
     # 1. new tensors: consumers re-fit on their input axis, then every member sliced
     new: dict[str, torch.Tensor] = {}
@@ -349,7 +392,6 @@ def consumer_grams(dg: DepGraph, stats: Mapping) -> dict[str, torch.Tensor]:
 
 
 # --- the planner's view: one entry per dependency group -------------------------------------------
-RATIOS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -473,7 +515,7 @@ def propose_groups(ctx: GroupContext) -> list:
             continue
         imp = unit_importance(gm, dg, g, kind, stats)
         seen = set()
-        for ratio in RATIOS:
+        for ratio in ctx.knobs("prune").ratios:
             n = aligned_removals(g, ratio, profile.alignment)
             if n <= 0 or n in seen:
                 continue
@@ -486,7 +528,8 @@ def propose_groups(ctx: GroupContext) -> list:
             c = GroupCandidate(
                 "prune", glayer, {"removed": f"{n}/{len(g.units)}", "kept_channels": kept,
                                   "importance": kind}, base.steps,
-                payload={"prune": (g.name, idx), "grams": grams}, macs=-macs, latency=-lat,
+                parts={"prune": PrunePart(g.name, tuple(idx), grams, dg)}, macs=-macs,
+                latency=-lat,
                 overrides=_simulation(gm, dg, g, removed, grams), touches=frozenset(touched),
                 bytes_delta=-nbytes, params_delta=-params)
             if gain(c, base, ctx.objective) <= 0:
@@ -507,7 +550,7 @@ def consumer_weights(gm: fx.GraphModule, config: PruneConfig,
     input channels, its weight as the pass computes it (re-fit where the config has its gram)
     at full width with the removed columns zero). Fine-tuning trains these; a consumer whose
     gram is then dropped from the config is sliced as it is (`_refit` without a gram)."""
-    dg = analyze(gm)
+    dg = config.graph_analysis(gm)
     removed = removed_units(dg, config)
     out = {}
     for g in dg.groups:
@@ -528,7 +571,7 @@ def weight_keeps(gm: fx.GraphModule, config: PruneConfig) -> dict[str, torch.Ten
     """Weight target -> a mask of its shape, True at the entries the pass keeps (a product of
     per-axis masks, so the kept entries in row-major order are the sliced tensor's), for every
     layer weight `config` slices."""
-    dg = analyze(gm)
+    dg = config.graph_analysis(gm)
     removed = removed_units(dg, config)
     masks: dict[str, torch.Tensor] = {}
 
@@ -547,13 +590,27 @@ def weight_keeps(gm: fx.GraphModule, config: PruneConfig) -> dict[str, torch.Ten
 
 def make_config(chosen: list[Candidate]) -> PruneConfig:
     """The pass config for the chosen group candidates."""
-    remove, grams = {}, {}
+    remove, grams, analysis = {}, {}, None
     for c in chosen:
-        name, idx = c.payload["prune"]
-        remove[name] = tuple(idx)
-        grams.update(c.payload.get("grams", {}))
-    return PruneConfig(remove, grams)
+        part = c.part("prune")
+        remove[part.group] = part.remove
+        grams.update(part.grams)
+        analysis = analysis or part.analysis
+    return PruneConfig(remove, grams, analysis=analysis)
 
 
-TECHNIQUE = register(Technique("prune", order=10, propose=propose, make_config=make_config,
-                               apply=prune_pass, propose_groups=propose_groups))
+def _recovery_layout(gm: fx.GraphModule, chosen: list[Candidate]):
+    config = make_config(chosen)
+    return consumer_weights(gm, config), weight_keeps(gm, config)
+
+
+def _trained(c: Candidate, consumers_trained: set[str]) -> Candidate:
+    part = c.part("prune")
+    grams = {k: v for k, v in part.grams.items() if k not in consumers_trained}
+    return c.with_part("prune", replace(part, grams=grams))
+
+
+TECHNIQUE = register(Technique(
+    "prune", order=10, propose=propose, make_config=make_config, apply=prune_pass,
+    propose_groups=propose_groups, regroup=Regroup(_recovery_layout, _trained),
+    settings=PruneSettings()))

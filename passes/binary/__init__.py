@@ -29,10 +29,35 @@ from fxcompress.candidates import Candidate
 from fxcompress.graph import LAYER_META, add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
-from fxcompress.technique import ProposeContext, Technique, register
+from fxcompress.technique import (
+    TRAIN_BASE_WEIGHT,
+    ProposeContext,
+    Technique,
+    checked_field,
+    register,
+)
 
 aten = torch.ops.aten
-KEEP_FIRST_LAST = True  # binarize neither the first nor the last layer (see module docstring)
+
+
+@dataclass(frozen=True)
+class BinarySettings:
+    """binary's settings; `compile(overrides={"*": {"binary": {...}}})` changes them."""
+
+    #: binarize neither the first nor the last layer (see the module docstring)
+    keep_first_last: bool = True
+
+    def __post_init__(self):
+        checked_field(self.keep_first_last, "keep_first_last", bool, lambda v: True,
+                      "True or False")
+
+
+@dataclass(frozen=True)
+class BinaryPart:
+    """What the binary pass needs beyond the weight it reads from the graph: the layer's
+    binary-activation levels (mu, beta), or None to keep its input in full precision."""
+
+    levels: tuple[float, float] | None = None
 
 
 def binarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +127,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     p = ctx.profile
     if not p.supports(layer.op, "binary"):
         return [], f"binary: {p.name} does not run binary {layer.op}"
-    if KEEP_FIRST_LAST and ctx.layer_index in (0, ctx.layer_count - 1):
+    if ctx.knobs("binary").keep_first_last and ctx.layer_index in (0, ctx.layer_count - 1):
         return [], "binary: first and last layers are kept at higher precision"
     if len(base.steps) != 1:
         return [], "binary: applies to a layer as it is, not to a rewritten chain"
@@ -113,7 +138,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
                   input_quant=binary_activation(*levels) if levels else None)
     params = {"bits": 1, "activations": "binary" if levels else "fp"}
     return [Candidate("binary", layer, params, (new,),
-                      payload={"binary": True, "binary_act": levels})], None
+                      parts={"binary": BinaryPart(levels)})], None
 
 
 @dataclass(frozen=True)
@@ -126,8 +151,7 @@ class BinaryConfig:
 
 def make_config(chosen: list[Candidate]) -> BinaryConfig:
     """The pass config for the chosen binary candidates."""
-    return BinaryConfig({c.layer.name: c.payload.get("binary_act") for c in chosen
-                         if c.payload.get("binary")})
+    return BinaryConfig({c.layer.name: c.part("binary").levels for c in chosen})
 
 
 def binary_pass(gm: fx.GraphModule, config: BinaryConfig) -> PassResult:
@@ -182,5 +206,53 @@ def binary_pass(gm: fx.GraphModule, config: BinaryConfig) -> PassResult:
     return PassResult(gm, modified)
 
 
-TECHNIQUE = register(Technique("binary", order=95, propose=propose, make_config=make_config,
-                               apply=binary_pass))
+# --- recovery: the straight-through forms ---------------------------------------------------
+def sign_ste(u: torch.Tensor) -> torch.Tensor:
+    """sign(u) (sign(0) = +1) in the forward; in the backward the hardtanh straight-through
+    estimator of BinaryConnect / BNN: gradient 1 where |u| <= 1, 0 outside (an element far past
+    its threshold gets no push that could not change its sign anyway)."""
+    c = u.clamp(-1.0, 1.0)
+    return c + (torch.where(u >= 0, 1.0, -1.0) - c).detach()
+
+
+#: Half-width of the binary weights' straight-through window, in units of the channel's scale
+#: alpha = mean |W|: latent weights beyond it get no gradient (hardtanh STE). On the digits
+#: CNN (fpga-binary, 300 steps on the train split) the weights' STE barely matters (98.4-99.1 %
+#: test with window 1, 2, none, or a plain identity STE); what recovery needs there is the
+#: trained binary activation levels with their clipped STE (59.6 % with them fixed).
+BINARY_WINDOW = 2.0
+
+
+def fake_binary(w: torch.Tensor) -> torch.Tensor:
+    """sign(W) * mean|W| per output channel, sign(0) = +1, as the pass stores it; alpha is
+    differentiable (its gradient trains the channel's scale through the latent magnitudes)."""
+    dims = list(range(1, w.dim()))
+    alpha = w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
+    a = alpha.detach().clamp_min(1e-12) * BINARY_WINDOW
+    return sign_ste(w / a) * alpha
+
+
+def learned_levels(mu: torch.Tensor, beta: torch.Tensor):
+    """x -> mu + beta * sign(x - mu), as the pass builds it, with the hardtanh straight-through
+    window |x - mu| <= beta for x and gradients into both levels (LSQ-style learned
+    activation quantizer)."""
+
+    def fq(x: torch.Tensor) -> torch.Tensor:
+        b = beta.clamp_min(1e-6)
+        return mu + b * sign_ste((x - mu) / b)
+
+    return fq
+
+
+def _with_levels(c: Candidate, mu: float, beta: float) -> Candidate:
+    step = replace(c.steps[0], input_quant=binary_activation(mu, beta))
+    return replace(c, steps=(step, *c.steps[1:]), parts={**c.parts,
+                                                         "binary": BinaryPart((mu, beta))})
+
+
+TECHNIQUE = register(Technique(
+    "binary", order=95, propose=propose, make_config=make_config, apply=binary_pass,
+    trainable=replace(TRAIN_BASE_WEIGHT, input_levels=lambda c: c.part("binary").levels,
+                      learned_levels=learned_levels, with_input_levels=_with_levels),
+    formats={"binary": lambda c: fake_binary}, final=True, fmt="binary",
+    settings=BinarySettings()))

@@ -2,20 +2,20 @@
 compiled for a target and measured (`make demo`, `fxcompress demo`).
 
 Prints the report, test accuracy before and after, serialized size before and after (bytes of
-`torch.export.save` files), and the eager latency ratio (interleaved medians). For a target
-that runs a `.pte` (its profile's `export_format`), the original and the compressed model are
-also written as `.pte` files for the profile's ExecuTorch delegate, and their sizes and latency
-ratio (interleaved medians, in the ExecuTorch runtime) are printed: that is the figure of what
-the target runs; eager PyTorch is then for reference only.
+`torch.export.save` files, as the report measured them), and the eager latency ratio
+(interleaved medians). For a target that runs a `.pte` (its profile's `export_format`), the
+original and the compressed model are also written as `.pte` files for the profile's
+ExecuTorch delegate, and their sizes and latency ratio (interleaved medians, in the ExecuTorch
+runtime) are printed: that is the figure of what the target runs; eager PyTorch is then for
+reference only.
 
-Needs scikit-learn (the data) and, for the `.pte` figures, ExecuTorch:
-``pip install 'fxcompress[demo]'``.
+The model and its data are in `fxcompress.demo.digits`. Needs scikit-learn (the data) and, for
+the `.pte` figures, ExecuTorch: ``pip install 'fxcompress[demo]'``.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
@@ -28,7 +28,7 @@ import torch
 import fxcompress
 from fxcompress.errors import FxCompressError
 from fxcompress.hardware_profiles import Profile
-from fxcompress.timing import interleaved
+from fxcompress.host import interleaved
 
 DEMO_INSTALL = "pip install 'fxcompress[demo]'"
 _DELEGATE_NAMES = {"xnnpack": "XNNPACK", "coreml": "Core ML", "mps": "MPS", "vulkan": "Vulkan",
@@ -70,16 +70,6 @@ def runtime_label(profile: Profile) -> str:
     return f"ExecuTorch + {_DELEGATE_NAMES.get(profile.delegate, profile.delegate)}"
 
 
-def saved_bytes(model: torch.nn.Module, example: tuple, dynamic: bool = True) -> int:
-    """Bytes of `torch.export.save` of `model` exported on clones of `example`."""
-    args = tuple(x.clone() for x in example)
-    dyn = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic else None
-    ep = torch.export.export(model, args, dynamic_shapes=dyn, strict=False)
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    return buf.getbuffer().nbytes
-
-
 def stderr_progress(start: float | None = None) -> Callable[[str], None]:
     """A `progress` callback: each line on standard error, prefixed with the seconds elapsed
     since `start` (default: now), flushed."""
@@ -94,7 +84,11 @@ def stderr_progress(start: float | None = None) -> Callable[[str], None]:
 def time_pte(original: torch.nn.Module, compressed: torch.nn.Module, batch: torch.Tensor,
              profile: Profile, runs: int, log: Callable[[str], None]) -> dict:
     """Write both models as `.pte` for `profile` into a temporary folder, load them in the
-    ExecuTorch runtime and time them interleaved on `batch`; sizes and the latency ratio."""
+    ExecuTorch runtime and time them interleaved on `batch`; sizes and the latency ratio.
+
+    `fxcompress.export` lowers the compressed model from the program compile kept where it is
+    a program of `batch`'s shape (a `.pte` is static); at another batch size it exports it
+    for that shape."""
     with tempfile.TemporaryDirectory(prefix="fxcompress-demo-") as tmp:
         paths = Path(tmp) / "original.pte", Path(tmp) / "compressed.pte"
         written = []
@@ -121,15 +115,23 @@ def _time_files(paths: tuple[Path, Path], batch: torch.Tensor, runs: int):
 def run(profile: str | Profile = "mobile-arm", tolerance: float = 0.02,
         model_name: str = "digits_cnn", techniques: list[str] | None = None, seed: int = 0,
         runs: int = 50, progress: Callable[[str], None] | None = None,
-        pte: bool = True) -> dict:
+        pte: bool = True, model: torch.nn.Module | None = None) -> dict:
     """Compile the trained digits model for `profile` and measure it; returns the figures.
 
-    `progress` receives one line per step (compile's planner steps included). For a profile
-    whose `export_format` is ``.pte`` the `.pte` keys hold the sizes and latency ratio of the
-    original and compressed `.pte` files, or None with `pte_note` saying why they could not
-    be measured here; for other profiles, or with `pte=False`, they are None."""
+    The model is the shipped digits CNN (`model_name` ``"digits_cnn"``), or `model`, any
+    classifier of ``(N, 1, 8, 8)`` digit images, named `model_name` in the figures.
+    `progress` receives one line per step (compile's planner steps included). The serialized
+    sizes are those the report measured. For a profile whose `export_format` is ``.pte`` the
+    `.pte` keys hold the sizes and latency ratio of the original and compressed `.pte` files,
+    or None with `pte_note` saying why they could not be measured here; for other profiles,
+    or with `pte=False`, they are None."""
     require_demo_dependencies()
-    from fxcompress.models import accuracy, digits_data, load_pretrained
+    from fxcompress.demo.digits import digits_data, load_digits_cnn
+    from fxcompress.metrics import accuracy
+
+    if model is None and model_name != "digits_cnn":
+        raise FxCompressError(f"the demo ships one model, digits_cnn, not {model_name!r}; pass "
+                              "model= to compile another classifier of the digits")
 
     log = progress or (lambda s: None)
     prof = fxcompress.load_profile(profile)
@@ -138,7 +140,8 @@ def run(profile: str | Profile = "mobile-arm", tolerance: float = 0.02,
     if pte_note is not None:
         log(f"the .pte will not be timed: {pte_note}")
     log(f"loading {model_name} and the digits data")
-    model = load_pretrained(model_name)
+    if model is None:
+        model = load_digits_cnn()
     x_cal, _ = digits_data("calib")
     x_test, y_test = digits_data("test")
     example = (x_cal[:32],)
@@ -149,6 +152,7 @@ def run(profile: str | Profile = "mobile-arm", tolerance: float = 0.02,
                                tolerance=tolerance, techniques=techniques, seed=seed,
                                progress=log)
     compile_s = time.perf_counter() - t0
+    report = small.meta["fxcompress_report"]
     batch = x_test[:64]
     log(f"timing eager PyTorch ({runs} interleaved runs)")
     timing = interleaved(lambda: model(batch), lambda: small(batch), runs=runs)
@@ -157,11 +161,11 @@ def run(profile: str | Profile = "mobile-arm", tolerance: float = 0.02,
         pte_figures = time_pte(model, small, batch, prof, runs, log)
     return {
         "model": model_name, "profile": prof.name, "tolerance": tolerance,
-        "report": small.meta["fxcompress_report"],
+        "report": report,
         "accuracy_before": accuracy(model, x_test, y_test),
         "accuracy_after": accuracy(small, x_test, y_test),
-        "bytes_before": saved_bytes(model, example),
-        "bytes_after": saved_bytes(small, example),
+        "bytes_before": report.serialized_bytes_before,
+        "bytes_after": report.serialized_bytes_after,
         "latency_ratio": timing.ratio, "compile_seconds": compile_s, "compiled": small,
         "runtime": prof.runtime, "export_format": prof.export_format, "delegate": prof.delegate,
         "batch": int(batch.shape[0]), **pte_figures, "pte_note": pte_note,
@@ -206,11 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fxcompress demo", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="mobile-arm")
     ap.add_argument("--tolerance", type=float, default=0.02)
-    ap.add_argument("--model", default="digits_cnn", choices=["digits_cnn", "digits_mlp"])
     args = ap.parse_args(argv)
     require_demo_dependencies()  # at once, before loading anything
     prof = fxcompress.load_profile(args.profile)
-    r = run(prof, args.tolerance, args.model, progress=stderr_progress())
+    r = run(prof, args.tolerance, progress=stderr_progress())
     print(r["report"])
     print()
     print("\n".join(figures(r, prof)))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tensorly
@@ -36,14 +36,29 @@ from fxcompress.candidates import Candidate, Step
 from fxcompress.graph import LAYER_META, add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
-from fxcompress.technique import ProposeContext, Technique, register
+from fxcompress.technique import ProposeContext, Technique, Trainable, checked_field, register
 
 aten = torch.ops.aten
 
-#: Relative weight errors the rank ladder aims at (one candidate per target after rounding).
-WEIGHT_ERROR_LADDER = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
-#: HOOI sweeps after the SVD start; the fit changes little after a few on conv weights.
-HOOI_ITERATIONS = 10
+@dataclass(frozen=True)
+class TuckerSettings:
+    """Tucker's settings; `compile(overrides={"*": {"tucker": {...}}})` changes them."""
+
+    #: relative weight errors the rank ladder aims at (one candidate per target)
+    weight_error_ladder: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
+    #: HOOI sweeps after the SVD start; the fit changes little after a few on conv weights
+    hooi_iterations: int = 10
+
+    def __post_init__(self):
+        if isinstance(self.weight_error_ladder, list):
+            object.__setattr__(self, "weight_error_ladder", tuple(self.weight_error_ladder))
+        checked_field(self.weight_error_ladder, "weight_error_ladder", tuple,
+                      lambda v: len(v) > 0 and all(isinstance(e, int | float)
+                                                   and not isinstance(e, bool) and 0 < e < 1
+                                                   for e in v),
+                      "a non-empty list of errors in (0, 1)")
+        checked_field(self.hooi_iterations, "hooi_iterations", int, lambda v: v >= 1,
+                      "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -77,11 +92,12 @@ class TuckerConfig:
 
 
 def _partial_tucker(w: np.ndarray, ranks: list[int], modes: list[int], seed: int,
+                    iterations: int = TuckerSettings.hooi_iterations,
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """tensorly's partial_tucker on the numpy backend, whatever the global backend is. From
     tensorly 0.8 on it returns ((core, factors), errors); before, (core, factors)."""
     with tensorly.backend_context("numpy"):
-        out = partial_tucker(w, rank=ranks, modes=modes, n_iter_max=HOOI_ITERATIONS,
+        out = partial_tucker(w, rank=ranks, modes=modes, n_iter_max=iterations,
                              init="svd", tol=1e-7, random_state=seed)
     if isinstance(out[0], np.ndarray):
         core, factors = out
@@ -91,7 +107,7 @@ def _partial_tucker(w: np.ndarray, ranks: list[int], modes: list[int], seed: int
 
 
 def tucker2(weight: torch.Tensor, rank_out: int, rank_in: int, seed: int = 0,
-            ) -> TuckerFactors:
+            iterations: int = TuckerSettings.hooi_iterations) -> TuckerFactors:
     """Tucker-2 of a conv weight (T x S x kh x kw) with ranks (rank_out <= T, rank_in <= S).
     A rank equal to its mode's size leaves that mode whole."""
     t, s = weight.shape[:2]
@@ -107,7 +123,7 @@ def tucker2(weight: torch.Tensor, rank_out: int, rank_in: int, seed: int = 0,
     w = weight.detach().double()
     if not modes:
         return TuckerFactors(None, w.float().contiguous(), None)
-    core, factors = _partial_tucker(w.numpy(), ranks, modes, seed)
+    core, factors = _partial_tucker(w.numpy(), ranks, modes, seed, iterations)
     by_mode = dict(zip(modes, factors, strict=True))
     def conv1x1(m: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(m)).float()[:, :, None, None].contiguous()
@@ -133,7 +149,9 @@ def chain_params(t: int, s: int, k: int, r_out: int, r_in: int) -> int:
     return core + (s * r_in if r_in < s else 0) + (t * r_out if r_out < t else 0)
 
 
-def rank_pairs(weight: torch.Tensor, align: Callable[[int], int]) -> list[tuple[int, int]]:
+def rank_pairs(weight: torch.Tensor, align: Callable[[int], int],
+               ladder: tuple[float, ...] = TuckerSettings.weight_error_ladder,
+               ) -> list[tuple[int, int]]:
     """(rank_out, rank_in) pairs of the weight-error ladder: each mode takes the smallest rank
     whose error is at most target / sqrt(2), so the HOSVD bound sqrt(e_out^2 + e_in^2) meets
     the target; ranks are rounded up to the alignment and capped at the mode's size."""
@@ -141,7 +159,7 @@ def rank_pairs(weight: torch.Tensor, align: Callable[[int], int]) -> list[tuple[
     k = math.prod(weight.shape[2:])
     err_out, err_in = mode_errors(weight, 0), mode_errors(weight, 1)
     pairs = set()
-    for target in WEIGHT_ERROR_LADDER:
+    for target in ladder:
         per_mode = target / math.sqrt(2)
         r_out = int((err_out[1:] <= per_mode).nonzero()[0]) + 1
         r_in = int((err_in[1:] <= per_mode).nonzero()[0]) + 1
@@ -162,14 +180,15 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
                     "factor would mix channels across groups")
     if tuple(layer.weight_shape[2:]) == (1, 1):
         return [], "tucker: a 1x1 conv is a matrix; the svd technique factors it"
-    pairs = rank_pairs(ctx.weight, ctx.profile.align)
+    knobs: TuckerSettings = ctx.knobs("tucker")
+    pairs = rank_pairs(ctx.weight, ctx.profile.align, knobs.weight_error_ladder)
     if not pairs:
         t, s = layer.weight_shape[:2]
         return [], (f"tucker: no rank pair (aligned to {ctx.profile.alignment}) stores fewer "
                     f"parameters than the {t}x{s} conv")
     cands = []
     for r_out, r_in in pairs:
-        f = tucker2(ctx.weight, r_out, r_in, ctx.seed)
+        f = tucker2(ctx.weight, r_out, r_in, ctx.seed, knobs.hooi_iterations)
         steps = []
         if f.first is not None:
             steps.append(Step("conv2d", f.first))
@@ -178,13 +197,13 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         if f.last is not None:
             steps.append(Step("conv2d", f.last, ctx.bias))
         cands.append(Candidate("tucker", layer, {"ranks": (r_out, r_in)}, tuple(steps),
-                               payload={"tucker": f}))
+                               parts={"tucker": f}))
     return cands, None
 
 
 def make_config(chosen: list[Candidate]) -> TuckerConfig:
     """The pass config for the chosen Tucker candidates."""
-    return TuckerConfig({c.layer.name: c.payload["tucker"] for c in chosen})
+    return TuckerConfig({c.layer.name: c.part("tucker") for c in chosen})
 
 
 def tucker_pass(gm: fx.GraphModule, config: TuckerConfig) -> PassResult:
@@ -224,5 +243,19 @@ def tucker_pass(gm: fx.GraphModule, config: TuckerConfig) -> PassResult:
     return PassResult(gm, modified)
 
 
+def _train_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
+    return [s.weight.detach().clone() for s in c.steps]  # first / core / last, as present
+
+
+def _train_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
+    f = c.part("tucker")
+    it = iter(t.contiguous() for t in latents)
+    first = next(it) if f.first is not None else None
+    core = next(it)
+    last = next(it) if f.last is not None else None
+    return c.with_part("tucker", replace(f, first=first, core=core, last=last))
+
+
 TECHNIQUE = register(Technique("tucker", order=25, propose=propose, make_config=make_config,
-                               apply=tucker_pass))
+                               apply=tucker_pass, trainable=Trainable(_train_init, _train_write),
+                               settings=TuckerSettings()))

@@ -15,7 +15,7 @@ activations are quantized is the profile's `int8_activations`:
   the op stays outside the delegate), weights through ``dequantize_per_channel``. Dynamic:
   ``choose_qparams.tensor`` then q/dq ``.tensor`` on the input. Activations are per-tensor
   affine, 256 levels; static ranges come from calibration through an observer
-  (`fxcompress.observers`). They are stored as int8 in [-128, 127] (XNNPACK, ONNX Runtime) or,
+  (`observers.py`). They are stored as int8 in [-128, 127] (XNNPACK, ONNX Runtime) or,
   where the profile's `int8_activation_dtype` says so, as uint8 in [0, 255] with the zero point
   shifted by 128: the same levels, in the form x86's oneDNN kernels (VNNI multiplies u8 by s8)
   run. Under ``torch.compile`` with Inductor's ``freezing`` on, Inductor folds each such
@@ -55,18 +55,54 @@ from fxcompress.graph import (
     op_type,
     weight_arg_index,
 )
-from fxcompress.observers import QMAX as AQMAX
-from fxcompress.observers import QMIN as AQMIN
-from fxcompress.observers import affine_qparams, fake_quant_affine, observe
+from fxcompress.passes.int8.observers import QMAX as AQMAX
+from fxcompress.passes.int8.observers import QMIN as AQMIN
+from fxcompress.passes.int8.observers import affine_qparams, fake_quant_affine, observe
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
-from fxcompress.technique import ProposeContext, Technique, register
+from fxcompress.technique import (
+    TRAIN_BASE_WEIGHT,
+    ProposeContext,
+    Technique,
+    checked_field,
+    is_final,
+    register,
+    straight_through,
+)
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 QMAX = 127
 EPS = torch.finfo(torch.float32).eps  # choose_qparams' eps, as torchao's dynamic quantizer
-OBSERVER = "minmax"  # how static activation ranges are chosen (see fxcompress.observers)
+OBSERVER = "minmax"  # the default observer of static activation ranges (see observers.py)
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """int8's settings; `compile(overrides={"*": {"int8": {...}}})` changes them."""
+
+    #: how static activation ranges are chosen from the calibration samples (`OBSERVERS`)
+    observer: str = OBSERVER
+
+    def __post_init__(self):
+        from fxcompress.passes.int8.observers import OBSERVERS
+
+        checked_field(self.observer, "observer", str, lambda v: v in OBSERVERS,
+                      f"one of {', '.join(OBSERVERS)}")
+
+
+@dataclass(frozen=True)
+class Int8Part:
+    """What the int8 pass needs to build a candidate: how the target represents int8, and the
+    calibrated activation qparams of a static-activation chain."""
+
+    representation: str  # see hardware_profiles.INT8_REPRESENTATIONS
+    activations: str  # "static" | "dynamic" | "none"
+    act_dtype: str = "int8"  # "int8" | "uint8"
+    weight_qmax: int = 127
+    # static: per step ((input qparams) or None, output qparams); None for other activations
+    act_params: tuple | None = None
+    dynamic_grouped_conv: bool = False  # the runtime has dynamic grouped convs
 
 
 def range_headroom(examples: int | None) -> float:
@@ -131,10 +167,12 @@ def fake_quant_qdq_dynamic(x: torch.Tensor) -> torch.Tensor:
     return qd.dequantize_per_tensor.tensor(q, s, z, AQMIN, AQMAX, torch.int8)
 
 
-def step_mode(op: str, groups: int, representation: str, activations: str) -> str:
+def step_mode(op: str, groups: int, representation: str, activations: str,
+              dynamic_grouped_conv: bool = False) -> str:
     """How one op is quantized, for the planner's simulation and the pass alike:
     "embedding", "weight_only", "int_mm_static", "int_mm_dynamic", "qdq_static" or
-    "qdq_dynamic"."""
+    "qdq_dynamic". `dynamic_grouped_conv`: whether the runtime has dynamically quantized
+    grouped / depthwise convs (the profile's `[int8] dynamic_grouped_conv`)."""
     if op == "embedding":
         return "embedding"
     if representation == "dequant" or activations == "none":
@@ -142,8 +180,8 @@ def step_mode(op: str, groups: int, representation: str, activations: str) -> st
     if representation == "int_mm":
         # _int_mm is a matmul: convs keep int8 storage, dequantized for the float conv
         return f"int_mm_{activations}" if op == "linear" else "weight_only"
-    if activations == "dynamic" and op == "conv2d" and groups > 1:
-        return "weight_only"  # XNNPACK has no dynamically quantized depthwise / grouped conv
+    if activations == "dynamic" and op == "conv2d" and groups > 1 and not dynamic_grouped_conv:
+        return "weight_only"
     return f"qdq_{activations}"
 
 
@@ -234,7 +272,8 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     if not ctx.profile.supports(layer.op, "int8"):
         return [], f"int8: {ctx.profile.name} does not run int8 {layer.op}"
     p = ctx.profile
-    if step_mode(layer.op, layer.groups, p.int8_representation, p.int8_activations) \
+    if step_mode(layer.op, layer.groups, p.int8_representation, p.int8_activations,
+                 p.int8_dynamic_grouped_conv) \
             == "weight_only" and p.int8_activations != "none" and not p.weight_only_speedup \
             and ctx.objective == "latency" and not ctx.user_techniques:
         return [], (f"int8: {p.name} runs {layer.op} (groups={layer.groups}) weight-only in "
@@ -251,18 +290,19 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
     chain that is already quantized, binary, or shared (palettized): a shared weight is computed
     from a lookup table, which the int8 pass does not re-quantize; share offers int8
     lookup-table entries itself."""
-    if base.payload.get("int8") or base.payload.get("binary"):
+    if is_final(base):
         return None  # already quantized
     if any(s.fmt == "shared" for s in base.steps):
         return None
     p = ctx.profile
     rep, act = p.int8_representation, p.int8_activations
     wqmax = weight_qmax(p.int8_weight_bits)
-    modes = [step_mode(s.op, s.groups, rep, act) for s in base.steps]
+    grouped = p.int8_dynamic_grouped_conv
+    modes = [step_mode(s.op, s.groups, rep, act, grouped) for s in base.steps]
     static = any(m in ("qdq_static", "int_mm_static") for m in modes)
     examples = ctx.calib.example_count(ctx.calib.batches) if ctx.calib is not None else None
-    qparams = static_qparams(base.steps, ctx.stats, headroom=range_headroom(examples)) \
-        if static else None
+    qparams = static_qparams(base.steps, ctx.stats, ctx.knobs("int8").observer,
+                             headroom=range_headroom(examples)) if static else None
     steps, out_qps, act_params = [], [], []
     for i, (s, m) in enumerate(zip(base.steps, modes, strict=True)):
         in_qp = qparams[i][0] if qparams else None
@@ -278,10 +318,9 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
     name = technique or f"{base.technique}+int8"
     params = dict(base.params, bits=8, **({} if wqmax == QMAX else {"weight_range": wqmax}),
                   activations=act if modes[0] not in ("weight_only", "embedding") else "none")
-    payload = dict(base.payload, int8=True, int8_representation=rep, int8_activations=act,
-                   int8_act_dtype=p.int8_activation_dtype, int8_weight_qmax=wqmax,
-                   int8_act=tuple(act_params) if static else None)
-    cand = Candidate(name, base.layer, params, tuple(steps), payload=payload)
+    part = Int8Part(rep, act, p.int8_activation_dtype, wqmax,
+                    tuple(act_params) if static else None, grouped)
+    cand = Candidate(name, base.layer, params, tuple(steps), parts={**base.parts, "int8": part})
     if any(q is not None for q in out_qps):
         cand.overrides = _chain_simulation(base.layer.node, tuple(steps), tuple(out_qps))
     return cand
@@ -300,6 +339,7 @@ class Int8Config:
     act_params: Mapping[str, tuple] = field(default_factory=dict)
     act_dtype: str = "int8"  # "int8" | "uint8": how qdq stores quantized activations
     weight_qmax: int = QMAX  # weights in [-weight_qmax, weight_qmax]: 127, or 63 (7 bits)
+    dynamic_grouped_conv: bool = False  # see `step_mode`
 
 
 def _act_range(act_dtype: str) -> tuple[int, int, int, torch.dtype]:
@@ -312,16 +352,17 @@ def _act_range(act_dtype: str) -> tuple[int, int, int, torch.dtype]:
 
 def make_config(chosen: list[Candidate]) -> Int8Config:
     """The pass config for the chosen candidates (any that carry int8)."""
-    mine = [c for c in chosen if c.payload.get("int8")]
-    kinds = {(c.payload.get("int8_representation", "dequant"),
-              c.payload.get("int8_activations", "none"),
-              c.payload.get("int8_act_dtype", "int8"),
-              c.payload.get("int8_weight_qmax", QMAX)) for c in mine}
+    mine = [c for c in chosen if c.part("int8") is not None]
+    kinds = {(p.representation, p.activations, p.act_dtype, p.weight_qmax,
+              p.dynamic_grouped_conv) for p in (c.part("int8") for c in mine)}
     if len(kinds) > 1:
         raise ValueError(f"int8 candidates disagree on representation: {sorted(kinds)}")
-    rep, act, dtype, wqmax = kinds.pop() if kinds else ("dequant", "none", "int8", QMAX)
-    params = {c.layer.name: c.payload["int8_act"] for c in mine if c.payload.get("int8_act")}
-    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params, dtype, wqmax)
+    rep, act, dtype, wqmax, grouped = kinds.pop() if kinds else ("dequant", "none", "int8",
+                                                                 QMAX, False)
+    params = {c.layer.name: c.part("int8").act_params for c in mine
+              if c.part("int8").act_params}
+    return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params, dtype, wqmax,
+                      grouped)
 
 
 def _weight_buffers(gm, layer, node, weight, mode, wqmax):
@@ -459,7 +500,8 @@ def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         i = step_index.get(layer, 0)
         step_index[layer] = i + 1
         groups = int(node.args[6]) if op == "conv2d" and len(node.args) > 6 else 1
-        mode = step_mode(op, groups, config.representation, config.activations)
+        mode = step_mode(op, groups, config.representation, config.activations,
+                         config.dynamic_grouped_conv)
         step_qp = None
         if mode in ("qdq_static", "int_mm_static"):
             per_layer = config.act_params.get(layer)
@@ -483,5 +525,42 @@ def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
     return PassResult(gm, modified)
 
 
-TECHNIQUE = register(Technique("int8", order=90, propose=propose, make_config=make_config,
-                               apply=int8_pass, stack=stack))
+# --- recovery: the straight-through forms ---------------------------------------------------
+def fake_int8(w: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    """`w` quantized per output channel, symmetric (q in [-qmax, qmax]), and dequantized, as
+    the pass stores it."""
+    return dequantize_per_channel(*quantize_per_channel(w, 0, qmax), 0).to(w.dtype)
+
+
+def _fake_int8_of(c: Candidate) -> Callable[[torch.Tensor], torch.Tensor]:
+    part = c.part("int8")
+    qmax = QMAX if part is None else part.weight_qmax  # 63 on a 7-bit target (x86 w/o VNNI)
+    return straight_through(lambda w: fake_int8(w, qmax))
+
+
+def static_outputs(c: Candidate) -> tuple | None:
+    """The per-step output quantization (affine qparams or None) of an int8 chain with static
+    activations, as the planner simulates it and the pass builds it; None for any other
+    candidate."""
+    part = c.part("int8")
+    if part is None or part.act_params is None or len(part.act_params) != len(c.steps):
+        return None
+    modes = [step_mode(s.op, s.groups, part.representation, part.activations,
+                       part.dynamic_grouped_conv) for s in c.steps]
+    return tuple(a[1] if m == "qdq_static" else None
+                 for a, m in zip(part.act_params, modes, strict=True))
+
+
+def _output_quantizers(c: Candidate) -> tuple | None:
+    qps = static_outputs(c)
+    if qps is None:
+        return None
+    return tuple(None if qp is None else (lambda t, qp=qp: fake_quant_affine(t, *qp))
+                 for qp in qps)
+
+
+TECHNIQUE = register(Technique(
+    "int8", order=90, propose=propose, make_config=make_config, apply=int8_pass, stack=stack,
+    trainable=replace(TRAIN_BASE_WEIGHT, output_quant=_output_quantizers),
+    formats={"int8": _fake_int8_of}, final=True, rereads_weight=True, fmt="int8",
+    settings=Int8Settings()))

@@ -1,4 +1,5 @@
-"""The shared model zoo: tiny models of every architecture family fxcompress must handle.
+"""The model zoo the tests and the benchmarks share: tiny models of every architecture family
+fxcompress must handle.
 
 `ZOO` maps a name to a builder returning `(model, example_inputs)`: an `nn.Module` in eval mode
 with seeded random weights and a tuple of positional inputs (batch 2). Transformer models are

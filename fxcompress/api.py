@@ -217,7 +217,7 @@ def compile(model, example_inputs=None, *, profile="mobile-arm", calibration: It
     Every argument is checked before any work; a wrong one raises `FxCompressError` naming it
     and the fix. The compile uses `torch.get_num_threads()` threads (or
     `FXCOMPRESS_THREADS`), fewer while other processes keep the cores busy (see
-    `fxcompress.hostbench.compile_threads`)."""
+    `fxcompress.host.compile_threads`)."""
     n_threads = compile_threads()
     with EXPORT_LOCK, threads(n_threads):  # torch.export's state is process-wide
         result = _compile(model, example_inputs, profile, calibration, [tolerance], evaluate,

@@ -346,7 +346,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         if not measure:
             raise _err(source, "target.isa", "is \"host\" but the profile is not measured",
                        "set [throughput] measure = true, or list the target's instruction sets")
-        isa = []  # read from the host when the profile is used (fxcompress.hostbench)
+        isa = []  # read from the host when the profile is used (fxcompress.host)
     if not all(isinstance(f, str) and f for f in isa):
         raise _err(source, "target.isa", f"contains {isa!r}", "give instruction-set names")
     weight_bits = flat.get("int8.weight_bits", 8)

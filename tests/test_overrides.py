@@ -118,3 +118,53 @@ def test_cli_reads_overrides_as_json(tmp_path, monkeypatch, capsys):
     assert cli.main(["compile", "m.pt2", "--overrides", "{fc3: 1}", "-o", "o2.pt2"]) == 2
     assert "--overrides is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "o2.pt2").exists()
+
+
+# --- a technique's settings, per layer --------------------------------------------------------
+def test_technique_settings_resolve_field_by_field_with_the_same_precedence():
+    import fxcompress.passes  # noqa: F401  (registers the techniques)
+    from fxcompress.technique import settings_of
+
+    o = check_overrides({"*": {"svd": {"sequential_refit": False, "refit_damp": 0.1}},
+                         "fc1": {"svd": {"refit_damp": 0.5}}}, TECHS)
+    fc1 = settings_of("svd", resolve(o, "fc1", "linear"))
+    fc2 = settings_of("svd", resolve(o, "fc2", "linear"))
+    assert (fc1.sequential_refit, fc1.refit_damp) == (False, 0.5)
+    assert (fc2.sequential_refit, fc2.refit_damp) == (False, 0.1)
+    assert settings_of("svd", resolve({}, "fc1", "linear")).sequential_refit is True
+    assert resolve(o, "fc1", "linear").describe() == "svd sequential_refit=False, refit_damp=0.5"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"*": {"svd": {"rank_ladder": [0.1]}}}, "unknown svd setting"),
+    ({"*": {"svd": {"refit_damp": -1}}}, "refit_damp must be a number >= 0"),
+    ({"*": {"prune": {"ratios": [1.5]}}}, "ratios must be a non-empty list of shares"),
+    ({"*": {"int8": {"observer": "max"}}}, "observer must be one of"),
+    ({"*": {"share": "4"}}, "must be a dict of share settings"),
+    ({"*": {"fp64": {}}}, "a technique's name for its settings"),
+])
+def test_bad_technique_settings_are_user_errors_before_any_work(overrides, message):
+    with pytest.raises(FxCompressError, match=message):
+        check_overrides(overrides, TECHS)
+
+
+def test_technique_settings_change_the_candidates_of_the_layers_they_select():
+    from fxcompress.api import prepare
+
+    model = load_pretrained("digits_mlp")
+    kw = dict(profile="mobile-arm", calibration=CAL, techniques=["svd", "prune"])
+
+    def ranks(prep, name):
+        opt = next(o for o in prep.options if o.layer.name == name)
+        return sorted(c.params["rank"] for c in opt.candidates if c.technique == "svd")
+
+    def ratios(prep):
+        return sorted(len(o.candidates) for o in prep.options if o.layer.name.startswith("prune["))
+
+    base = prepare(model, (X[:8],), **kw)
+    one = prepare(model, (X[:8],), overrides={"fc1": {"svd": {"local_error_ladder": [0.2]}},
+                                              "*": {"prune": {"ratios": [0.5]}}}, **kw)
+    assert len(ranks(base, "fc1")) > 1 and len(ranks(one, "fc1")) == 1
+    assert ranks(one, "fc1")[0] in ranks(base, "fc1")
+    assert ranks(one, "fc2") == ranks(base, "fc2")  # the pattern selects fc1 only
+    assert max(ratios(one)) == 1 < max(ratios(base))  # one pruning ratio per group

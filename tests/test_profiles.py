@@ -89,3 +89,35 @@ def test_invalid_toml_syntax(tmp_path):
     f = _write(tmp_path, "name = \n")
     with pytest.raises(FxCompressError, match="not valid TOML"):
         load_profile(str(f))
+
+
+def test_target_facts_come_from_the_profile_file(tmp_path):
+    """Which ops run binary weights and whether grouped convs run dynamic int8 are profile
+    fields, not code; the unread [sparsity] section is refused as unknown."""
+    from fxcompress.hardware_profiles import _builtin_dir
+    from fxcompress.passes.int8 import step_mode
+
+    fpga = load_profile("fpga-binary")
+    assert fpga.binary_ops == ("linear", "conv2d") and fpga.supports("conv2d", "binary")
+    text = (_builtin_dir() / "fpga-binary.toml").read_text()
+    linear_only = load_profile(str(_write(tmp_path, text.replace(
+        'ops = ["linear", "conv2d"]    # FINN', 'ops = ["linear"]    # FINN'))))
+    assert linear_only.supports("linear", "binary")
+    assert not linear_only.supports("conv2d", "binary")
+    with pytest.raises(FxCompressError, match="'binary.ops'"):
+        load_profile(str(_write(tmp_path, text.replace(
+            'ops = ["linear", "conv2d"]    # FINN', 'ops = ["embedding"]    # FINN'))))
+    assert not load_profile("mobile-arm").int8_dynamic_grouped_conv
+    assert step_mode("conv2d", 8, "qdq", "dynamic") == "weight_only"
+    assert step_mode("conv2d", 8, "qdq", "dynamic", dynamic_grouped_conv=True) == "qdq_dynamic"
+    with pytest.raises(FxCompressError, match="sparsity"):
+        load_profile(str(_write(tmp_path, _base_text() + '\n[sparsity]\nstructured = "compute"\n')))
+
+
+def test_profile_techniques_are_the_registered_ones():
+    from fxcompress.hardware_profiles import TECHNIQUES, known_techniques
+    from fxcompress.technique import REGISTRY
+
+    assert set(known_techniques()) == set(REGISTRY) and TECHNIQUES == known_techniques()
+    assert all(set(load_profile(n).techniques) <= set(REGISTRY)
+               for n in fxcompress.list_profiles())

@@ -330,3 +330,27 @@ def test_a_fit_to_fewer_rows_than_features_is_shrunk_and_reported():
     big = fxcompress.compile(model, many[0], profile="mobile-arm", calibration=many,
                              tolerance=0.05, techniques=["svd"])
     assert not any("input features" in n for n in big.meta["fxcompress_report"].notes)
+
+
+def test_the_selected_plan_holds_the_refitted_candidates_its_graph_was_built_from():
+    """Selection re-fits, and the plan it returns describes the graph: rebuilding the plan's
+    candidates without any re-fit gives the same graph outputs."""
+    from fxcompress.acceptance import Acceptance
+    from fxcompress.api import prepare
+    from fxcompress.planner import build, verify
+
+    m, _, cal, test_x = _digits_mlp()
+    prep = prepare(m, (cal[0][0][:16],), profile="mobile-arm", calibration=cal,
+                   techniques=["svd"], objective="size")
+    plan = verify(prep.selection, Acceptance(prep.calib, 0.1, None, None, 0), lambda s: None)
+    svd = [c for c in plan.choice.values() if c.uses("svd")]
+    assert svd and all(c.part("svd").refit for c in svd)
+    assert plan.index is not None and plan.choice.keys() == \
+        prep.selection.sequence(False)[0][plan.index].keys()
+    again = build(prep.graph_module, plan.choice).graph_module  # no calibration: no re-fit
+    with torch.no_grad():
+        torch.testing.assert_close(again(test_x), plan.graph_module(test_x))
+    # the sequence's own candidates are one-shot: the re-fit is what the plan holds
+    one_shot = build(prep.graph_module, prep.selection.sequence(False)[0][plan.index])
+    with torch.no_grad():
+        assert not torch.allclose(one_shot.graph_module(test_x), plan.graph_module(test_x))

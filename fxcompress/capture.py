@@ -132,7 +132,9 @@ def _capture(model, example_inputs, dynamic_shapes) -> Captured:
         example_inputs = check_inputs(example_inputs)
         gm = ep.module()
         dynamic = any(not isinstance(s, int) for s in _input_batch_sizes(ep))
-        return Captured(inference_graph(gm), example_inputs, None, dynamic,
+        # a dynamic batch stays dynamic in every later export (sizes, the kept program)
+        return Captured(inference_graph(gm), example_inputs,
+                        _batch_dims(example_inputs) if dynamic else None, dynamic,
                         "" if dynamic else "the ExportedProgram was captured with a static batch")
     if not isinstance(model, nn.Module):
         raise FxCompressError(f"model must be an nn.Module, a torch.export.ExportedProgram or a "

@@ -55,11 +55,18 @@ def _wait(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def test_compile_then_report_end_to_end(files):
+@pytest.fixture(scope="module")
+def compiled(files):
+    """`fxcompress compile model.pt2 ... -o out.pt2 --json`, run once: (rc, stdout, stderr)."""
+    d, _ = files
+    return _wait(_run(["compile", "model.pt2", "--profile", "mobile-arm",
+                       "--calibration", "cal.pt", "--tolerance", "0.05",
+                       "--techniques", "int8", "-o", "out.pt2", "--json"], d))
+
+
+def test_compile_then_report_end_to_end(files, compiled):
     d, model = files
-    rc, out, err = _wait(_run(["compile", "model.pt2", "--profile", "mobile-arm",
-                               "--calibration", "cal.pt", "--tolerance", "0.05",
-                               "--techniques", "int8", "-o", "out.pt2", "--json"], d))
+    rc, out, err = compiled
     assert rc == 0, err
     result = json.loads(out)  # stdout is only the JSON; progress went to stderr
     assert "compiling" in err
@@ -82,10 +89,9 @@ def test_compile_then_report_end_to_end(files):
     assert json.loads(out) == report
 
 
-def test_report_prints_the_table(files, monkeypatch, capsys):
+def test_report_prints_the_table(files, compiled, monkeypatch, capsys):
     d, _ = files
-    if not (d / "out.pt2").exists():
-        pytest.skip("needs the file test_compile_then_report_end_to_end writes")
+    assert compiled[0] == 0, compiled[2]
     monkeypatch.chdir(d)
     assert cli.main(["report", "out.pt2"]) == 0
     out = capsys.readouterr().out

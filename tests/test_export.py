@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
 from torch import nn
+from torch.export import Dim
 
 import fxcompress
 from fxcompress import FxCompressError, InternalError
@@ -407,3 +408,21 @@ def test_pte_lowers_a_stored_static_program(tmp_path, monkeypatch):
     assert exported == [] and out.delegate == "xnnpack"
     with torch.no_grad():
         assert _rel(ex.PteProgram(out.path)(X)[0], small(X)) < ex.INT8_CHECK_TOLERANCE
+
+
+def test_a_program_with_a_dynamic_batch_compiles_to_a_reusable_program(tmp_path, monkeypatch):
+    """What the CLI compiles (a saved ExportedProgram with a dynamic batch) keeps its dynamic
+    batch in the program compile exports, so writing it as .pt2 or .onnx exports nothing
+    again, at any batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(8, 16)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
+    small = fxcompress.compile(ep, (x,), profile="mobile-arm", tolerance=0.05,
+                               calibration=[(torch.randn(64, 16),)] * 4)
+    assert small.meta["fxcompress_report"].dynamic_batch
+    calls = _count_exports(monkeypatch)
+    for name, batch in (("m.pt2", x), ("m.onnx", torch.randn(3, 16))):
+        written = fxcompress.export(small, (batch,), tmp_path / name)
+        assert written.path.exists()
+    assert calls == []

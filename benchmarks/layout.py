@@ -62,7 +62,8 @@ def named_places(files: dict[str, str]) -> tuple[list[str], list[str]]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \
                     and node.value in NAMES and id(node) not in docs \
                     and _owner(path) != node.value:
-                where = f"{path}:{node.lineno} {node.value}"
+                code = text.splitlines()[node.lineno - 1].strip()
+                where = f"{path}:{node.lineno} {node.value}`: `{code}"
                 (schema if path.startswith("hardware_profiles") else logic).append(where)
     return logic, schema
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"- places naming a technique outside its folder: **{len(logic)}** in the "
                   f"compiler's logic, {len(schema)} in the profile schema", ""]
         lines += [f"  - `{w}`" for w in logic] + [""]
+    lines += ["A name can also be a precision or a stored format (`int8` throughput, int8 "
+              "lookup-table entries) or another library's argument (tensorly's "
+              "`init=\"svd\"`): the listing shows each place's line, to be read.", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

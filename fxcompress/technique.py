@@ -257,6 +257,19 @@ def settings_of(technique: str, layer_settings: Any) -> Any:
     return tech.settings if not changes else dataclasses.replace(tech.settings, **changes)
 
 
+def checked_numbers(settings: Any, name: str, ok: Callable[[float], bool], what: str) -> None:
+    """Field `name` of a frozen settings dataclass as a tuple (a list is accepted) of numbers
+    that pass `ok`, at least one; ValueError naming `what` otherwise."""
+    value = getattr(settings, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(settings, name, value)
+    checked_field(value, name, tuple,
+                  lambda v: len(v) > 0 and all(isinstance(x, int | float)
+                                               and not isinstance(x, bool) and ok(x) for x in v),
+                  what)
+
+
 def checked_field(value: Any, name: str, kind: type | tuple, test: Callable[[Any], bool],
                   what: str) -> None:
     """Raise ValueError unless `value` is of `kind` (never bool) and passes `test`; for the

@@ -35,7 +35,13 @@ from fxcompress.passes.prune.depgraph import (
 )
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import set_val
-from fxcompress.technique import GroupContext, Regroup, Technique, checked_field, register
+from fxcompress.technique import (
+    GroupContext,
+    Regroup,
+    Technique,
+    checked_numbers,
+    register,
+)
 
 aten = torch.ops.aten
 IMPORTANCE = ("l1", "l2", "bn_scale", "activation")
@@ -71,13 +77,8 @@ class PruneSettings:
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
 
     def __post_init__(self):
-        if isinstance(self.ratios, list):
-            object.__setattr__(self, "ratios", tuple(self.ratios))
-        checked_field(self.ratios, "ratios", tuple,
-                      lambda v: len(v) > 0 and all(isinstance(r, int | float)
-                                                   and not isinstance(r, bool) and 0 < r < 1
-                                                   for r in v),
-                      "a non-empty list of shares in (0, 1)")
+        checked_numbers(self, "ratios", lambda r: 0 < r < 1,
+                        "a non-empty list of shares in (0, 1)")
 
 
 @dataclass(frozen=True)

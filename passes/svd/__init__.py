@@ -61,7 +61,14 @@ from fxcompress.passes.svd.decompose import (  # noqa: F401  (the maths' public 
 from fxcompress.passes.svd.refit import REFIT_DAMP, refit_factors  # noqa: F401
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
-from fxcompress.technique import ProposeContext, Technique, Trainable, checked_field, register
+from fxcompress.technique import (
+    ProposeContext,
+    Technique,
+    Trainable,
+    checked_field,
+    checked_numbers,
+    register,
+)
 
 aten = torch.ops.aten
 
@@ -89,14 +96,8 @@ class SVDSettings:
     refit_damp: float = REFIT_DAMP
 
     def __post_init__(self):
-        ladder = self.local_error_ladder
-        if isinstance(ladder, list):
-            object.__setattr__(self, "local_error_ladder", tuple(ladder))
-        checked_field(self.local_error_ladder, "local_error_ladder", tuple,
-                      lambda v: len(v) > 0 and all(isinstance(e, int | float)
-                                                   and not isinstance(e, bool) and 0 < e
-                                                   for e in v),
-                      "a non-empty list of errors > 0")
+        checked_numbers(self, "local_error_ladder", lambda e: e > 0,
+                        "a non-empty list of errors > 0")
         checked_field(self.randomized_min_dim, "randomized_min_dim", int, lambda v: v >= 1,
                       "an integer >= 1")
         checked_field(self.randomized_max_share, "randomized_max_share", (int, float),

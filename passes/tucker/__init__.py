@@ -36,7 +36,14 @@ from fxcompress.candidates import Candidate, Step
 from fxcompress.graph import LAYER_META, add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
-from fxcompress.technique import ProposeContext, Technique, Trainable, checked_field, register
+from fxcompress.technique import (
+    ProposeContext,
+    Technique,
+    Trainable,
+    checked_field,
+    checked_numbers,
+    register,
+)
 
 aten = torch.ops.aten
 
@@ -50,13 +57,8 @@ class TuckerSettings:
     hooi_iterations: int = 10
 
     def __post_init__(self):
-        if isinstance(self.weight_error_ladder, list):
-            object.__setattr__(self, "weight_error_ladder", tuple(self.weight_error_ladder))
-        checked_field(self.weight_error_ladder, "weight_error_ladder", tuple,
-                      lambda v: len(v) > 0 and all(isinstance(e, int | float)
-                                                   and not isinstance(e, bool) and 0 < e < 1
-                                                   for e in v),
-                      "a non-empty list of errors in (0, 1)")
+        checked_numbers(self, "weight_error_ladder", lambda e: 0 < e < 1,
+                        "a non-empty list of errors in (0, 1)")
         checked_field(self.hooi_iterations, "hooi_iterations", int, lambda v: v >= 1,
                       "an integer >= 1")
 

@@ -73,7 +73,6 @@ from fxcompress.technique import (
 aten = torch.ops.aten
 
 
-
 @dataclass(frozen=True)
 class SVDSettings:
     """SVD's settings; `compile(overrides={"*": {"svd": {...}}})` changes them (per layer

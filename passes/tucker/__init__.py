@@ -47,6 +47,7 @@ from fxcompress.technique import (
 
 aten = torch.ops.aten
 
+
 @dataclass(frozen=True)
 class TuckerSettings:
     """Tucker's settings; `compile(overrides={"*": {"tucker": {...}}})` changes them."""

@@ -98,6 +98,9 @@ class Profile:
     # whether the runtime has dynamically quantized grouped / depthwise convolutions (XNNPACK
     # has none: such a conv stays weight-only int8 under dynamic activations)
     int8_dynamic_grouped_conv: bool = False
+    # whether the target decodes palettes whose entries are int8 with a scale per table
+    # (`[share] lut_int8`); None: where the profile runs int8
+    share_lut_int8: bool | None = None
 
     def __post_init__(self):
         # a Profile built in code (`dataclasses.replace`, `Profile(...)`) gets the same checks
@@ -113,6 +116,8 @@ class Profile:
             "memory.activation_budget_bytes": (self.activation_budget_bytes,
                                                "Profile.activation_budget_bytes"),
         })
+        if self.share_lut_int8 is None:
+            object.__setattr__(self, "share_lut_int8", "int8" in self.techniques)
         if self.compute_dtype not in self.peak_gops:
             raise _err(repr(self.name), f"throughput.{self.compute_dtype}", "is missing",
                        "give the throughput of the compute dtype (Profile.peak_gops)")
@@ -209,7 +214,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
              "activation_dtype": (str, False), "weight_bits": (int, False),
              "weight_only_speedup": (bool, False), "required": (bool, False),
              "dynamic_grouped_conv": (bool, False)},
-    "share": {"bits": (list, False)},
+    "share": {"bits": (list, False), "lut_int8": (bool, False)},
     "binary": {"activations": (bool, False), "ops": (list, False)},
     "memory": {"weight_budget_bytes": (int, False), "activation_budget_bytes": (int, False)},
     "sources": {},  # free-form: field name -> citation
@@ -379,6 +384,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         weight_only_speedup=bool(flat.get("int8.weight_only_speedup", False)),
         int8_required=bool(flat.get("int8.required", False)),
         binary_ops=binary_ops,
+        share_lut_int8=flat.get("share.lut_int8"),
         int8_dynamic_grouped_conv=bool(flat.get("int8.dynamic_grouped_conv", False)),
         share_bits=share_bits,
         binary_activations=binary_act,

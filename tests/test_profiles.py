@@ -121,3 +121,21 @@ def test_profile_techniques_are_the_registered_ones():
     assert set(known_techniques()) == set(REGISTRY) and TECHNIQUES == known_techniques()
     assert all(set(load_profile(n).techniques) <= set(REGISTRY)
                for n in fxcompress.list_profiles())
+
+
+def test_int8_palette_entries_are_a_profile_fact(tmp_path):
+    """[share] lut_int8 says whether the target decodes int8 palette entries; by default it
+    does where it runs int8."""
+    import dataclasses
+
+    text = _base_text()
+    assert load_profile("apple-ane").share_lut_int8
+    no_lut = load_profile(str(_write(tmp_path, text.replace("[share]\n",
+                                                            "[share]\nlut_int8 = false\n"))))
+    assert no_lut.share_lut_int8 is False
+    no_int8 = dataclasses.replace(load_profile("mobile-arm"), techniques=("svd", "share"),
+                                  share_lut_int8=None)
+    assert no_int8.share_lut_int8 is False
+    with pytest.raises(FxCompressError, match="'share.lut_int8'"):
+        load_profile(str(_write(tmp_path, text.replace("[share]\n",
+                                                       '[share]\nlut_int8 = "yes"\n'))))

@@ -233,7 +233,7 @@ def _int8_lut_pays(ctx: ProposeContext, groups: int, bits: int) -> bool:
     saved = groups * (1 << bits) * (entry - 1) - groups * 4
     cost = (2 + (ctx.weight.dtype != torch.float32)) * GRAPH_BYTES_PER_OP \
         + GRAPH_BYTES_PER_TENSOR
-    return ctx.profile.allows("int8") and saved > cost
+    return ctx.profile.share_lut_int8 and saved > cost
 
 
 def stack(base: Candidate, ctx: ProposeContext) -> Candidate | None:

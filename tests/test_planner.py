@@ -130,3 +130,38 @@ def test_an_embedding_is_costed_on_its_indices_and_the_rows_it_gathers():
     rows_bytes = 8 * 128 * 64 * 4  # the fp32 rows gathered
     expected = prof.latency(0, rows_bytes + 2 * rows_bytes, 0, "fp32")  # + ids in, rows out
     assert emb.latency_before_us == pytest.approx(expected * 1e6, rel=0.5)
+
+
+@pytest.mark.parametrize("profile, techniques", [
+    ("mobile-arm", ["prune", "svd", "share", "int8"]),  # static int8: chain simulations
+    ("fpga-binary", ["binary", "int8"]),  # binary activations: learned levels as data
+])
+def test_the_plan_sequence_is_plain_data_that_pickles_and_builds_the_same(profile, techniques):
+    """The tolerance-independent plan sequence holds no closures: it pickles (to another
+    process or machine), and what is unpickled simulates and builds the same model."""
+    import pickle
+
+    from benchmarks.models import digits_data, load_pretrained
+    from fxcompress.api import prepare
+    from fxcompress.planner import build
+
+    x, _ = digits_data("calib")
+    prep = prepare(load_pretrained("digits_mlp"), (x[:8],), profile=profile, objective="size",
+                   calibration=[(x[i:i + 64],) for i in range(0, len(x), 64)],
+                   techniques=techniques)
+    sequence = prep.selection.sequence(False)[0]
+    assert len(sequence) > 2
+    again = pickle.loads(pickle.dumps(sequence))
+    last, last_again = sequence[-1], again[-1]
+    assert {c.technique for c in last.values()} == {c.technique for c in last_again.values()}
+    # the plan holds what used to be closures: node overrides (pruned groups' consumers,
+    # int8 chains) or input quantizers (int8 activations, binary levels)
+    assert any(c.overrides is not None or any(st.input_quant is not None for st in c.steps)
+               for c in last.values())
+    with torch.no_grad():
+        for name, c in last.items():  # each candidate's simulation, on the original graph
+            err = prep.calib.error(c.simulation(), limit=1)
+            assert prep.calib.error(last_again[name].simulation(), limit=1) == err
+        torch.testing.assert_close(build(prep.graph_module, last_again).graph_module(x),
+                                   build(prep.graph_module, last).graph_module(x),
+                                   rtol=0, atol=0)

@@ -105,13 +105,22 @@ def activation_levels(stats) -> tuple[float, float]:
     return mu, max(float((x - mu).abs().mean()), 1e-8)
 
 
-def binary_activation(mu: float, beta: float):
+@dataclass(frozen=True)
+class BinaryActivation:
+    """The input binarization x -> μ + β·sign(x - μ) (sign(0) = +1), as plain data (a
+    candidate's steps pickle)."""
+
+    mu: float
+    beta: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Binarize `x`."""
+        return (x >= self.mu).to(x.dtype) * (2 * self.beta) + (self.mu - self.beta)
+
+
+def binary_activation(mu: float, beta: float) -> BinaryActivation:
     """The input binarization x -> μ + β·sign(x - μ) (sign(0) = +1)."""
-
-    def fq(x: torch.Tensor) -> torch.Tensor:
-        return (x >= mu).to(x.dtype) * (2 * beta) + (mu - beta)
-
-    return fq
+    return BinaryActivation(float(mu), float(beta))
 
 
 def packed_bytes(shape: tuple[int, ...]) -> int:

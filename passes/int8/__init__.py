@@ -142,15 +142,35 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, axis: int = 0) 
     return q.float() * scale.view(shape)
 
 
-def fake_quant_static(absmax: float):
+@dataclass(frozen=True)
+class StaticSymmetric:
+    """Per-tensor symmetric int8 fake-quantization with a fixed scale (plain data: a
+    candidate's steps pickle)."""
+
+    scale: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x`."""
+        return torch.round(x / self.scale).clamp(-QMAX, QMAX) * self.scale
+
+
+@dataclass(frozen=True)
+class StaticAffine:
+    """Per-tensor affine int8 fake-quantization with fixed qparams (the static ``qdq``
+    arithmetic), as plain data."""
+
+    scale: float
+    zero_point: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x`."""
+        return fake_quant_affine(x, self.scale, self.zero_point)
+
+
+def fake_quant_static(absmax: float) -> StaticSymmetric:
     """Per-tensor symmetric int8 fake-quantization with a scale fixed from calibration (the
     static ``int_mm`` arithmetic)."""
-    scale = max(absmax, 1e-12) / QMAX
-
-    def fq(x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x / scale).clamp(-QMAX, QMAX) * scale
-
-    return fq
+    return StaticSymmetric(max(absmax, 1e-12) / QMAX)
 
 
 def fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
@@ -247,24 +267,33 @@ def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: fl
     elif mode == "qdq_dynamic":
         iq = fake_quant_qdq_dynamic
     elif mode == "qdq_static" and in_qp is not None:
-        s, z = in_qp
-        iq = lambda x: fake_quant_affine(x, s, z)  # noqa: E731
+        iq = StaticAffine(*in_qp)
     extra = scale.numel() * (4 + (8 if mode.startswith("qdq") else 0))  # + int64 zero points
     return replace(step, weight=dequantize_per_channel(q, scale, 0), fmt="int8",
                    weight_bytes=q.numel() + extra, input_quant=iq)
 
 
-def _chain_simulation(layer_node: str, steps: tuple[Step, ...],
-                      out_qps: tuple[QParams | None, ...]) -> dict[str, Callable]:
-    def run(args, kwargs):
+@dataclass(frozen=True)
+class ChainSimulation:
+    """A node override running a chain of int8 steps with static output quantization between
+    them, as the pass builds it (plain data: a candidate's simulation pickles)."""
+
+    steps: tuple[Step, ...]
+    out_qps: tuple[QParams | None, ...]
+
+    def __call__(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The chain on the node's input."""
         x = args[0]
-        for s, oq in zip(steps, out_qps, strict=True):
+        for s, oq in zip(self.steps, self.out_qps, strict=True):
             x = s.run(x)
             if oq is not None:
                 x = fake_quant_affine(x, *oq)
         return x
 
-    return {layer_node: run}
+
+def _chain_simulation(layer_node: str, steps: tuple[Step, ...],
+                      out_qps: tuple[QParams | None, ...]) -> dict[str, Callable]:
+    return {layer_node: ChainSimulation(steps, out_qps)}
 
 
 def propose(layer, base: Candidate, ctx: ProposeContext):
@@ -555,8 +584,7 @@ def _output_quantizers(c: Candidate) -> tuple | None:
     qps = static_outputs(c)
     if qps is None:
         return None
-    return tuple(None if qp is None else (lambda t, qp=qp: fake_quant_affine(t, *qp))
-                 for qp in qps)
+    return tuple(None if qp is None else StaticAffine(*qp) for qp in qps)
 
 
 TECHNIQUE = register(Technique(

@@ -476,13 +476,25 @@ def _simulation(gm, dg: DepGraph, group: Group, removed: torch.Tensor, grams: di
         fitted = _refit(w, keep, grams.get(c.layer), PruneConfig.damp)
         full = torch.zeros_like(w)
         full[:, keep] = fitted
-        target = node_by_name(gm, c.node).target
-
-        def run(args, kwargs, full=full, target=target):
-            return target(args[0], full, *args[2:], **kwargs)
-
-        overrides[c.node] = run
+        overrides[c.node] = ConsumerOverride(full, str(node_by_name(gm, c.node).target))
     return overrides
+
+
+@dataclass(frozen=True)
+class ConsumerOverride:
+    """A node override running a pruned group's consumer with its re-fit weight (removed
+    columns zero): `op` is the node's ATen op by name (`aten.linear.default`), so the override
+    is plain data and pickles with the candidate."""
+
+    weight: torch.Tensor
+    op: str
+
+    def __call__(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The consumer on the node's input."""
+        target = torch.ops
+        for part in self.op.split("."):
+            target = getattr(target, part)
+        return target(args[0], self.weight, *args[2:], **kwargs)
 
 
 def propose_groups(ctx: GroupContext) -> list:

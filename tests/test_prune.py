@@ -30,7 +30,7 @@ def _captured(model, inputs):
 
 
 def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _kill(gm, dg, group, idx) -> None:

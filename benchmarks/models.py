@@ -49,7 +49,6 @@ import collections
 import functools
 import importlib
 import inspect
-import io
 import json
 import os
 import re
@@ -729,7 +728,6 @@ def saved_bytes(model: nn.Module, example: tuple, dynamic: bool = True) -> int:
     input dynamic unless `dynamic` is False)."""
     args = tuple(x.clone() for x in example)
     dyn = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic else None
-    ep = torch.export.export(model, args, dynamic_shapes=dyn, strict=False)
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    return buf.getbuffer().nbytes
+    from fxcompress.api import serialized_size
+
+    return serialized_size(torch.export.export(model, args, dynamic_shapes=dyn, strict=False))

@@ -25,7 +25,7 @@ from fxcompress.acceptance import (
 )
 from fxcompress.built_cost import built_costs
 from fxcompress.calibration import Calibration, check_calibration
-from fxcompress.capture import EXPORT_LOCK, capture, inference_graph
+from fxcompress.capture import EXPORT_LOCK, capture, clones, inference_graph
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
 from fxcompress.hardware_profiles import Profile, known_techniques, load_profile
@@ -41,11 +41,10 @@ from fxcompress.planner import (
 )
 from fxcompress.progress import Progress
 from fxcompress.recover import Recover, recover_plan
-from fxcompress.report import CandidateReport, LayerReport, Report
+from fxcompress.report import REPORT_KEY, CandidateReport, LayerReport, Report
 from fxcompress.technique import REGISTRY
 
 DEFAULT_TOLERANCE = 0.01
-REPORT_KEY = "fxcompress_report"
 
 
 def serialized_size(ep: torch.export.ExportedProgram) -> int:
@@ -385,8 +384,10 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
     overrides, settings, base_score = prep.overrides, prep.settings, prep.base_score
     example_batch = _batch_of(cap.example_inputs)
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
+    # the original's file size, for every report: exported once
+    bytes_before = serialized_size(torch.export.export(
+        gm, clones(cap.example_inputs), dynamic_shapes=cap.dynamic_shapes, strict=False))
     shared = time.perf_counter() - start
-    bytes_before: list[int] = []  # the original's size, exported once
     handed_out: set[int] = set()
     results = []
     for tol in tols:
@@ -402,13 +403,9 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
             result = copy.deepcopy(result)
             inference_graph(result)
         handed_out.add(id(result))
-        if not bytes_before:
-            ep_before = torch.export.export(gm, _export_args(cap.example_inputs),
-                                            dynamic_shapes=cap.dynamic_shapes, strict=False)
-            bytes_before.append(serialized_size(ep_before))
         report = _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate,
                          base_score, example_batch, cap, overrides, settings)
-        report.serialized_bytes_before = bytes_before[0]
+        report.serialized_bytes_before = bytes_before
         if report.serialized_bytes_after > report.serialized_bytes_before:
             report.notes.append(
                 f"the compiled program's file ({report.serialized_bytes_after:,} B) is larger "
@@ -428,7 +425,7 @@ def _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate
     """Budgets, the export check and the report of one selected plan."""
     budget_notes = enforce_budgets(prof, options, plan.choice, result)
     try:
-        ep_after = torch.export.export(result, _export_args(cap.example_inputs),
+        ep_after = torch.export.export(result, clones(cap.example_inputs),
                                        dynamic_shapes=cap.dynamic_shapes, strict=False)
     except Exception as e:
         raise InternalError(f"the compressed graph no longer exports ({type(e).__name__}: "
@@ -479,11 +476,6 @@ def override_notes(overrides: Mapping[str, dict], settings: Mapping) -> list[str
                          for k, v in given.items())
         notes.append(f"overrides[{key!r}] ({what}) applied to {', '.join(names)}")
     return notes
-
-
-def _export_args(inputs: tuple) -> tuple:
-    # a view saves its whole storage into the file: export with clones
-    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def _batch_of(inputs: tuple) -> int | None:

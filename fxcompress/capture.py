@@ -47,12 +47,21 @@ class Captured:
     note: str  # why the batch is static, when it is
 
 
-def _batch_dims(inputs: tuple) -> tuple:
+def batch_dims(inputs: tuple) -> tuple:
+    """`dynamic_shapes` making dim 0 of every tensor input (of at least one dimension)
+    `Dim.AUTO`, nothing else dynamic: how capture, compile and export ask for a dynamic
+    batch."""
     return tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
                  for x in inputs)
 
 
-def _widen_batch(inputs: tuple) -> tuple:
+def clones(inputs: tuple) -> tuple:
+    """`inputs` with every tensor cloned: a view saves its whole storage into an exported
+    file, so programs are exported and run with clones."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def widen_batch(inputs: tuple) -> tuple:
     """Inputs whose batch is 1 repeated to 2: export specializes a dimension of size 1, so a
     batch of 1 could never be captured as dynamic."""
     return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0
@@ -134,7 +143,7 @@ def _capture(model, example_inputs, dynamic_shapes) -> Captured:
         dynamic = any(not isinstance(s, int) for s in _input_batch_sizes(ep))
         # a dynamic batch stays dynamic in every later export (sizes, the kept program)
         return Captured(inference_graph(gm), example_inputs,
-                        _batch_dims(example_inputs) if dynamic else None, dynamic,
+                        batch_dims(example_inputs) if dynamic else None, dynamic,
                         "" if dynamic else "the ExportedProgram was captured with a static batch")
     if not isinstance(model, nn.Module):
         raise FxCompressError(f"model must be an nn.Module, a torch.export.ExportedProgram or a "
@@ -155,13 +164,13 @@ def _capture(model, example_inputs, dynamic_shapes) -> Captured:
                     f"({_describe_failure(e)}); fix dynamic_shapes or leave it None") from e
             return Captured(inference_graph(ep.module()), example_inputs, dynamic_shapes, True,
                             "")
-        widened = _widen_batch(example_inputs)
+        widened = widen_batch(example_inputs)
         try:
-            ep = own(_export(model, widened, _batch_dims(widened)))
+            ep = own(_export(model, widened, batch_dims(widened)))
             dynamic = any(not isinstance(s, int) for s in _input_batch_sizes(ep))
             note = "" if dynamic else "the model fixes its batch size (export specialized dim 0)"
             return Captured(inference_graph(ep.module()), example_inputs,
-                            _batch_dims(widened) if dynamic else None,
+                            batch_dims(widened) if dynamic else None,
                             dynamic, note)
         except Exception as dyn_error:
             if isinstance(dyn_error, FxCompressError):

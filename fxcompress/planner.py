@@ -169,7 +169,7 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
             opt.skip_reason = "no technique applies to this layer"
     # rewrites spanning several layers (pruned dependency groups): extra entries, one per group
     gctx = GroupContext(gm, calib, list(options), profile, objective, seed, calibrated,
-                        settings, global_settings)
+                        global_settings)
     for tech in ordered_all:
         if tech.propose_groups is not None:
             groups = tech.propose_groups(gctx)
@@ -332,11 +332,8 @@ def build_plan(gm: fx.GraphModule, choice: dict[str, Candidate],
         chosen = by_tech[tech.name]
         if calib is not None and tech.refine is not None:
             others = [c for c in built.values() if not c.uses(tech.name)]
-            refined = tech.refine(gm, chosen, others, calib.batches, seed)
-            for old, new in zip(chosen, refined, strict=True):
-                if new is not old:
-                    built = {n: (new if c is old else c) for n, c in built.items()}
-            chosen = refined
+            chosen = tech.refine(gm, chosen, others, calib.batches, seed)
+            built.update((c.layer.name, c) for c in chosen)  # a plan is keyed by layer name
         passes.append((tech.name, tech.apply, tech.make_config(chosen)))
     result = run_passes(work, passes)
     inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train

@@ -159,6 +159,13 @@ def _hook(c: Candidate, name: str):
     return None
 
 
+def _ask(c: Candidate, name: str):
+    """The Trainable hook `name` of `c`'s stack (see `_hook`) applied to `c`; None where no
+    technique of the stack has it."""
+    fn = _hook(c, name)
+    return None if fn is None else fn(c)
+
+
 def _owner(c: Candidate) -> Trainable | None:
     """The trainable form of `c`'s stack whose latents train: the outermost technique that
     claims them (int8 defers on a chain, so the factors of "svd+int8" train; share claims its
@@ -175,8 +182,7 @@ def trainable(c: Candidate) -> str | None:
         tech = REGISTRY.get(name)
         if tech is None or tech.trainable is None:
             return f"no trainable form of {name!r} yet"
-    if c.overrides is not None and (_hook(c, "output_quant") is None
-                                    or _hook(c, "output_quant")(c) is None):
+    if c.overrides is not None and _ask(c, "output_quant") is None:
         return "custom simulation"
     owner = _owner(c) if c.techniques else None
     if owner is None or owner.weight is None:
@@ -287,14 +293,12 @@ class Student:
                     c = owner.on_kept(c, kept, base_w)
             latents = owner.init(c, base_w) if owner else [base_w.clone()]
             bias, bias_step = self._bias(lay, c, o.base)
-            levels = _hook(c, "input_levels")
-            levels = levels(c) if levels is not None else None
+            levels = _ask(c, "input_levels")
             if levels is not None:
                 levels = tuple(torch.nn.Parameter(torch.tensor(float(v))) for v in levels)
-            out_q = _hook(c, "output_quant")
             self.entries[lay.name] = _Entry(
                 c, owner, [torch.nn.Parameter(w.float().clone()) for w in latents], bias,
-                bias_step, mask, levels, out_q(c) if out_q is not None else None, kept)
+                bias_step, mask, levels, _ask(c, "output_quant"), kept)
         self.node_of = {o.layer.name: o.layer.node for o in options}
         # parameters that are no layer's weight or bias (norm scales and shifts): trained in
         # place in the student's graph, which the plan is built from
@@ -589,10 +593,12 @@ def recover_plan(selection, plan, accept, rec: Recover, log: Callable[[str], Non
     k0 = plan.index if accept.exact_limit is None else None
     info = Recovery()
 
-    def stage(base_gm, choice, k, stage_seed):
+    def stage(base_gm, choice, k, stage_seed, v0=None):
         t0 = time.perf_counter()
-        before, choice = build_plan(base_gm, choice, calib if selection.refit else None, seed)
-        v0 = accept(before.graph_module)
+        if v0 is None:  # else `choice` is a plan selection built and judged already
+            before, choice = build_plan(base_gm, choice,
+                                        calib if selection.refit else None, seed)
+            v0 = accept(before.graph_module)
         student = Student(base_gm, options, choice, rec.train_unchanged, rec.train_others)
         info.frozen.update(student.frozen)
         n = fine_tune(student, teacher, rec, inputs, labels, stage_seed, deadline,
@@ -609,7 +615,7 @@ def recover_plan(selection, plan, accept, rec: Recover, log: Callable[[str], Non
                                         verdict=v, index=k), v.ok
 
     base_gm, choice, trained_plan, ok = stage(gm, plan.choice, k0 if k0 is not None else -1,
-                                              seed)
+                                              seed, plan.verdict)
     # recovery can make it worse (a poor teacher signal): then keep the plan
     best = trained_plan if ok else plan
     if k0 is not None:

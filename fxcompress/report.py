@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: `GraphModule.meta` key of the `Report` of a compiled model.
+REPORT_KEY = "fxcompress_report"
+
 
 @dataclass
 class CandidateReport:

@@ -164,7 +164,6 @@ class GroupContext:
     objective: str
     seed: int
     calibrated: bool
-    settings: Mapping = field(default_factory=dict)  # layer name -> LayerSettings
     global_settings: Any = None  # the settings of `overrides["*"]` (LayerSettings)
 
     def knobs(self, technique: str) -> Any:

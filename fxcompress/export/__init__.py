@@ -77,15 +77,18 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.export import Dim, ExportedProgram
+from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from fxcompress.capture import EXPORT_LOCK
+from fxcompress.capture import batch_dims as _batch_dims
+from fxcompress.capture import clones as _clones
+from fxcompress.capture import widen_batch as _widen
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.hardware_profiles import EXPORT_FORMATS, Profile, load_profile
 from fxcompress.loading import REPORT_FILE, load_program, read_report  # noqa: F401 (re-exported)
+from fxcompress.report import REPORT_KEY
 
-REPORT_KEY = "fxcompress_report"
 #: `gm.meta` key of the `StoredProgram` of the compiled model (see "Export once").
 PROGRAM_KEY = "fxcompress_program"
 
@@ -350,11 +353,6 @@ def _resolve_profile(profile, report) -> Profile:
                               ) from None
 
 
-def _clones(inputs: tuple) -> tuple:
-    # a view saves its whole storage into the file: export and run with clones
-    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
 def has_quantized_activations(gm: torch.nn.Module) -> bool:
     """Whether the graph quantizes activations (``quantized_decomposed.quantize_*`` ops)."""
     graph = getattr(gm, "graph", None)
@@ -385,12 +383,6 @@ def to_exported_program(gm: torch.nn.Module, example_inputs: tuple,
         raise FxCompressError(f"torch.export cannot capture this model for export "
                               f"({type(e).__name__}: {str(e).strip()[:300]}); pass the "
                               "GraphModule fxcompress.compile returned") from e
-
-
-def _widen(inputs: tuple) -> tuple:
-    """Inputs whose batch is 1 repeated to 2: export specializes a dimension of size 1."""
-    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0
-                 and x.shape[0] == 1 else x for x in inputs)
 
 
 def _batch_is_dynamic(ep: ExportedProgram) -> bool:
@@ -569,13 +561,6 @@ def file_size(path: str | Path) -> int:
 
 
 # --- export once: the programs compile exported ----------------------------------------------
-def _batch_dims(inputs: tuple) -> tuple:
-    """The `dynamic_shapes` `to_exported_program` exports with: dim 0 of every tensor input
-    (of at least one dimension) `Dim.AUTO`, nothing else dynamic."""
-    return tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                 for x in inputs)
-
-
 def _get_attr(module: torch.nn.Module, target: str) -> Any:
     obj: Any = module
     for part in target.split("."):

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a script
 
 import fxcompress  # noqa: E402
+from benchmarks import conditions  # noqa: E402
 from benchmarks.models import accuracy, digits_data, load_pretrained, text_data  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "recover.md"
@@ -100,7 +101,8 @@ def main() -> None:
     lines = [
         "# Accuracy recovery (distillation from the original model)",
         "",
-        f"torch {torch.__version__}, {threads} thread(s), python {sys.version.split()[0]}. "
+        f"torch {torch.__version__}, {threads} thread(s), python {sys.version.split()[0]}, "
+        f"{conditions()}. "
         "Tolerance: the drop of evaluate() in accuracy points (digits: evaluate = calib "
         "accuracy, tolerance 100 = no limit, to force every hidden layer binary; recovery on "
         "the labelled train split; text: evaluate = calib accuracy, tolerance 1 point; "

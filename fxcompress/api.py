@@ -9,7 +9,7 @@ import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -288,6 +288,7 @@ class Prepared:
     settings: dict  # layer name -> overrides.LayerSettings
     selection: Selection
     base_score: Any = None  # acceptance.Score of the original, with evaluate=
+    phases: dict = field(default_factory=dict)  # seconds per step (Report.phase_seconds)
 
 
 def prepare(model, example_inputs=None, *, profile="mobile-arm", calibration: Iterable | None
@@ -321,9 +322,12 @@ def _prepare(model, example_inputs, profile, calibration, techniques, objective,
     prof = calibrated(prof)
     obj = prof.objective if objective is None else objective
     torch.manual_seed(seed)
+    phases: dict[str, float] = {}
+    lap = _Lap(phases)
 
     cap = capture(model, example_inputs, dynamic_shapes)
     gm = cap.graph_module
+    lap("capture")
     # the original's score first: a score that is not a finite number fails before the work
     base_score = base_score_of(evaluate, gm) if evaluate is not None else None
     batches = check_calibration(calibration, cap.example_inputs)
@@ -333,6 +337,7 @@ def _prepare(model, example_inputs, profile, calibration, techniques, objective,
     log(f"captured {len(layers)} layers; calibrating on {len(fit_batches)} batches, "
         f"{len(held)} held out to judge plans on")
     calib = Calibration(gm, fit_batches, {lay.node: lay.op for lay in layers}, holdout=held)
+    lap("calibration")
     example_batch = _batch_of(cap.example_inputs)
     calib_batch = _batch_of(batches[0])
     scale = example_batch / calib_batch if example_batch and calib_batch else 1.0
@@ -340,15 +345,30 @@ def _prepare(model, example_inputs, profile, calibration, techniques, objective,
                             calibrated=calibration is not None, user_techniques=user_techs,
                             scale_batch=scale, settings=settings,
                             global_settings=resolve_global(overrides))
+    lap("propose")
     log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
     deadline = None if time_budget is None else start + float(time_budget)
     measure(options, calib, Progress("measuring candidates").update, deadline)
+    lap("measure")
     # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
     # data: re-fitting on the example inputs alone would fit them
     selection = Selection(gm, options, calib, obj, prof, refit=calibration is not None,
                           seed=seed)
     return Prepared(cap, gm, layers, calib, options, prof, obj, seed, overrides, settings,
-                    selection, base_score)
+                    selection, base_score, phases)
+
+
+class _Lap:
+    """Adds the seconds since the last call to `phases[name]`."""
+
+    def __init__(self, phases: dict[str, float], start: float | None = None):
+        self.phases = phases
+        self.last = time.perf_counter() if start is None else start
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, techniques,
@@ -385,9 +405,11 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
     example_batch = _batch_of(cap.example_inputs)
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
     # the original's file size, for every report: exported once
+    t_export = time.perf_counter()
     bytes_before = serialized_size(torch.export.export(
         gm, clones(cap.example_inputs), dynamic_shapes=cap.dynamic_shapes, strict=False))
     shared = time.perf_counter() - start
+    prep.phases["export"] = time.perf_counter() - t_export
     handed_out: set[int] = set()
     results = []
     for tol in tols:
@@ -395,9 +417,13 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
         accept = Acceptance(calib, tol, score_fn, base_score, seed,
                             exact_limit=rounding_floor(calib) if tol == 0 and evaluate is None
                             else None, in_sample=holdout == 0)
+        phases = dict(prep.phases)
+        lap = _Lap(phases, t0)
         plan = verify(prep.selection, accept, log)
+        lap("select")
         if recover is not None:
             plan, _ = recover_plan(prep.selection, plan, accept, recover, log)
+            lap("recover")
         result = plan.graph_module
         if id(result) in handed_out:  # the same plan at two tolerances: two models
             result = copy.deepcopy(result)
@@ -405,6 +431,8 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
         handed_out.add(id(result))
         report = _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate,
                          base_score, example_batch, cap, overrides, settings)
+        lap("export")
+        report.phase_seconds = {k: round(v, 3) for k, v in phases.items()}
         report.serialized_bytes_before = bytes_before
         if report.serialized_bytes_after > report.serialized_bytes_before:
             report.notes.append(

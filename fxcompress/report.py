@@ -73,6 +73,11 @@ class Report:
     drop_interval: list[float] | None = None  # its paired-bootstrap interval [low, high]
     dynamic_batch: bool = True
     compile_seconds: float = 0.0
+    #: where the compile time went: capture, calibration, propose (candidate fitting),
+    #: measure (candidate errors and costs), select (building and judging plans), recover,
+    #: export (the original's and the result's programs); shared steps count in every model
+    #: of a sweep
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +129,9 @@ class Report:
         if self.accepted_on:
             out.append(f"judged on        {self.accepted_on}")
         out.append(f"batch dimension  {'dynamic' if self.dynamic_batch else 'static'}")
-        out.append(f"compile time     {self.compile_seconds:.1f} s")
+        out.append(f"compile time     {self.compile_seconds:.1f} s"
+                   + ("" if not self.phase_seconds else " (" + ", ".join(
+                       f"{k} {v:.1f}" for k, v in self.phase_seconds.items()) + ")"))
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 

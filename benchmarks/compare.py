@@ -37,6 +37,7 @@ import copy
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -488,6 +489,10 @@ def verdicts(rows: list[Row]) -> list[str]:
 START_LOAD = os.getloadavg()[0]
 
 
+#: A section another script maintains in BENCHMARKS.md, markers included.
+_MARKED = re.compile(r"<!-- ([\w.-]+):begin -->.*?<!-- \1:end -->", re.S)
+
+
 def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_MD,
                    plot: str | None = "benchmarks/results/compare.png",
                    complete: bool = True) -> str:
@@ -540,6 +545,11 @@ def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_
     if plot:
         lines += ["", f"![size vs accuracy]({plot})"]
     text = "\n".join(lines) + "\n"
+    # sections other scripts keep in the file (`<!-- name:begin -->` ... `<!-- name:end -->`,
+    # e.g. benchmarks/pretrained.py's) survive the rewrite, at the end
+    kept = [m.group(0) for m in _MARKED.finditer(path.read_text())] if path.exists() else []
+    if kept:
+        text += "\n" + "\n\n".join(kept) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -8,12 +8,13 @@ torch.export.export(small, (x,))
 ```
 
 The public contract (README.md, "Use"): `compile`, `export`, `load_profile`, `list_profiles`,
-the report, and the two exception types; `sweep` compiles at several tolerances at once;
-`correct` and `accuracy` are classifier metrics in the form `compile(evaluate=...)` takes.
+the report, and the exception types (`FxCompressError`, its `ExportError`, `InternalError`);
+`sweep` compiles at several tolerances at once; `correct` and `accuracy` are classifier
+metrics in the form `compile(evaluate=...)` takes.
 """
 
 from fxcompress.api import DEFAULT_TOLERANCE, compile, sweep
-from fxcompress.errors import FxCompressError, InternalError
+from fxcompress.errors import ExportError, FxCompressError, InternalError
 from fxcompress.export import export
 from fxcompress.hardware_profiles import Profile, list_profiles, load_profile
 from fxcompress.metrics import accuracy, correct
@@ -23,6 +24,7 @@ from fxcompress.report import Report
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "ExportError",
     "FxCompressError",
     "InternalError",
     "PassResult",

@@ -34,6 +34,7 @@ from fxcompress.overrides import check_overrides, resolve_all, resolve_global
 from fxcompress.planner import (
     Selection,
     build_options,
+    charge_program_bytes,
     enforce_budgets,
     measure,
     rounding_floor,
@@ -352,8 +353,16 @@ def _prepare(model, example_inputs, profile, calibration, techniques, objective,
     lap("measure")
     # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
     # data: re-fitting on the example inputs alone would fit them
+
+    def file_bytes(g: fx.GraphModule) -> int:
+        return serialized_size(torch.export.export(g, clones(cap.example_inputs),
+                                                   dynamic_shapes=cap.dynamic_shapes,
+                                                   strict=False))
+
     selection = Selection(gm, options, calib, obj, prof, refit=calibration is not None,
-                          seed=seed)
+                          seed=seed, file_bytes=file_bytes)
+    charge_program_bytes(selection, log)
+    lap("propose")
     return Prepared(cap, gm, layers, calib, options, prof, obj, seed, overrides, settings,
                     selection, base_score, phases)
 
@@ -406,8 +415,7 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
     score_fn = no_grad_eval(evaluate) if evaluate is not None else None
     # the original's file size, for every report: exported once
     t_export = time.perf_counter()
-    bytes_before = serialized_size(torch.export.export(
-        gm, clones(cap.example_inputs), dynamic_shapes=cap.dynamic_shapes, strict=False))
+    bytes_before = prep.selection.file_bytes(gm)
     shared = time.perf_counter() - start
     prep.phases["export"] = time.perf_counter() - t_export
     handed_out: set[int] = set()

@@ -39,6 +39,7 @@ class Step:
     fmt: str = "fp32"  # format on the target: "fp32", "fp16", "int8", "binary", "shared"
     weight_bytes: int | None = None  # bytes stored; None: numel x 4 (fp32)
     input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None  # activation fake-quant
+    extra_ops: int = 0  # ops the rewrite adds beside the layer op (decode, rescale, gather)
 
     @property
     def stored_bytes(self) -> int:
@@ -118,6 +119,10 @@ def chain_cost(steps: tuple[Step, ...], inp: tuple[int, ...], profile: Profile,
             latency += profile.latency(0, wbytes + decoded, 0, profile.compute_dtype, n_ops=2)
             wbytes = decoded
         latency += profile.latency(macs, wbytes, act_bytes, s.fmt)
+        if s.extra_ops:
+            out_bytes = math.prod(out) * BYTES_PER_ELEMENT[profile.compute_dtype]
+            latency += profile.latency(0, 0, 2 * out_bytes, profile.compute_dtype,
+                                       n_ops=s.extra_ops)
         macs_total += macs
         shape = out
     return macs_total, latency
@@ -141,6 +146,10 @@ class Candidate:
     overrides: dict[str, Callable] | None = None  # custom simulation (else: from the steps)
     # layers whose weight shapes this rewrite changes besides its own (a pruned group)
     touches: frozenset[str] = frozenset()
+    # bytes the rewrite adds to a serialized program besides its weights (its ops' and
+    # tensors' records), where the graph is a sizeable part of the file: measured per kind of
+    # rewrite by `planner.charge_program_bytes`, counted by the size objective
+    program_bytes: int = 0
 
     @property
     def techniques(self) -> list[str]:

@@ -28,6 +28,7 @@ from torch.export import Dim, ExportedProgram
 
 from fxcompress.calibration import check_example_finite
 from fxcompress.errors import FxCompressError
+from fxcompress.graph import drop_unused_attrs, linear_from_matmul
 
 #: `torch.export` keeps process-wide state (the tracing mode stack, the symbolic-shape
 #: environment), so two captures in two threads corrupt each other. Every compile and every
@@ -124,6 +125,11 @@ def capture(model, example_inputs=None, dynamic_shapes=None) -> Captured:
     deep-copied (see `_inference_model`)."""
     with EXPORT_LOCK:
         cap = _capture(model, example_inputs, dynamic_shapes)
+    # what nothing reads goes now, not with the first rewrite: the original's program, which
+    # sizes and plans are compared with, is then the same graph the rewrites start from
+    drop_unused_attrs(cap.graph_module)
+    linear_from_matmul(cap.graph_module)
+    cap.graph_module.recompile()
     check_weights_finite(cap.graph_module)
     return cap
 

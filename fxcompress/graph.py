@@ -198,6 +198,105 @@ def drop_unused_attrs(gm: fx.GraphModule) -> None:
         mod._buffers.pop(attr, None)
 
 
+def linear_from_matmul(gm: fx.GraphModule) -> list[str]:
+    """Rewrite matrix products with a 2-D weight as the `linear` they compute, so they become
+    layers every technique knows: `addmm(b, x, W)`, `mm(x, W)` and `matmul(x, W)` (GPT-2's
+    `Conv1D` stores its weight transposed), whose `W` is then stored transposed under its own
+    name, and `matmul(x, Wᵀ)` / `mm(x, Wᵀ)` through a transpose op (Falcon's `x @ W.T`),
+    which reads `W` as it is. Only weights that no other node reads. The same sums in another
+    layout: outputs agree to float rounding. Returns the rewritten weights' names."""
+    readers: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers.setdefault(node.target, []).extend(node.users)
+    done = []
+    for target, users in readers.items():
+        w = get_attr(gm, target)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() \
+                or not users:
+            continue
+        if all(_matmul_weight(u, target) for u in users):
+            _store_transposed(gm, target, w)
+            for u in users:
+                _to_linear(gm, u, u.args[1] if u.target is not aten.addmm.default
+                           else u.args[2])
+        elif all(_is_transpose(u) and u.users and all(_matmul_weight(v, u) for v in u.users)
+                 for u in users):
+            for u in users:
+                for v in list(u.users):
+                    _to_linear(gm, v, u.args[0])
+                gm.graph.erase_node(u)
+        else:
+            continue
+        done.append(target)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+def _store_transposed(gm: fx.GraphModule, target: str, w: torch.Tensor) -> None:
+    owner, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    t = w.detach().t().contiguous()
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=w.requires_grad)
+    else:
+        mod._buffers[attr] = t
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == target:
+            n.meta["val"] = _fake_like(n, t)
+
+
+def _to_linear(gm: fx.GraphModule, node: fx.Node, weight: fx.Node) -> None:
+    """Replace matrix-product `node` by `linear(x, weight, bias)`."""
+    if node.target is aten.addmm.default:
+        bias, x = node.args[:2]
+    else:
+        bias, x = None, node.args[0]
+    with gm.graph.inserting_before(node):
+        lin = gm.graph.call_function(aten.linear.default, (x, weight, bias))
+    lin.meta.update(node.meta)
+    node.replace_all_uses_with(lin)
+    gm.graph.erase_node(node)
+
+
+_TRANSPOSES = (aten.numpy_T.default, aten.t.default)
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """A node giving the transpose of its 2-D input (`.T`, `t`, `transpose(0, 1)`,
+    `permute([1, 0])`)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _TRANSPOSES:
+        return True
+    if node.target is aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    if node.target is aten.permute.default:
+        return [d % 2 for d in node.args[1]] == [1, 0]
+    return False
+
+
+def _matmul_weight(node: fx.Node, w) -> bool:
+    """Whether `node` is `addmm(b, x, W)` (1-D bias), `mm(x, W)` or `matmul(x, W)` with `W`
+    (a get_attr target name, or a node) only as its second matrix and plain arguments."""
+    if node.op != "call_function" or node.kwargs:
+        return False
+    is_w = (lambda a: isinstance(a, fx.Node) and a.op == "get_attr" and a.target == w) \
+        if isinstance(w, str) else (lambda a: a is w)
+    if node.target is aten.addmm.default and len(node.args) == 3:
+        b, x, m = node.args
+        bias = b.meta.get("val") if isinstance(b, fx.Node) else None
+        return isinstance(bias, torch.Tensor) and bias.dim() == 1 and is_w(m) \
+            and not is_w(x) and not is_w(b)
+    if node.target in (aten.mm.default, aten.matmul.default) and len(node.args) == 2:
+        x, m = node.args
+        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+        return is_w(m) and not is_w(x) and isinstance(xv, torch.Tensor) and xv.dim() >= 1
+    return False
+
+
 def is_getitem(node: fx.Node) -> bool:
     """Whether `node` is `operator.getitem` (tuple unpacking in the graph)."""
     return node.op == "call_function" and node.target is operator.getitem

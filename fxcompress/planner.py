@@ -82,7 +82,7 @@ def gain(c: Candidate, base: Candidate, objective: str) -> float:
     """Saving of `c` over the unchanged layer on the objective (seconds or bytes)."""
     if objective == "latency":
         return base.latency - c.latency
-    return float(base.stored_bytes - c.stored_bytes)
+    return float(base.stored_bytes - c.stored_bytes - c.program_bytes)
 
 
 def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
@@ -356,12 +356,24 @@ class Selection:
 
     def __init__(self, gm: fx.GraphModule, options: list[LayerOptions], calib: Calibration,
                  objective: str, profile: Profile | None = None, refit: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, file_bytes: Callable[[fx.GraphModule], int] | None = None):
         self.gm, self.options, self.calib = gm, options, calib
         self.objective, self.refit, self.seed = objective, refit, seed
         self.budget = None if profile is None else profile.weight_budget_bytes
+        self._file_bytes = file_bytes
+        self._files: dict[int, tuple[fx.GraphModule, int]] = {}
         self._sequences: dict[bool, tuple[list[dict[str, Candidate]], str | None]] = {}
         self._built: dict[tuple[bool, int], tuple[fx.GraphModule, dict, Verdict]] = {}
+
+    def file_bytes(self, gm: fx.GraphModule) -> int | None:
+        """Bytes of `gm`'s serialized program (`.pt2`), measured once per graph; None when the
+        selection was given no way to measure it."""
+        if self._file_bytes is None:
+            return None
+        hit = self._files.get(id(gm))
+        if hit is None or hit[0] is not gm:
+            hit = self._files[id(gm)] = (gm, self._file_bytes(gm))
+        return hit[1]
 
     def fits(self, built: fx.GraphModule) -> bool:
         """Whether a built graph's weights fit the target's weight budget."""
@@ -451,15 +463,19 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
         top = len(sequence) - 1
     plan, ok = check(top)
     if ok:
-        return noted(_fit(plan, sequence, top, check, selection.fits))
+        return noted(_no_larger(_fit(plan, sequence, top, check, selection.fits), check,
+                                selection))
     lo, hi = 0, top  # invariant: hi fails; lo is the best known to hold (0 is checked below)
     plan0, ok0 = check(0)
     if not ok0:
         if sequence[0]:
+            v0 = plan0.verdict
+            judged = v0.describe() if v0 is not None else f"error {plan0.error:.4g}"
             raise FxCompressError(
-                f"the rewrites this target requires already give error {plan0.error:.4g}, "
-                f"over the tolerance {tolerance:g}; loosen the tolerance, or pass calibration "
-                "data closer to real inputs")
+                f"the rewrites this target requires already give {judged}, which does not "
+                f"hold the tolerance {tolerance:g} (judged by the upper end of the interval "
+                "where there is one); loosen the tolerance, pass more calibration batches (a "
+                "narrower interval), or pass calibration data closer to real inputs")
         return noted(plan0)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -467,7 +483,103 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
             lo = mid
         else:
             hi = mid
-    return noted(_fit(cache[lo][0], sequence, lo, check, selection.fits))
+    return noted(_no_larger(_fit(cache[lo][0], sequence, lo, check, selection.fits), check,
+                            selection))
+
+
+def _no_larger(plan: Plan, check, selection: Selection) -> Plan:
+    """Under the size objective, a plan whose file is larger than the original's (the ops a
+    rewrite adds can outweigh the bytes it saves on a small layer) gives way to the shorter
+    prefix with the smallest file among those that hold the tolerance and fit (probed at
+    3/4, 1/2, 1/4, ... of its length, and plan 0); `plan` itself when none is smaller."""
+    if selection.objective != "size" or plan.index is None:
+        return plan
+    before = selection.file_bytes(selection.gm)
+    after = selection.file_bytes(plan.graph_module)
+    if before is None or after is None or after <= before:
+        return plan
+    required, ok = check(0)
+    if not ok or selection.file_bytes(required.graph_module) >= after:
+        return plan  # the rewrites the target requires are what grows it
+    best, best_bytes = plan, after
+    probes = sorted({plan.index * 3 // 4, *(plan.index >> s for s in range(1, 64)), 0},
+                    reverse=True)
+    for j in probes:
+        if j >= plan.index:
+            continue
+        cand, ok = check(j)
+        if not ok or not selection.fits(cand.graph_module):
+            continue
+        n = selection.file_bytes(cand.graph_module)
+        if n < best_bytes:
+            best, best_bytes = cand, n
+        if j == 0:
+            break
+    if best is not plan:
+        best.history = [*plan.history, *best.history,
+                        f"plan {plan.index}'s file ({after:,} B) is larger than the "
+                        f"original's ({before:,} B): plan {best.index} ({best_bytes:,} B) "
+                        "taken instead"]
+    return best
+
+
+#: Below this share of the original's file taken by its graph (not its weights), the ops a
+#: rewrite adds are not worth measuring: they cannot outweigh what a rewrite saves.
+PROGRAM_SHARE = 0.02
+
+
+def charge_program_bytes(selection: Selection, log: Callable[[str], None]) -> None:
+    """Estimate what each kind of rewrite adds to the serialized program besides its weights
+    (the records of the ops and tensors it adds) and charge it to every candidate of that
+    kind (`Candidate.program_bytes`, counted by the size objective's gain). Only under the
+    size objective, and only where the graph is a sizeable part of the original's file
+    (`PROGRAM_SHARE`: small models). One plan per kind (the technique stack and its formats),
+    on the kind's largest layer, is built and its added records counted; the kind adding the
+    most is also exported, which gives the bytes per record (its file's growth beyond its
+    weights', over the records it added). Techniques that count these bytes themselves
+    (`Technique.counts_program_bytes`) are left as they are."""
+    if selection.objective != "size" or selection.file_bytes(selection.gm) is None:
+        return
+    gm = selection.gm
+    before = selection.file_bytes(gm)
+    if before - weight_bytes(gm) < PROGRAM_SHARE * before:
+        return
+
+    def records(g: fx.GraphModule) -> int:
+        return (sum(n.op == "call_function" for n in g.graph.nodes)
+                + len(list(g.parameters())) + len(list(g.buffers())))
+
+    kinds: dict[tuple, list[tuple[LayerOptions, Candidate]]] = {}
+    for o in selection.options:
+        for c in o.candidates:
+            if any(REGISTRY[t].counts_program_bytes for t in c.techniques if t in REGISTRY):
+                continue
+            key = (c.technique, tuple(s.fmt for s in c.steps), len(c.steps),
+                   tuple(s.input_quant is not None for s in c.steps))
+            kinds.setdefault(key, []).append((o, c))
+    base = build(gm, {}, None, selection.seed).graph_module  # as building leaves the graph
+    n0 = records(base)
+    added: dict[tuple, tuple[int, fx.GraphModule]] = {}
+    for key, members in kinds.items():
+        o, c = max(members, key=lambda oc: oc[0].base.stored_bytes)
+        try:
+            built = build(gm, {o.layer.name: c}, None, selection.seed).graph_module
+        except Exception as e:  # a kind that does not build alone is judged with its plan
+            log(f"program bytes of {key[0]} not estimated ({type(e).__name__}: {e})")
+            continue
+        added[key] = (records(built) - n0, built)
+    if not added:
+        return
+    most, built = max(added.values(), key=lambda ab: ab[0])
+    if most <= 0:
+        return
+    grown = selection.file_bytes(built) - selection.file_bytes(base)
+    per_record = max(0.0, (grown - (weight_bytes(built) - weight_bytes(base))) / most)
+    for key, (n, _) in added.items():
+        for _, m in kinds[key]:
+            m.program_bytes = int(max(0, n) * per_record)
+
+
 
 
 #: How far, in units of the output dtype's machine epsilon, a plan of exact rewrites may be

@@ -150,6 +150,9 @@ class Technique:
     final: bool = False  # nothing stacks on its candidates
     rereads_weight: bool = False  # its pass reads the (possibly reshaped) weight from the graph
     fmt: str | None = None  # the format a profile may require of every layer that can run it
+    # its candidates' stored bytes already count what they add to a serialized program (the
+    # decode's ops and tensors): the planner's generic estimate is not added to them
+    counts_program_bytes: bool = False
     settings: Any = None  # its frozen settings dataclass, with the defaults
 
 

@@ -64,7 +64,7 @@ def _profile(rep, act):
     bits = int8_weight_bits(host_isa()) if rep == "int_mm" else 8
     return dataclasses.replace(load_profile("mobile-arm"), int8_representation=rep,
                                int8_activations=act, int8_ops=("linear", "conv2d", "embedding"),
-                               int8_weight_bits=bits)
+                               int8_weight_bits=bits, int8_required=True)
 
 
 def _compile(rep, act, model=None):

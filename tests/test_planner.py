@@ -146,7 +146,7 @@ def test_the_plan_sequence_is_plain_data_that_pickles_and_builds_the_same(profil
     from fxcompress.planner import build
 
     x, _ = digits_data("calib")
-    prep = prepare(load_pretrained("digits_mlp"), (x[:8],), profile=profile, objective="size",
+    prep = prepare(load_pretrained("digits_mlp"), (x[:8],), profile=profile,
                    calibration=[(x[i:i + 64],) for i in range(0, len(x), 64)],
                    techniques=techniques)
     sequence = prep.selection.sequence(False)[0]

@@ -19,7 +19,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from fxcompress.errors import InternalError
+from fxcompress.errors import upstream_failure
 from fxcompress.export import (
     ExportResult,
     _batch_is_dynamic,
@@ -174,8 +174,7 @@ def write_onnx(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected,
             onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False,
                                              custom_translation_table=_onnx_translations())
     except Exception as e:
-        raise InternalError(f"the ONNX exporter failed ({type(e).__name__}: "
-                            f"{str(e).strip()[:300]}); please report this") from e
+        raise upstream_failure("the ONNX exporter (torch.onnx)", ".onnx", e) from e
     _strip_debug_info(onnx_program.model)
     if onnx_int8 == "portable":
         _portable_int8(onnx_program.model)

@@ -18,7 +18,7 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from fxcompress.errors import FxCompressError, InternalError
+from fxcompress.errors import FxCompressError, upstream_failure
 from fxcompress.export import (
     ExportResult,
     _clones,
@@ -121,9 +121,8 @@ def _lower(ep: ExportedProgram, delegate: str | None):
     except FxCompressError:
         raise
     except Exception as e:
-        raise InternalError(f"ExecuTorch could not lower the model to "
-                            f"{delegate or 'portable kernels'} ({type(e).__name__}: "
-                            f"{str(e).strip()[:300]}); please report this") from e
+        raise upstream_failure(f"ExecuTorch's lowering (to {delegate or 'portable kernels'})",
+                               ".pte", e) from e
 
 
 def lower_to_pte(ep: ExportedProgram, delegate: str | None) -> bytes:
@@ -136,9 +135,7 @@ def _to_pte(edge) -> bytes:
     try:
         return bytes(edge.to_executorch().buffer)
     except Exception as e:
-        raise InternalError(f"ExecuTorch could not serialize the lowered program "
-                            f"({type(e).__name__}: {str(e).strip()[:300]}); please report this"
-                            ) from e
+        raise upstream_failure("ExecuTorch's serialization", ".pte", e) from e
 
 
 def _op_name(target) -> str:

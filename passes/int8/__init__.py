@@ -236,7 +236,7 @@ def static_qparams(steps: tuple[Step, ...], stats, observer: str = OBSERVER,
     rows: torch.Tensor | None = samples if stats.samples else None
     absmax = stats.absmax
     for i, s in enumerate(steps):
-        in_qp = affine_qparams(*x_range) if i == 0 else None
+        in_qp = affine_qparams(*x_range, bias_scale_floor(s)) if i == 0 else None
         if i == len(steps) - 1 and stats.out_samples:
             y_range = observe(torch.cat(stats.out_samples), observer)
         else:
@@ -244,10 +244,28 @@ def static_qparams(steps: tuple[Step, ...], stats, observer: str = OBSERVER,
                 if rows is not None else None
             y_range = observe(rows, observer) if rows is not None else _bound(s, absmax)
         y_range = (y_range[0] * headroom, y_range[1] * headroom)
-        out_qp = affine_qparams(*y_range)
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        out_qp = affine_qparams(*y_range, bias_scale_floor(nxt) if nxt is not None else 0.0)
         out.append((in_qp, out_qp))
         absmax = max(abs(y_range[0]), abs(y_range[1]))
     return tuple(out)
+
+
+#: Runtimes (XNNPACK, ONNX Runtime's QGemm / QLinearConv) store the bias as int32 at the scale
+#: input scale x weight scale: the input scale must keep every bias within int32, with margin
+BIAS_INT32_LIMIT = 2 ** 30
+
+
+def bias_scale_floor(step: Step) -> float:
+    """The smallest input scale at which `step`'s bias, quantized at input scale x its
+    per-channel weight scale, fits in int32 (0 without a bias)."""
+    if step.bias is None or step.op == "embedding":
+        return 0.0
+    w = step.weight.detach().reshape(step.weight.shape[0], -1).abs().amax(1) / QMAX
+    b = step.bias.detach().abs().reshape(-1)
+    if b.numel() != w.numel():
+        return 0.0
+    return float((b / w.clamp_min(1e-30)).max()) / BIAS_INT32_LIMIT
 
 
 def symmetric_scale(qp: QParams) -> float:
@@ -269,8 +287,10 @@ def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: fl
     elif mode == "qdq_static" and in_qp is not None:
         iq = StaticAffine(*in_qp)
     extra = scale.numel() * (4 + (8 if mode.startswith("qdq") else 0))  # + int64 zero points
+    # an int8 embedding gathers its rows and their scales and rescales them: three more ops
     return replace(step, weight=dequantize_per_channel(q, scale, 0), fmt="int8",
-                   weight_bytes=q.numel() + extra, input_quant=iq)
+                   weight_bytes=q.numel() + extra, input_quant=iq,
+                   extra_ops=3 if mode == "embedding" else 0)
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,17 @@ def _flat(values: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def affine_qparams(lo: float, hi: float) -> tuple[float, int]:
+#: the smallest activation scale, torch.ao.quantization's (float32 epsilon): a range observed
+#: as (nearly) empty must not give a scale that makes a runtime's int32 bias overflow
+MIN_SCALE = float(torch.finfo(torch.float32).eps)
+
+
+def affine_qparams(lo: float, hi: float, min_scale: float = MIN_SCALE) -> tuple[float, int]:
     """(scale, zero_point) of per-tensor affine int8 in [-128, 127] covering [lo, hi] (the range
-    is widened to include 0, so that 0 is exact, as torch.ao.quantization does)."""
+    is widened to include 0, so that 0 is exact, as torch.ao.quantization does); the scale is
+    at least `min_scale`."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = max((hi - lo) / (QMAX - QMIN), 1e-8)
+    scale = max((hi - lo) / (QMAX - QMIN), min_scale, MIN_SCALE)
     zp = int(QMIN - round(lo / scale))
     return scale, max(QMIN, min(QMAX, zp))
 

@@ -263,22 +263,35 @@ def prune_pass(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
             return torch.ones(size, dtype=torch.bool)
         return _keep_mask(dg, e, axis, size, removed)
 
+    rewritten: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.name not in dg.shapes and node.target not in (
                 aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
             continue
-        _rewrite_constants(node, dg, keep_of)
-    # 3. every value's metadata from the new tensors
+        if _rewrite_constants(node, dg, keep_of):
+            rewritten.add(node)
+    # 3. the metadata of every value whose inputs changed, from the new tensors (only those:
+    # re-running an op on symbolic shapes can fail where the capture's value was fine, e.g.
+    # baddbmm's meta function expanding a symbolic batch)
+    changed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
+            old = node.meta.get("val")
             node.meta["val"] = _fake_like(node, get_attr(gm, node.target))
-        elif node.op == "call_function":
+            if not _same_shapes(old, node.meta["val"]):
+                changed.add(node)
+        elif node.op == "call_function" and (
+                node in rewritten or any(a in changed for a in node.all_input_nodes)):
+            old = node.meta.get("val")
             set_val(node)
+            if not _same_shapes(old, node.meta.get("val")):
+                changed.add(node)
     gm.recompile()
     return PassResult(gm, True)
 
 
-def _rewrite_constants(node: fx.Node, dg: DepGraph, keep_of) -> None:
+def _rewrite_constants(node: fx.Node, dg: DepGraph, keep_of) -> bool:
+    """Rewrite the sizes `node`'s arguments spell after pruning; whether any changed."""
     t = node.target
     args = list(node.args)
     if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -349,8 +362,20 @@ def _rewrite_constants(node: fx.Node, dg: DepGraph, keep_of) -> None:
         keep = keep_of(x, 1)
         args[1] = args[1] * int(keep.sum()) // dg.shapes[x.name][1]
     else:
-        return
+        return False
+    changed = tuple(args) != tuple(node.args)
     node.args = tuple(args)
+    return changed
+
+
+def _same_shapes(a, b) -> bool:
+    """Whether two fake values (tensors, or tuples / lists of them) have the same shapes."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_shapes(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [str(d) for d in a.shape] == [str(d) for d in b.shape]
+    return a is None and b is None or not isinstance(a, torch.Tensor | list | tuple) and \
+        not isinstance(b, torch.Tensor | list | tuple)
 
 
 def _bound(v: int, size: int) -> int:

@@ -20,6 +20,7 @@ the reason, and the pass never removes a blocked unit.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -232,6 +233,12 @@ class _Analysis:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.space_of: list[int] = []  # label -> producer index
         self.norm_scales: list[str] = []  # get_attr targets of norm scales (BN gamma)
+        # weights read by more than one layer node (ALBERT's one layer run N times)
+        readers = Counter(n.args[weight_arg_index(op_type(n))].target
+                          for n in gm.graph.nodes if op_type(n) is not None
+                          and isinstance(n.args[weight_arg_index(op_type(n))], fx.Node)
+                          and n.args[weight_arg_index(op_type(n))].op == "get_attr")
+        self.shared = {t for t, k in readers.items() if k > 1}
 
     # -- helpers -------------------------------------------------------------------------
     def lab(self, a) -> torch.Tensor | None:
@@ -361,6 +368,14 @@ class _Analysis:
         self.add_param(w.target, 1 if kind == "embedding" else 0, fresh)
         if bias is not None:
             self.add_param(bias, 0, fresh)
+        if w.target in self.shared:
+            # one weight read by several nodes shrinks once for all of them: its rows with
+            # every reader's outputs, its columns with every reader's inputs. Not analysed:
+            # its channels stay, and so do those of the layers feeding it
+            self.uf.blocked(fresh, f"{_desc(node)}: weight shared with another layer")
+            if e is not None:
+                self.uf.blocked(e, f"{_desc(node)}: weight shared with another layer")
+                e = None
         if e is not None:
             in_axis = 1 if kind == "conv2d" else e.dim() - 1
             if kind == "embedding" or any(a != in_axis for a in varying_axes(e)):

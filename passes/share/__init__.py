@@ -469,4 +469,5 @@ from fxcompress.passes.share import train as _train  # noqa: E402  (needs the na
 
 TECHNIQUE = register(Technique(
     "share", order=80, propose=propose, make_config=make_config, apply=share_pass, stack=stack,
-    trainable=_train.TRAINABLE, rereads_weight=True, settings=ShareSettings()))
+    trainable=_train.TRAINABLE, rereads_weight=True, counts_program_bytes=True,
+    settings=ShareSettings()))

@@ -237,6 +237,31 @@ def test_failed_check_writes_nothing_and_keeps_the_old_file(compiled, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
 
 
+def test_an_exporter_that_refuses_the_program_is_an_export_error(compiled, tmp_path,
+                                                                  monkeypatch):
+    """torch.onnx / ExecuTorch refusing a program (Swin's and T5's .onnx, GPT-2's .pte in the
+    architecture matrix, the uncompressed models too) is their limit, not our bug: an
+    ExportError naming the tool, the one-line check on the original model, and what to ship
+    instead; nothing is written."""
+    _, small = compiled
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Failed to decompose the FX graph")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(fxcompress.ExportError) as err:
+        fxcompress.export(small, (X,), tmp_path / "m.onnx")
+    msg = str(err.value)
+    assert isinstance(err.value, FxCompressError)
+    assert "torch.onnx" in msg and "decompose" in msg and "original model" in msg
+    assert "model.pt2" in msg  # what to do meanwhile
+    exir = pytest.importorskip("executorch.exir")
+    monkeypatch.setattr(exir, "to_edge_transform_and_lower", refuse)
+    with pytest.raises(fxcompress.ExportError, match="ExecuTorch's lowering"):
+        fxcompress.export(small, (X,), tmp_path / "m.pte")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_user_mistakes_are_fxcompress_errors(compiled, tmp_path):
     model, small = compiled
     with pytest.raises(FxCompressError, match="suffix"):

@@ -3,6 +3,8 @@
 after pruning (BLOOM), matrix products that are layers (GPT-2's `Conv1D`, Falcon's `x @ W.T`),
 plans that must not grow the file they shrink."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -11,10 +13,11 @@ import fxcompress
 from benchmarks.matrix import TOLERANCE, run_case
 from fxcompress.capture import capture
 from fxcompress.graph import find_layers
+from fxcompress.hardware_profiles import load_profile
 
 #: (architecture, profile): one of each family the matrix once failed or left uncompressed
 SUBSET = [("albert", "mobile-arm"), ("bloom", "nvidia-gpu"), ("gpt2", "mcu-int8"),
-          ("falcon", "x86-server"), ("bert", "apple-ane"), ("mobilevit", "fpga-binary")]
+          ("falcon", "x86-server"), ("bert", "apple-ane"), ("resnet", "fpga-binary")]
 
 
 @pytest.mark.parametrize("arch,profile", SUBSET)
@@ -62,3 +65,40 @@ def test_matrix_products_become_linear_layers():
                                tolerance=0.05)
     applied = {lay.name: lay.applied for lay in small.meta["fxcompress_report"].layers}
     assert any(a != "none" for a in applied.values())
+
+
+class DeadInput(nn.Module):
+    """A classifier whose input is all zeros on the calibration data (a ReLU of negative
+    features, as in a randomly initialised MobileNetV2): its observed range is empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(-x.abs()))
+
+
+def test_an_empty_activation_range_keeps_runtime_biases_in_int32(tmp_path):
+    """Runtimes quantize the bias at input scale x weight scale into int32: an input scale
+    from an empty range (1e-8) overflowed it, and the .onnx computed garbage (MobileNetV2 and
+    MobileViT on x86-server, their .pte on mobile-arm)."""
+    from fxcompress.candidates import Step
+    from fxcompress.passes.int8 import BIAS_INT32_LIMIT, bias_scale_floor
+    from fxcompress.passes.int8.observers import MIN_SCALE, affine_qparams
+
+    torch.manual_seed(0)
+    model = DeadInput().eval()
+    x = torch.randn(4, 16)
+    int8_only = dataclasses.replace(load_profile("x86-server"), int8_required=True)
+    small = fxcompress.compile(model, (x,), profile=int8_only, techniques=["int8"],
+                               calibration=[(torch.randn(4, 16),) for _ in range(4)],
+                               tolerance=0.05)
+    assert small.meta["fxcompress_report"].layers[0].applied.startswith("int8")
+    result = fxcompress.export(small, (x,), tmp_path / "m.onnx")
+    assert result.check_error < 1e-3  # the file computes what the compiled model does
+    scale, zp = affine_qparams(0.0, 0.0)
+    assert scale >= MIN_SCALE and zp == -128
+    w = model.fc.weight.detach().abs().amax(1) / 127
+    floor = bias_scale_floor(Step("linear", model.fc.weight.detach(), model.fc.bias.detach()))
+    assert float((model.fc.bias.abs() / (floor * w)).max()) <= BIAS_INT32_LIMIT * (1 + 1e-6)

@@ -211,6 +211,12 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         return [], f"share: {ctx.profile.name} does not decode palettized weights"
     if layer.op == "conv2d" and ctx.weight.numel() < (1 << max(ctx.profile.share_bits)):
         return [], "share: the weight has fewer elements than the palette"
+    if ctx.objective == "latency" and not ctx.user_techniques and ctx.shapes is not None \
+            and not _can_be_faster(base, ctx):
+        # clustering is most of a large model's proposal time (MiniLM: 30 of 33 s a layer):
+        # not spent on candidates the planner would reject as slower
+        return [], (f"share: even its narrowest palette, decoded in the graph, is not faster "
+                    f"than the layer on {ctx.profile.name}")
     cands, cov = [], ctx.stats.covariance
     size = ctx.knobs("share").group_size
     for bits in sorted(ctx.profile.share_bits):
@@ -226,6 +232,17 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     return cands, None
 
 
+def _can_be_faster(base: Candidate, ctx: ProposeContext) -> bool:
+    """Whether the narrowest palette could run faster than `base`: its lower bound (the packed
+    indices alone, no lookup table) costed on the profile, against the layer as it is."""
+    bits = min(ctx.profile.share_bits)
+    probe = replace(base, technique="share", steps=tuple(
+        replace(s, fmt="shared", weight_bytes=s.weight.numel() * bits // 8)
+        for s in base.steps))
+    inp = ctx.shapes.inp
+    return probe.costed(inp, ctx.profile).latency < base.costed(inp, ctx.profile).latency
+
+
 def _int8_lut_pays(ctx: ProposeContext, groups: int, bits: int) -> bool:
     """Whether int8 lookup-table entries save more bytes than the cast, the multiply and the
     scale tensor they add to the serialized program."""
@@ -239,7 +256,11 @@ def _int8_lut_pays(ctx: ProposeContext, groups: int, bits: int) -> bool:
 def stack(base: Candidate, ctx: ProposeContext) -> Candidate | None:
     """Sharing on top of another technique's chain (the factors of an SVD, a pruned weight),
     at one width: `ShareSettings.stack_bits` or the closest the profile decodes."""
-    if not ctx.profile.share_bits or base.uses("share"):
+    if not ctx.profile.share_bits or base.uses("share") or any(
+            st.fmt != "fp32" for st in base.steps):
+        return None  # a weight already stored compactly has nothing to share
+    if ctx.objective == "latency" and not ctx.user_techniques and ctx.shapes is not None \
+            and not _can_be_faster(base, ctx):
         return None
     knobs: ShareSettings = ctx.knobs("share")
     bits = min(ctx.profile.share_bits, key=lambda b: (abs(b - knobs.stack_bits), b))

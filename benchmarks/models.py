@@ -52,6 +52,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -264,6 +265,13 @@ def _module_docstrings(modname: str) -> list[str]:
                     continue
                 if isinstance(value, (staticmethod, classmethod)):
                     value = value.__func__
+                # a method another package patched onto the class (transformers adds
+                # warning_once & co. to logging.Logger when imported) is not this module's:
+                # the corpus must not depend on what was imported first
+                owner = getattr(value, "__module__", None)
+                if isinstance(owner, str) and owner.split(".")[0] not in \
+                        sys.stdlib_module_names:
+                    continue
                 if callable(value) or isinstance(value, property):
                     add(value)
     return docs

@@ -562,6 +562,16 @@ class StageRecord:
                 f"{self.seconds:.1f}s: {'accepted' if self.accepted else 'rejected'}")
 
 
+def _no_worse(after, before) -> bool:
+    """Whether verdict `after` is at least as good as `before` (the score with evaluate=, else
+    the error); True when `before` is unknown."""
+    if before is None or after is None:
+        return True
+    if after.score is not None and before.score is not None:
+        return after.score >= before.score
+    return after.error.value <= before.error.value
+
+
 @dataclass
 class Recovery:
     """What recovery did: its stages, and the notes on layers it could not train."""
@@ -616,7 +626,9 @@ def recover_plan(selection, plan, accept, rec: Recover, log: Callable[[str], Non
 
     base_gm, choice, trained_plan, ok = stage(gm, plan.choice, k0 if k0 is not None else -1,
                                               seed, plan.verdict)
-    # recovery can make it worse (a poor teacher signal): then keep the plan
+    # recovery can make the same plan worse (a poor teacher signal, a learning rate too high
+    # for pretrained weights): then keep the plan as selected, and extend from it
+    ok = ok and _no_worse(trained_plan.verdict, plan.verdict)
     best = trained_plan if ok else plan
     if k0 is not None:
         # extend from the recovered weights where they held, else from the selected plan

@@ -161,6 +161,24 @@ def test_compile_with_recover_is_deterministic_exportable_and_reported(technique
     assert not any("in-sample" in n for n in rh.meta["fxcompress_report"].notes)
 
 
+def test_recovery_that_makes_the_plan_worse_is_not_kept():
+    """A learning rate far too high wrecks the weights; within a loose tolerance the trained
+    plan would still hold, but it is worse than the plan selected: that plan is kept (its
+    error, its weights), not the damaged one."""
+    x = _data()
+    kw = dict(profile="mobile-arm", calibration=[(x,)], tolerance=5.0, techniques=("svd",),
+              objective="size", seed=0)
+    plain = fxcompress.compile(_model(), (x[:4],), **kw)
+    wrecked = fxcompress.compile(_model(), (x[:4],), recover=Recover(steps=30, lr=0.05,
+                                                                     stages=0), **kw)
+    rp, rw = plain.meta["fxcompress_report"], wrecked.meta["fxcompress_report"]
+    stage = next(n for n in rw.notes if n.startswith("recovery stage"))
+    assert rw.error == pytest.approx(rp.error)
+    for (ka, va), (kb, vb) in zip(plain.state_dict().items(), wrecked.state_dict().items(),
+                                  strict=True):
+        assert ka == kb and torch.equal(va, vb), stage
+
+
 def test_stages_extend_plans_with_palettes_on_pruned_groups():
     # each stage prunes more channels of layers whose palettes an earlier stage trained: the
     # palettes of the kept entries are clustered again (as the passes do) and trained on

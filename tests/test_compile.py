@@ -93,6 +93,8 @@ def test_same_inputs_and_seed_give_the_same_model_and_report(compiled):
     a, b = small.meta["fxcompress_report"].to_dict(), again.meta["fxcompress_report"].to_dict()
     for timing in ("compile_seconds", "phase_seconds"):  # wall time is not an input
         a.pop(timing), b.pop(timing)
+    for r in (a, b):  # nor is how many cores the machine's load left free (the note says)
+        r["notes"] = [n for n in r["notes"] if not n.startswith("compiled with")]
     assert a == b
     sa, sb = small.state_dict(), again.state_dict()
     assert sa.keys() == sb.keys()

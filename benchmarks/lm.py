@@ -47,6 +47,7 @@ from torch import nn
 
 from benchmarks.models import (
     WEIGHTS_DIR,
+    SelfAttention,
     TrainResult,
     _atomic_write_bytes,
     _text_documents,
@@ -163,27 +164,15 @@ def lm_data(split: str, stride: int | None = None) -> tuple[torch.Tensor, torch.
 # --------------------------------------------------------------------------------------------
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: q/k/v/out ``nn.Linear``, explicit matmul / softmax,
-    the causal mask a registered boolean buffer."""
+class CausalSelfAttention(SelfAttention):
+    """`benchmarks.models.SelfAttention` (q/k/v/out ``nn.Linear``, explicit matmul / softmax)
+    made causal: the mask a registered boolean buffer."""
 
     def __init__(self, d_model: int, num_heads: int, context: int) -> None:
-        """Build the projections and the ``(context, context)`` lower-triangular mask."""
-        super().__init__()
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
+        """The projections and the ``(context, context)`` lower-triangular mask."""
+        super().__init__(d_model, num_heads)
         self.register_buffer("causal", torch.ones(context, context, dtype=torch.bool).tril(),
                              persistent=False)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, S, D) -> (N, H, S, Dh)
-        return x.view(x.size(0), x.size(1), self.num_heads, self.head_dim).permute(0, 2, 1, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over ``x`` ``(N, S, D)``, each position to itself and the ones before it."""

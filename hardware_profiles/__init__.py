@@ -101,6 +101,10 @@ class Profile:
     # whether the target decodes palettes whose entries are int8 with a scale per table
     # (`[share] lut_int8`); None: where the profile runs int8
     share_lut_int8: bool | None = None
+    # whether the runtime fuses element-wise ops into the kernel before them (Inductor does:
+    # an int8 embedding's gather, convert and rescale run as one kernel that writes the float
+    # rows once); where it does not, each such op reads and writes a full-width tensor
+    fuses_elementwise: bool = False
 
     def __post_init__(self):
         # a Profile built in code (`dataclasses.replace`, `Profile(...)`) gets the same checks
@@ -191,6 +195,7 @@ class Profile:
             "int8_representation": self.int8_representation,
             "int8_activation_dtype": self.int8_activation_dtype,
             "int8_weight_bits": self.int8_weight_bits, "isa": list(self.isa),
+            "fuses_elementwise": self.fuses_elementwise,
             "measured_on_host": self.measure, "alignment": self.alignment,
             "weight_budget_bytes": self.weight_budget_bytes,
             "activation_budget_bytes": self.activation_budget_bytes,
@@ -203,7 +208,7 @@ class Profile:
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "": {"name": (str, True), "description": (str, True)},
     "backend": {"runtime": (str, True), "export_format": (str, True), "delegate": (str, False),
-                "compute_dtype": (str, True)},
+                "compute_dtype": (str, True), "fuses_elementwise": (bool, False)},
     "planner": {"objective": (str, True), "techniques": (list, True), "alignment": (int, True)},
     "throughput": {"fp32": ((int, float), True), "fp16": ((int, float), False),
                    "int8": ((int, float), False), "binary": ((int, float), False),
@@ -365,6 +370,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         export_format=_one_of(source, "backend.export_format", flat["backend.export_format"],
                               EXPORT_FORMATS),
         delegate=flat.get("backend.delegate"),
+        fuses_elementwise=flat.get("backend.fuses_elementwise", False),
         compute_dtype=compute_dtype,
         objective=_one_of(source, "planner.objective", flat["planner.objective"], OBJECTIVES),
         techniques=techniques,

@@ -165,3 +165,92 @@ def test_the_plan_sequence_is_plain_data_that_pickles_and_builds_the_same(profil
         torch.testing.assert_close(build(prep.graph_module, last_again).graph_module(x),
                                    build(prep.graph_module, last).graph_module(x),
                                    rtol=0, atol=0)
+
+
+class _Judge:
+    """An acceptance without evaluate(), judging a plan by a stated error."""
+
+    evaluate = None
+    exact_limit = None
+
+    def __init__(self, tolerance):
+        self.tolerance = tolerance
+
+    def judged(self, v):
+        return dataclasses.replace(v, ok=v.error.high <= self.tolerance)
+
+
+class _Selection:
+    """What `planner._fill` reads of a Selection: options, objective, the budget check, and a
+    plan built and judged — here with an error of half the plan's root-sum-of-squares
+    estimate (errors that partly cancel), as measured by a real build."""
+
+    objective = "latency"
+
+    def __init__(self, options):
+        self.options = options
+        self.built_plans = []
+
+    def fits(self, gm):
+        return True
+
+    def file_bytes(self, gm):
+        return None
+
+    def built_choice(self, choice, accept):
+        from fxcompress.acceptance import Estimate, Verdict
+        from fxcompress.planner import estimated_error
+
+        self.built_plans.append(dict(choice))
+        e = 0.5 * estimated_error(choice)
+        return object(), dict(choice), accept.judged(Verdict(Estimate(e, e, e, 0), None, None,
+                                                             False))
+
+
+def test_a_plan_is_filled_with_later_moves_that_fit_past_one_that_does_not():
+    """The greedy sequence's prefix stops at the first move that overruns the error budget
+    (here one big, lossy rewrite); smaller moves after it still fit and are added, and the
+    filled plan is taken because its build holds."""
+    from fxcompress.acceptance import Estimate, Verdict
+    from fxcompress.candidates import Candidate
+    from fxcompress.graph import Layer
+    from fxcompress.planner import LayerOptions, Plan, _fill, estimated_error, moves
+
+    def option(name, rewrites):  # rewrites: (latency saved, error) per candidate
+        layer = Layer(name, name, "linear", f"{name}.weight", None, (4, 4))
+        base = Candidate("none", layer, {}, (), latency=100.0)
+        cands = [Candidate("int8", layer, {"i": i}, (), latency=100.0 - g, error=e)
+                 for i, (g, e) in enumerate(rewrites)]
+        return LayerOptions(layer, base, cands)
+
+    options = [option("a", [(0.5, 0.01)]), option("big", [(90.0, 0.3)]),
+               option("c", [(0.1, 0.02)]), option("d", [(0.05, 0.02)])]
+    sequence = moves(options, "latency")
+    order = [next(n for n in p if n not in q)
+             for p, q in zip(sequence[1:], sequence[:-1], strict=True)]
+    assert order == ["a", "big", "c", "d"]  # the lossy move comes second: best gain / error²
+    tol = 0.1
+    accept = _Judge(tol)
+    k = 1  # the longest prefix whose estimate is within 0.9 x tolerance
+    assert estimated_error(sequence[2]) > 0.9 * tol >= estimated_error(sequence[k])
+    e = 0.5 * estimated_error(sequence[k])
+    v = accept.judged(Verdict(Estimate(e, e, e, 0), None, None, False))
+    plan = Plan(sequence[k], e, None, object(), verdict=v, index=k)
+    sel = _Selection(options)
+    out = _fill(sel, sequence, plan, {k: (plan, True)}, accept, lambda s: None)
+    assert set(out.choice) == {"a", "c", "d"}  # "big" skipped, the moves after it added
+    assert out.index == k and out.verdict.ok
+    assert any("filled with 2 later moves" in h for h in out.history)
+    # with room for the lossy move too, it is still skipped once its prefix was built and
+    # failed right after one that held
+    loose = _Judge(1.0)
+    plan = Plan(sequence[k], e, None, object(), verdict=loose.judged(v), index=k)
+    out = _fill(_Selection(options), sequence, plan, {k: (plan, True), k + 1: (plan, False)},
+                loose, lambda s: None)
+    assert set(out.choice) == {"a", "c", "d"}
+
+    # a fill whose build misses the tolerance is not taken (half the budget is tried next)
+    strict = _Judge(0.5 * estimated_error(sequence[k]) + 1e-9)
+    v = strict.judged(Verdict(Estimate(e, e, e, 0), None, None, False))
+    plan = Plan(sequence[k], e, None, object(), verdict=v, index=k)
+    assert _fill(_Selection(options), sequence, plan, {}, strict, lambda s: None) is plan

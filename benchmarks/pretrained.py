@@ -572,24 +572,54 @@ def child(spec: Spec, sizes: Sizes, cache: Path, out: Path, threads: int) -> Non
 
 
 def specs(model: str, profiles: tuple[str, ...], quick: bool) -> list[Spec]:
-    """The rows of one model, in table order."""
+    """The rows of one model, in table order: the peers, then each profile's rows together
+    (so that a run cut short has whole profiles, which `--resume --profiles` can render)."""
     rows = [Spec(model, k) for k in ("fp32", "fp32-pte", "torchao", "pt2e", "pt2e-fix", "tp")]
     extra = () if quick else EXTRA.get(model, ())
     for p in profiles:
         rows.append(Spec(model, "fx", p))
+        rows.append(Spec(model, "fx", p, recover=True))
         rows += [Spec(model, "fx", p, t, objective=o) for q, t, o in extra if q == p]
-    rows += [Spec(model, "fx", p, recover=True) for p in profiles]
     return rows
 
 
+#: Every finished row of a full run, one JSON line each, so that a run cut short can go on
+#: where it stopped (`--resume`) instead of measuring hours of rows again.
+JOURNAL = Path(tempfile.gettempdir()) / "fxcompress-pretrained-rows.jsonl"
+
+
+def read_journal(path: Path) -> dict[str, tuple[Row, float]]:
+    """The rows a journal holds: the row's spec (as JSON) -> (the row, its wall seconds)."""
+    done: dict[str, tuple[Row, float]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["spec"]] = (Row(**rec["row"]), float(rec["wall"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short when the run was stopped
+    return done
+
+
 def run_rows(model: str, profiles: tuple[str, ...], quick: bool, threads: int, cache: Path,
-             log: Callable[[str], None]) -> list[Row]:
-    """Every row of `model`, each in a fresh subprocess of this script. The workaround row
-    of PT2E runs only when the stock path failed."""
+             log: Callable[[str], None], journal: Path | None = None,
+             done: dict[str, tuple[Row, float]] | None = None) -> tuple[list[Row], float]:
+    """Every row of `model`, each in a fresh subprocess of this script, and the wall seconds
+    they took. The workaround row of PT2E runs only when the stock path failed. Rows in
+    `done` (a journal's, `--resume`) are taken from it; each row run is appended to
+    `journal`."""
     rows: list[Row] = []
+    seconds = 0.0
     for spec in specs(model, profiles, quick):
         if spec.kind == "pt2e-fix" and rows and rows[-1].size is not None:
             continue  # the stock PT2E path worked: no workaround needed
+        key = json.dumps(asdict(spec), sort_keys=True)
+        if done and key in done:
+            row, wall = done[key]
+            rows.append(row)
+            seconds += wall
+            log(f"{model:8s} {row.method:60s} taken from the journal ({wall:.0f} s wall then)")
+            continue
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             out = Path(d, "row.json")
@@ -604,11 +634,16 @@ def run_rows(model: str, profiles: tuple[str, ...], quick: bool, threads: int, c
                           tolerance=spec.tolerance,
                           note=f"failed: the row's process exited with status {proc.returncode}")
         rows.append(row)
+        wall = time.perf_counter() - t0
+        seconds += wall
+        if journal is not None:
+            with journal.open("a") as f:
+                f.write(json.dumps({"spec": key, "row": asdict(row), "wall": wall}) + "\n")
         shown = ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items())
         log(f"{model:8s} {row.method:60s} {row.fmt} size={row.size} {shown} "
-            f"compile={row.compile_s} peak={row.peak_mib} ({time.perf_counter() - t0:.0f} s "
-            f"wall) {row.note[:160]}")
-    return rows
+            f"compile={row.compile_s} peak={row.peak_mib} ({wall:.0f} s wall) "
+            f"{row.note[:160]}")
+    return rows, seconds
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -781,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="small splits, short recovery, two profiles; writes to a temporary "
                          "folder, not to the results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true",
+                    help=f"take the rows a run cut short finished from its journal ({JOURNAL}) "
+                         "and run only the others")
     ap.add_argument("--from-json", action="store_true",
                     help=f"only re-render the tables from {OUT_JSON.name}")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, in this process
@@ -801,11 +839,16 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     rows: list[Row] = []
     cases = {}
+    journal = None if args.quick else JOURNAL
+    done = read_journal(JOURNAL) if args.resume else {}
+    if journal is not None and not args.resume:
+        journal.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
-            t0 = time.perf_counter()
-            rows += run_rows(name, profiles, args.quick, args.threads, Path(cache), log)
-            cases[name] = {"seconds": time.perf_counter() - t0, "threads": args.threads,
+            got, seconds = run_rows(name, profiles, args.quick, args.threads, Path(cache), log,
+                                    journal, done)
+            rows += got
+            cases[name] = {"seconds": seconds, "threads": args.threads,
                            "conditions": conditions()}
     for name in args.models:  # the split sizes for the header (cheap: no model runs)
         case = CASES[name](sizes)

@@ -310,6 +310,12 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
         plans.append(snapshot())
 
 
+def plan_gain(plan: dict[str, Candidate], options: list[LayerOptions], objective: str) -> float:
+    """A plan's total saving on the objective (the sum of its rewrites' `gain`)."""
+    bases = {o.layer.name: o.base for o in options}
+    return sum(gain(c, bases[n], objective) for n, c in plan.items())
+
+
 def estimated_error(plan: dict[str, Candidate]) -> float:
     """Root of the sum of squared single-rewrite errors (independent noise)."""
     return math.sqrt(sum(c.error ** 2 for c in plan.values()))
@@ -482,12 +488,7 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
         top, hi = _extend(sequence, top, plan, check, tolerance)
         plan = cache[top][0]
         if hi is not None:  # a longer prefix failed: the longest holding one lies between
-            while hi - top > 1:
-                mid = (top + hi) // 2
-                if check(mid)[1]:
-                    top = mid
-                else:
-                    hi = mid
+            top = _bisect(top, hi, check)
             plan = cache[top][0]
     if ok:
         plan = _no_larger(_fit(plan, sequence, top, check, selection.fits), check, selection)
@@ -504,14 +505,21 @@ def verify(selection: Selection, accept: Acceptance, log: Callable[[str], None])
                 "where there is one); loosen the tolerance, pass more calibration batches (a "
                 "narrower interval), or pass calibration data closer to real inputs")
         return noted(plan0)
+    lo = _bisect(lo, hi, check)
+    plan = _no_larger(_fit(cache[lo][0], sequence, lo, check, selection.fits), check, selection)
+    return noted(_fill(selection, sequence, plan, cache, accept, log))
+
+
+def _bisect(lo: int, hi: int, check) -> int:
+    """The longest prefix between `lo` (holds) and `hi` (fails) that holds, by binary search
+    (each probe built and judged once: `check` caches)."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if check(mid)[1]:
             lo = mid
         else:
             hi = mid
-    plan = _no_larger(_fit(cache[lo][0], sequence, lo, check, selection.fits), check, selection)
-    return noted(_fill(selection, sequence, plan, cache, accept, log))
+    return lo
 
 
 #: At most this many longer prefixes are tried when the built plan's error is below its

@@ -590,7 +590,7 @@ def recover_plan(selection, plan, accept, rec: Recover, log: Callable[[str], Non
     (`planner.build_plan`, re-fitted where selection re-fits) and trains the plan as built.
     Returns the new `Plan` (its `history` extended with each stage's error before / after) and
     the `Recovery`."""
-    from fxcompress.planner import Plan, build_plan
+    from fxcompress.planner import Plan, build_plan, plan_gain
 
     gm, options, calib, seed = selection.gm, selection.options, selection.calib, selection.seed
     start = time.perf_counter()
@@ -643,6 +643,12 @@ def recover_plan(selection, plan, accept, rec: Recover, log: Callable[[str], Non
                              and sequence[k].get(name) is c else c)
                       for name, c in sequence[nxt].items()}
             g2, c2, p2, ok2 = stage(cur_gm, merged, nxt, seed + s + 1)
+            # a selected plan filled past its prefix (`planner._fill`) can gain more than a
+            # longer prefix: an extension is taken only when it gains more than the best
+            if ok2 and plan_gain(c2, options, selection.objective) \
+                    <= plan_gain(best.choice, options, selection.objective):
+                hi = nxt - 1
+                continue
             if ok2:
                 cur_gm, cur_choice, k, best = g2, c2, nxt, p2
             else:

@@ -69,6 +69,26 @@ def test_pt2_keeps_report_and_dynamic_batch(compiled, tmp_path):
     assert out.size_bytes < 0.5 * _fp32_pt2_bytes(model, X)
 
 
+def test_the_int8_check_tolerance_grows_with_the_quantization_noise(compiled):
+    """A file of a graph with int8 activations may differ from the compiled model by rounding
+    in every requantization, noise of the size of the plan's own: the default check allows
+    1.5x the error the report measured, and never less than 5e-2; float graphs keep 1e-3."""
+    import copy
+    import dataclasses
+
+    model, small = compiled
+    assert ex.has_quantized_activations(small)
+    rep = small.meta["fxcompress_report"]
+    assert ex.default_check_tolerance(small) == max(ex.INT8_CHECK_TOLERANCE,
+                                                    ex.INT8_NOISE_FACTOR * rep.error)
+    noisy = copy.copy(small)
+    noisy.meta = {**small.meta, "fxcompress_report": dataclasses.replace(rep, error=0.08)}
+    assert ex.default_check_tolerance(noisy) == pytest.approx(0.12)
+    noisy.meta = {}
+    assert ex.default_check_tolerance(noisy) == ex.INT8_CHECK_TOLERANCE  # no report
+    assert ex.default_check_tolerance(model) == ex.FLOAT_CHECK_TOLERANCE
+
+
 def test_pte_runs_in_executorch_with_xnnpack(compiled, tmp_path):
     _, small = compiled
     out = fxcompress.export(small, (X,), tmp_path / "m.pte")  # profile from the report

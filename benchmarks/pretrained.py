@@ -821,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
                          "and run only the others")
     ap.add_argument("--from-json", action="store_true",
                     help=f"only re-render the tables from {OUT_JSON.name}")
+    ap.add_argument("--timing-note", nargs=2, metavar=("MODEL", "TEXT"),
+                    help="with --from-json: add TEXT to how MODEL's rows were timed (what ran "
+                         "beside them), kept in the JSON")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, in this process
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -833,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         saved = json.loads(OUT_JSON.read_text())
         rows = [Row(**r) for r in saved["rows"]]
+        if args.timing_note:
+            model, text = args.timing_note
+            case = saved["meta"]["cases"][model]
+            case["conditions"] = f"{case['conditions']}; {text}"
         write_outputs(rows, saved["meta"], OUT_MD, BENCHMARKS_MD, OUT_JSON)
         return 0
     profiles = tuple(args.profiles or (QUICK_PROFILES if args.quick else PROFILES))

@@ -367,3 +367,37 @@ def test_prune_then_share_stacks_per_layer_and_shrinks_the_file_further():
             assert lins[0].args[1].meta["val"].shape[0] < 256  # the pruned rows are gone
     assert sizes["both"] < min(sizes["prune"], sizes["share"])
     assert errs["both"] < (errs["prune"] ** 2 + errs["share"] ** 2) ** 0.5 * 1.5 + 1e-3
+
+
+class _Attention(nn.Module):
+    """Multi-head attention through SDPA: the output projection's input is the heads merged
+    back, which ExecuTorch's own decomposition of the attention leaves strided."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, -1))
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(a.transpose(1, 2).reshape(b, s, d))
+
+
+def test_shared_linear_behind_attention_lowers_to_pte(tmp_path):
+    """A shared output projection of an attention (MiniLM's attention.output.dense) used to
+    make ExecuTorch's XNNPACK lowering fail (`ConvertToLinearPass`: a 3-D weight); its input
+    is now made contiguous, and the .pte runs and matches the compiled graph."""
+    pytest.importorskip("executorch.runtime")
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(2, 6, 32)
+    gm = capture(model, (x,)).graph_module
+    res = _shared(gm, share.uniform_config(gm, 2).layers)
+    kinds = [n.target for n in res.graph_module.graph.nodes]
+    assert torch.ops.aten.clone.default in kinds
+    out = fxcompress.export(res.graph_module, (x,), tmp_path / "m.pte", profile="mobile-arm")
+    assert out.path.stat().st_size > 0 and out.check_error < 1e-3

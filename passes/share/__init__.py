@@ -475,9 +475,31 @@ def share_pass(gm: fx.GraphModule, config: ShareConfig) -> PassResult:
     for members in buckets.values():
         for (node, _, _), w in zip(members, _fused_decode(gm, members), strict=True):
             _set_weight(node, where[node], w)
+    for node, layer, _, _ in found:
+        _contiguous_input(gm, node, layer)
     if found:
         drop_unused_attrs(gm)
     return PassResult(gm, bool(found))
+
+
+def _contiguous_input(gm: fx.GraphModule, node: fx.Node, layer: str) -> None:
+    """Give a linear whose weight is now decoded in the graph, and whose input has more than
+    two dims, a contiguous copy of that input. ExecuTorch keeps a linear with a constant weight
+    whole for XNNPACK, but splits one with a computed weight into matmul ops and then rebuilds
+    it (`ConvertToLinearPass`); when the input reaches it strided (an attention's merged heads,
+    after ExecuTorch's own decomposition of the attention), the split is expand + bmm with a
+    3-D weight, which that pass cannot rebuild, and the .pte fails. A contiguous input splits
+    into view + mm, which it rebuilds. Costs one copy of the activations per such layer."""
+    if op_type(node) != "linear":
+        return
+    x = node.args[0]
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() <= 2:
+        return
+    with gm.graph.inserting_before(node):
+        c = call(gm.graph, aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
+                 layer=layer)
+    node.args = (c, *node.args[1:])
 
 
 def _set_weight(node: fx.Node, wi: int, value: fx.Node) -> None:

@@ -32,6 +32,7 @@ from fxcompress.hardware_profiles import Profile, known_techniques, load_profile
 from fxcompress.host import calibrated, compile_threads, target_vs_host, threads
 from fxcompress.overrides import check_overrides, resolve_all, resolve_global
 from fxcompress.planner import (
+    SETTLE_FACTOR,
     Selection,
     build_options,
     charge_program_bytes,
@@ -316,7 +317,7 @@ def prepare(model, example_inputs=None, *, profile="mobile-arm", calibration: It
 
 def _prepare(model, example_inputs, profile, calibration, techniques, objective,
              dynamic_shapes, seed, holdout, overrides, time_budget, log, start,
-             evaluate=None) -> Prepared:
+             evaluate=None, settle_above: float | None = None) -> Prepared:
     prof = load_profile(profile)
     techs, user_techs = _check_techniques(techniques, prof)
     overrides = check_overrides(overrides, techs)
@@ -349,7 +350,7 @@ def _prepare(model, example_inputs, profile, calibration, techniques, objective,
     lap("propose")
     log(f"measuring {sum(len(o.candidates) for o in options)} candidates")
     deadline = None if time_budget is None else start + float(time_budget)
-    measure(options, calib, Progress("measuring candidates").update, deadline)
+    measure(options, calib, Progress("measuring candidates").update, deadline, settle_above)
     lap("measure")
     # values re-fitted to the whole plan (SVD's sequential re-fit) only on real calibration
     # data: re-fitting on the example inputs alone would fit them
@@ -405,9 +406,12 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
                               "tolerance=0 keeps only exact rewrites; drop recover=, or give a "
                               "tolerance > 0 (e.g. 0.01)")
     log = progress or (lambda s: None)
+    # rewrites far beyond the largest tolerance are measured on the first batches only (the
+    # tolerance bounds relative error only without evaluate=)
+    settle = SETTLE_FACTOR * max(tols) if evaluate is None and max(tols) > 0 else None
     prep = _prepare(model, example_inputs, profile, calibration, techniques, objective,
                     dynamic_shapes, seed, holdout, overrides, time_budget, log, start,
-                    evaluate=evaluate)
+                    evaluate=evaluate, settle_above=settle)
     cap, gm, calib, options, prof, obj = (prep.captured, prep.graph_module, prep.calib,
                                           prep.options, prep.profile, prep.objective)
     overrides, settings, base_score = prep.overrides, prep.settings, prep.base_score

@@ -23,6 +23,10 @@ from fxcompress.graph import input_arg_index, op_type
 
 Override = Callable[[tuple, dict], torch.Tensor]
 
+#: Examples a candidate is measured on before `Calibration.errors` may settle it (stop
+#: measuring it because its error is already far beyond the tolerance).
+SETTLE_EXAMPLES = 4
+
 
 class OverrideInterpreter(fx.Interpreter):
     """Runs a graph with some nodes' computations replaced, and optionally records the inputs
@@ -188,17 +192,24 @@ class Calibration:
 
     def errors(self, jobs: Mapping[str, list[Mapping[str, Override]]], limit: int | None = None,
                stop: Callable[[], bool] | None = None,
-               progress: Callable[[int], None] | None = None) -> dict[str, list[float | None]]:
+               progress: Callable[[int], None] | None = None,
+               settle_above: float | None = None) -> dict[str, list[float | None]]:
         """Relative output error of many override sets at once, keyed by the node each set
         starts at (its earliest overridden node). The graph runs once per batch; on reaching a
         start node, each of its override sets runs only the rest of the graph, from a copy of
         the live values, so what comes before a layer is computed once, not once per
         candidate. Once `stop()` is true, sets not yet measured are skipped and come back as
-        None; `progress(n)` is told of each `n` sets measured on the first batch."""
+        None; `progress(n)` is told of each `n` sets measured on the first batch.
+
+        `settle_above`: a set whose error over the batches run so far (at least
+        `SETTLE_EXAMPLES` examples) is above it is not run on the later batches; its error is
+        the one measured so far. The planner passes a multiple of the tolerance: no plan can
+        hold such a rewrite, and a large model's measurement is mostly such rewrites."""
         order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
         skipped: set[str] = set()
         nodes = list(self.gm.graph.nodes)
         acc = {k: [[0.0, 0.0] for _ in v] for k, v in jobs.items()}
+        settled = {k: [False] * len(v) for k, v in jobs.items()}
         batches = self.batches if limit is None else self.batches[:limit]
 
         current: dict = {}  # the batch being run and its reference outputs
@@ -211,16 +222,30 @@ class Calibration:
                 progress(len(jobs[node.name]))
             before = nodes[: order[node.name]]
             for i, ov in enumerate(jobs[node.name]):
+                if settled[node.name][i]:
+                    continue
                 start = {m: _clone(env[m]) if m in env else None for m in before}
                 out = OverrideInterpreter(self.gm, ov).run(*current["batch"], initial_env=start)
                 for y, r in zip(float_leaves(out), current["ref"], strict=True):
                     acc[node.name][i][0] += float(((y.double() - r.double()) ** 2).sum())
                     acc[node.name][i][1] += float((r.double() ** 2).sum())
 
+        seen = 0
         with torch.no_grad():
             for i, (batch, ref) in enumerate(zip(batches, self.reference, strict=False)):
                 current.update(batch=batch, ref=ref, first=i == 0)
-                OverrideInterpreter(self.gm, reach=jobs, on_reach=on_reach).run(*batch)
+                live = {k: [not s for s in v] for k, v in settled.items()}
+                if not any(any(v) for v in live.values()):
+                    break
+                OverrideInterpreter(self.gm, reach={k: v for k, v in jobs.items()
+                                                    if any(live[k])},
+                                    on_reach=on_reach).run(*batch)
+                seen += _batch_size(batch) or 1
+                if settle_above is not None and seen >= SETTLE_EXAMPLES:
+                    for k, v in acc.items():
+                        for j, (n, d) in enumerate(v):
+                            if d > 0 and n / d > settle_above ** 2:
+                                settled[k][j] = True
         return {k: [None if k in skipped else (n / d) ** 0.5 if d > 0 else 0.0 for n, d in v]
                 for k, v in acc.items()}
 

@@ -6,7 +6,9 @@
    candidate that does not improve the objective on the target is dropped, with the reason.
 2. **Sensitivity.** Each remaining candidate's error is measured alone: the original graph is
    run on the first calibration batches (at least 64 examples) with only that layer simulated
-   as rewritten. The chosen plan is verified on all of the calibration data.
+   as rewritten; one whose error on the first batches (4 examples or more) is already beyond
+   4 x the tolerance is measured no further. The chosen plan is verified on all of the
+   calibration data.
 3. **Selection.** A greedy sequence of plans: each step upgrades the one layer whose next
    rewrite adds the most gain on the objective per unit of added squared error. The plan for a
    tolerance is the longest prefix of that sequence whose estimated error (the root of the sum
@@ -223,11 +225,22 @@ def _scaled(shape: tuple, factor: float) -> tuple:
     return (max(1, round(shape[0] * factor)), *shape[1:])
 
 
+#: A candidate whose error, after `SETTLE_EXAMPLES` examples, is above this many times the
+#: (largest) tolerance is not measured further (`Calibration.errors(settle_above=)`): it keeps
+#: the error measured so far. A plan's estimate, the root of the sum of its squared errors, is
+#: within 0.9 x tolerance, so such a candidate enters a plan only when `_extend` rescales the
+#: estimate by less than 1/4 (a plan measuring a quarter of its estimate), and then its error
+#: from fewer examples only orders it among the others; the built plan is judged as always.
+SETTLE_FACTOR = 4.0
+
+
 def measure(options: list[LayerOptions], calib: Calibration, progress: Callable | None = None,
-            deadline: float | None = None) -> int:
+            deadline: float | None = None, settle_above: float | None = None) -> int:
     """Fill in each candidate's error, measured alone (see `Calibration.errors`). Layers are
     measured in graph order; past `deadline` (a `time.perf_counter` value) the candidates of the
-    remaining layers are dropped with that reason. Returns how many were dropped."""
+    remaining layers are dropped with that reason. A candidate whose error is above
+    `settle_above` on the first batches keeps the error measured there. Returns how many were
+    dropped."""
     order = {n.name: i for i, n in enumerate(calib.gm.graph.nodes)}
     total = sum(len(o.candidates) for o in options)
     limit = calib.sensitivity_batches()
@@ -247,7 +260,7 @@ def measure(options: list[LayerOptions], calib: Calibration, progress: Callable 
 
     stop = None if deadline is None else (lambda: time.perf_counter() > deadline)
     errs = calib.errors({k: [sim for _, sim in v] for k, v in starts.items()}, limit=limit,
-                        stop=stop, progress=tick)
+                        stop=stop, progress=tick, settle_above=settle_above)
     for node, jobs in starts.items():
         for (c, _), e in zip(jobs, errs[node], strict=True):
             c.error = e

@@ -254,3 +254,35 @@ def test_a_plan_is_filled_with_later_moves_that_fit_past_one_that_does_not():
     v = strict.judged(Verdict(Estimate(e, e, e, 0), None, None, False))
     plan = Plan(sequence[k], e, None, object(), verdict=v, index=k)
     assert _fill(_Selection(options), sequence, plan, {}, strict, lambda s: None) is plan
+
+
+def test_a_candidate_far_beyond_the_tolerance_is_measured_on_the_first_batches_only():
+    """`Calibration.errors(settle_above=)`: a rewrite whose error after SETTLE_EXAMPLES
+    examples is already above the bound is run on no later batch and keeps the error measured
+    so far; the others are measured on every batch; without the bound, all are."""
+    from fxcompress.calibration import SETTLE_EXAMPLES, Calibration
+    from fxcompress.capture import capture
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4)).eval()
+    batches = [(torch.randn(8, 8),) for _ in range(6)]
+    gm = capture(model, batches[0]).graph_module
+    last = [n.name for n in gm.graph.nodes if n.op == "call_function"
+            and n.target is torch.ops.aten.linear.default][-1]
+    calib = Calibration(gm, batches, {})
+    calls = {"near": 0, "far": 0}
+
+    def scaled(kind, factor):
+        def run(args, kwargs):
+            calls[kind] += 1
+            return torch.nn.functional.linear(*args, **kwargs) * factor
+        return run
+
+    jobs = {last: [{last: scaled("near", 1.001)}, {last: scaled("far", 3.0)}]}
+    near, far = calib.errors(jobs, settle_above=0.5)[last]
+    assert calls == {"near": 6, "far": -(-SETTLE_EXAMPLES // 8)}
+    assert near == pytest.approx(0.001, rel=1e-3) and far == pytest.approx(2.0, rel=1e-6)
+    calls.update(near=0, far=0)
+    calib.errors(jobs)
+    assert calls == {"near": 6, "far": 6}

@@ -203,8 +203,9 @@ class Calibration:
 
         `settle_above`: a set whose error over the batches run so far (at least
         `SETTLE_EXAMPLES` examples) is above it is not run on the later batches; its error is
-        the one measured so far. The planner passes a multiple of the tolerance: no plan can
-        hold such a rewrite, and a large model's measurement is mostly such rewrites."""
+        the one measured so far. The planner passes a multiple of the tolerance (such a
+        rewrite enters a plan only where errors largely cancel); on a large model most of the
+        measurement is spent on such rewrites."""
         order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
         skipped: set[str] = set()
         nodes = list(self.gm.graph.nodes)

@@ -17,7 +17,8 @@
 Rows per model: fp32 (and its XNNPACK ``.pte``), torchao int8 dynamic quantization, the PT2E
 ``XNNPACKQuantizer`` path to a ``.pte`` (and, where the stock path fails, the same with the
 one workaround a user would apply, said in the row), Torch-Pruning's L1 group pruner at the
-largest ratio within the same budget fxcompress gets (no fine-tuning), and
+largest ratio within the same budget fxcompress gets (no fine-tuning), torchao's own mobile
+4-bit path (int4 group-32 linears with int8 dynamic activations, lowered to XNNPACK), and
 ``fxcompress.compile`` for every built-in profile, without and with ``recover=``
 (distillation on the training split). Each row is built and measured in a fresh subprocess,
 so its peak resident memory (``ru_maxrss``) is its own: the table gives that peak and its
@@ -356,6 +357,7 @@ class Spec:
                 "torchao": "torchao int8 dyn (eager)",
                 "pt2e": "PT2E XNNPACKQuantizer → .pte",
                 "pt2e-fix": "PT2E XNNPACKQuantizer, scalar-to-tensor pass off → .pte",
+                "torchao-8da4w": "torchao 8da4w (int4 g32 weights, int8 dyn. act.) → .pte",
                 "tp": "Torch-Pruning L1 group"}[self.kind]
 
 
@@ -422,6 +424,19 @@ def pt2e_pte(model: nn.Module, example: tuple, calib: list, scalars_to_tensors: 
             if b[0].shape == args[0].shape:
                 m(*b)
     m = convert_pt2e(m)
+    return lower_to_pte(torch.export.export(m, args, strict=False), "xnnpack")
+
+
+def torchao_8da4w_pte(model: nn.Module, example: tuple) -> bytes:
+    """torchao's own mobile 4-bit path (issue #20's peer), lowered to XNNPACK: every linear
+    with int8 per-token dynamic activations and int4 weights in groups of 32
+    (`Int8DynamicActivationIntxWeightConfig`), embeddings left fp32; the ``.pte`` bytes."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+    m = copy.deepcopy(model).eval()
+    quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                       weight_granularity=PerGroup(32)))
+    args = tuple(t.clone() for t in example)
     return lower_to_pte(torch.export.export(m, args, strict=False), "xnnpack")
 
 
@@ -517,6 +532,8 @@ def build_row(spec: Spec, sizes: Sizes, cache: Path) -> Row:
         if spec.kind == "pt2e-fix":
             row.note = ("workaround: XNNPACKQuantizer.transform_for_annotation skipped (a "
                         "3-line subclass), so integer index arithmetic stays integer")
+    elif spec.kind == "torchao-8da4w":
+        pte = Pte(torchao_8da4w_pte(case.model, case.example))
     elif spec.kind == "tp":
         ratio, module, row.note = tp_search(case)
         row.method += f" (ratio {ratio:.2f})"
@@ -574,7 +591,8 @@ def child(spec: Spec, sizes: Sizes, cache: Path, out: Path, threads: int) -> Non
 def specs(model: str, profiles: tuple[str, ...], quick: bool) -> list[Spec]:
     """The rows of one model, in table order: the peers, then each profile's rows together
     (so that a run cut short has whole profiles, which `--resume --profiles` can render)."""
-    rows = [Spec(model, k) for k in ("fp32", "fp32-pte", "torchao", "pt2e", "pt2e-fix", "tp")]
+    peers = ("fp32", "fp32-pte", "torchao", "pt2e", "pt2e-fix", "tp", "torchao-8da4w")
+    rows = [Spec(model, k) for k in peers]
     extra = () if quick else EXTRA.get(model, ())
     for p in profiles:
         rows.append(Spec(model, "fx", p))
@@ -733,7 +751,10 @@ def render(rows: list[Row], meta: dict) -> list[str]:
         "compression began. "
         "Torch-Pruning: L1 group magnitude, the largest ratio within the model's tolerance "
         "on the calibration split (from 0.01, stopping at the first ratio that fails), no "
-        "fine-tuning. \"+ recover\" rows: the same compile with `recover=`, label-free "
+        "fine-tuning. torchao 8da4w: `Int8DynamicActivationIntxWeightConfig(int4, "
+        "PerGroup(32))` on every linear (embeddings fp32), lowered to XNNPACK, no "
+        "calibration or tolerance (a fixed recipe). \"+ recover\" rows: the same compile "
+        "with `recover=`, label-free "
         f"distillation from the original on the training split's inputs ({meta['rec']}); "
         "no peer is fine-tuned. fxcompress rows list the techniques the report applied.",
         "",

@@ -235,12 +235,10 @@ class Calibration:
         with torch.no_grad():
             for i, (batch, ref) in enumerate(zip(batches, self.reference, strict=False)):
                 current.update(batch=batch, ref=ref, first=i == 0)
-                live = {k: [not s for s in v] for k, v in settled.items()}
-                if not any(any(v) for v in live.values()):
+                active = [k for k in jobs if not all(settled[k])]
+                if not active:
                     break
-                OverrideInterpreter(self.gm, reach={k: v for k, v in jobs.items()
-                                                    if any(live[k])},
-                                    on_reach=on_reach).run(*batch)
+                OverrideInterpreter(self.gm, reach=active, on_reach=on_reach).run(*batch)
                 seen += _batch_size(batch) or 1
                 if settle_above is not None and seen >= SETTLE_EXAMPLES:
                     for k, v in acc.items():

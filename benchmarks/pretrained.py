@@ -423,8 +423,13 @@ def pt2e_pte(model: nn.Module, example: tuple, calib: list, scalars_to_tensors: 
         for b in calib:
             if b[0].shape == args[0].shape:
                 m(*b)
-    m = convert_pt2e(m)
-    return lower_to_pte(torch.export.export(m, args, strict=False), "xnnpack")
+    return xnnpack_pte(convert_pt2e(m), example)
+
+
+def xnnpack_pte(model: nn.Module, example: tuple) -> bytes:
+    """`model` exported on (copies of) `example` and lowered to XNNPACK: the ``.pte`` bytes."""
+    args = tuple(t.clone() for t in example)
+    return lower_to_pte(torch.export.export(model, args, strict=False), "xnnpack")
 
 
 def torchao_8da4w_pte(model: nn.Module, example: tuple) -> bytes:
@@ -436,8 +441,7 @@ def torchao_8da4w_pte(model: nn.Module, example: tuple) -> bytes:
     m = copy.deepcopy(model).eval()
     quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                        weight_granularity=PerGroup(32)))
-    args = tuple(t.clone() for t in example)
-    return lower_to_pte(torch.export.export(m, args, strict=False), "xnnpack")
+    return xnnpack_pte(m, example)
 
 
 def tp_search(case: Case) -> tuple[float, nn.Module, str]:
@@ -522,8 +526,7 @@ def build_row(spec: Spec, sizes: Sizes, cache: Path) -> Row:
     if spec.kind == "fp32":
         module = case.model
     elif spec.kind == "fp32-pte":
-        args = tuple(t.clone() for t in case.example)
-        pte = Pte(lower_to_pte(torch.export.export(case.model, args, strict=False), "xnnpack"))
+        pte = Pte(xnnpack_pte(case.model, case.example))
     elif spec.kind == "torchao":
         module = torchao_int8(case.model)
     elif spec.kind in ("pt2e", "pt2e-fix"):

@@ -109,7 +109,7 @@ def chain_cost(steps: tuple[Step, ...], inp: tuple[int, ...], profile: Profile,
         if s.op == "embedding":
             # a gather reads the rows it looks up, not the table: at most one row per index
             wbytes *= min(1.0, math.prod(shape) / s.weight.shape[0])
-        if s.fmt not in FLOAT_FORMATS and profile.precision_of(s.fmt) != s.fmt \
+        if s.fmt not in FLOAT_FORMATS and profile.precision_of(s.fmt) == profile.compute_dtype \
                 and not profile.weight_only_speedup:
             # weight-only, decoded in the graph: the decode is its own ops (convert, scale /
             # look up) that read the stored weight and write a full-width copy, which the

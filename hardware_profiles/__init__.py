@@ -105,6 +105,13 @@ class Profile:
     # an int8 embedding's gather, convert and rescale run as one kernel that writes the float
     # rows once); where it does not, each such op reads and writes a full-width tensor
     fuses_elementwise: bool = False
+    # group-wise low-bit weights (`[intx]`): the widths the target's kernels run, the input
+    # columns per scale, the precision it keeps scales in, and the ops it runs them on; the
+    # activations are 8-bit dynamic per token (the only form built)
+    intx_bits: tuple[int, ...] = ()
+    intx_group_size: int = 32
+    intx_scale_dtype: str = "fp32"
+    intx_ops: tuple[str, ...] = ("linear",)
 
     def __post_init__(self):
         # a Profile built in code (`dataclasses.replace`, `Profile(...)`) gets the same checks
@@ -142,6 +149,8 @@ class Profile:
             return self.allows("binary") and op in self.binary_ops
         if fmt == "shared":
             return self.allows("share")
+        if fmt == "intx":
+            return self.allows("intx") and op in self.intx_ops
         return fmt in self.peak_gops
 
     def requires(self, fmt: str) -> bool:
@@ -155,6 +164,8 @@ class Profile:
             return "int8"
         if fmt == "binary" and self.binary_activations:
             return "binary"
+        if fmt == "intx" and "int8" in self.peak_gops:
+            return "int8"  # int8 activations (dynamic per token) x low-bit weights
         return self.compute_dtype
 
     def activation_bytes(self, fmt: str) -> int:
@@ -196,6 +207,7 @@ class Profile:
             "int8_activation_dtype": self.int8_activation_dtype,
             "int8_weight_bits": self.int8_weight_bits, "isa": list(self.isa),
             "fuses_elementwise": self.fuses_elementwise,
+            "intx_bits": list(self.intx_bits), "intx_group_size": self.intx_group_size,
             "measured_on_host": self.measure, "alignment": self.alignment,
             "weight_budget_bytes": self.weight_budget_bytes,
             "activation_budget_bytes": self.activation_budget_bytes,
@@ -220,6 +232,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
              "weight_only_speedup": (bool, False), "required": (bool, False),
              "dynamic_grouped_conv": (bool, False)},
     "share": {"bits": (list, False), "lut_int8": (bool, False)},
+    "intx": {"bits": (list, False), "group_size": (int, False), "activations": (str, False),
+             "scale_dtype": (str, False), "ops": (list, False)},
     "binary": {"activations": (bool, False), "ops": (list, False)},
     "memory": {"weight_budget_bytes": (int, False), "activation_budget_bytes": (int, False)},
     "sources": {},  # free-form: field name -> citation
@@ -346,6 +360,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     binary_ops = tuple(flat.get("binary.ops", ["linear", "conv2d"]))
     for op in binary_ops:
         _one_of(source, "binary.ops", op, ("linear", "conv2d"))
+    intx = _intx_fields(source, flat, techniques, peak)
     measure = bool(flat.get("throughput.measure", False))
     isa = flat.get("target.isa", [])
     if isinstance(isa, str):
@@ -400,7 +415,36 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         sources=flat.get("sources", {}),
         isa=tuple(str(f).lower() for f in isa),
         int8_weight_bits=weight_bits,
+        **intx,
     )
+
+
+def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
+                 peak: dict[str, float]) -> dict[str, Any]:
+    if "intx" not in techniques:
+        return {}
+    bits = flat.get("intx.bits", [4])
+    if not bits or not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 7
+                           for b in bits):
+        raise _err(source, "intx.bits", f"is {bits!r}", "give widths from 2 to 7, e.g. [4]")
+    group = flat.get("intx.group_size", 32)
+    if group < 2:
+        raise _err(source, "intx.group_size", f"is {group!r}", "give 2 or more, e.g. 32")
+    act = flat.get("intx.activations", "dynamic")
+    if act != "dynamic":
+        raise _err(source, "intx.activations", f"is {act!r}",
+                   "only \"dynamic\" (8-bit per token) is built; for weight-only storage use "
+                   "share's palettes or int8 with [int8] activations = \"none\"")
+    if "int8" not in peak:
+        raise _err(source, "throughput.int8", "is missing although intx is in techniques",
+                   "give the int8 throughput its dynamic int8 activations compute at")
+    ops = tuple(flat.get("intx.ops", ["linear"]))
+    for op in ops:
+        _one_of(source, "intx.ops", op, ("linear",))
+    return {"intx_bits": tuple(bits), "intx_group_size": group,
+            "intx_scale_dtype": _one_of(source, "intx.scale_dtype",
+                                        flat.get("intx.scale_dtype", "fp32"), ("fp32", "bf16")),
+            "intx_ops": ops}
 
 
 def _builtin_dir() -> Path:

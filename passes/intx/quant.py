@@ -1,0 +1,156 @@
+"""intx's maths: symmetric group-wise n-bit weights, rounded to nearest (`rtn`) or with error
+compensation on the layer's input Hessian (`gptq`), and the dynamic per-token int8 input
+quantizer the targets pair them with.
+
+A weight (R, C) is cut into groups of `group` consecutive input columns per output row; each
+group g of row r has one scale s[r, g] and stores q in [-2^(b-1), 2^(b-1) - 1]; the weight the
+layer computes with is q * s. The scale maps the group's most negative value to the lowest level
+and its largest to the highest (s = max(max / qmax, min / qmin)): both ends of the range are
+used, as XNNPACK's signed 4-bit blockwise kernels store it. Scales are rounded to the precision
+the target keeps them in (XNNPACK converts them to bfloat16) before q is chosen, so the weight
+simulated here is the weight the runtime multiplies with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+qd = torch.ops.quantized_decomposed
+
+#: GPTQ's ridge on the Hessian (relative to its mean diagonal) and the columns it updates
+#: together before pushing their error onto the rest of the row (a multiple of any group size
+#: up to it; larger groups make the block one group).
+DAMP = 0.01
+BLOCK = 128
+#: the dynamic activation range of the 8-bit per-token input quantizer
+ACT_QMIN, ACT_QMAX = -128, 127
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """(lowest, highest) stored level of signed `bits`-bit weights: (-8, 7) for 4 bits."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _rounded_scale(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    s = s.clamp_min(1e-12)
+    if scale_dtype == "bf16":
+        s = s.to(torch.bfloat16).float().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return s.float()
+
+
+def group_scale(w: torch.Tensor, bits: int, scale_dtype: str) -> torch.Tensor:
+    """Scales of the groups of `w` (..., group): the last dim is one group."""
+    lo, hi = qrange(bits)
+    s = torch.maximum(w.amax(-1).clamp_min(0) / hi, w.amin(-1).clamp_max(0) / lo)
+    return _rounded_scale(s.float(), scale_dtype)
+
+
+def check_groups(cols: int, group: int) -> str | None:
+    """Why a weight with `cols` input columns cannot be cut into groups of `group`, or None."""
+    if cols % group:
+        return f"its {cols} input columns are not a multiple of the group size {group}"
+    return None
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, scale_dtype: str = "fp32",
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest: (q int8 (R, C), scale fp32 (R, C / group))."""
+    r, c = w.shape
+    g = w.detach().float().reshape(r, c // group, group)
+    s = group_scale(g, bits, scale_dtype)
+    lo, hi = qrange(bits)
+    q = torch.round(g / s.unsqueeze(-1)).clamp(lo, hi).to(torch.int8)
+    return q.reshape(r, c), s
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """q * scale, float32 (R, C), as `quantized_decomposed.dequantize_per_channel_group`
+    computes it."""
+    r, c = q.shape
+    return (q.float().reshape(r, c // group, group) * scale.unsqueeze(-1)).reshape(r, c)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group: int, scale_dtype: str = "fp32",
+                  ) -> torch.Tensor:
+    """`w` rounded to nearest at `bits` per group and dequantized (the straight-through
+    form's forward)."""
+    return dequantize(*rtn(w, bits, group, scale_dtype), group).to(w.dtype)
+
+
+def _cholesky_of_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() <= 0  # an input that is always zero: its column is free
+    h[dead, dead] = 1.0
+    h += damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                     upper=True)
+    except RuntimeError:  # numerically singular despite the damping
+        return None
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
+         scale_dtype: str = "fp32", damp: float = DAMP, block: int = BLOCK,
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-compensated rounding (GPTQ, Frantar et al. 2023) with group-wise scales:
+    (q int8 (R, C), scale fp32 (R, C / group)) minimizing sum_r (w_r - q_r s_r) H (w_r -
+    q_r s_r)^T greedily. Columns are quantized in order; each column's rounding error is pushed
+    onto the columns not yet quantized through the Cholesky factor of H^-1, and a group's scale
+    is taken from the group's values as updated when its first column is reached. Falls back
+    to `rtn` where H cannot be factored. Deterministic."""
+    u = _cholesky_of_inverse(hessian, damp)
+    if u is None:
+        return rtn(w, bits, group, scale_dtype)
+    lo, hi = qrange(bits)
+    wd = w.detach().double().clone()
+    r, c = wd.shape
+    block = max(group, block // group * group)
+    q = torch.empty(r, c, dtype=torch.int8)
+    scale = torch.empty(r, c // group, dtype=torch.float32)
+    for b0 in range(0, c, block):
+        b1 = min(b0 + block, c)
+        wb = wd[:, b0:b1]
+        err = torch.empty_like(wb)
+        ub = u[b0:b1, b0:b1]
+        s = None
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group == 0:
+                s = group_scale(wb[:, j:j + group].float(), bits, scale_dtype)
+                scale[:, col // group] = s
+            v = wb[:, j]
+            qj = torch.round(v / s.double()).clamp(lo, hi)
+            q[:, col] = qj.to(torch.int8)
+            e = (v - qj * s.double()) / ub[j, j]
+            wb[:, j + 1:] -= e.unsqueeze(1) * ub[j, j + 1:].unsqueeze(0)
+            err[:, j] = e
+        wd[:, b1:] -= err @ u[b0:b1, b1:]
+    return q, scale
+
+
+def hessian_error(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """sum_r (w_r - wq_r) H (w_r - wq_r)^T / sum_r w_r H w_r^T: the layer's relative output
+    error on its calibration inputs (plain weight error where there is no H)."""
+    d = (w.detach().double() - wq.double())
+    if hessian is None:
+        return float(d.square().sum() / w.double().square().sum().clamp_min(1e-30))
+    h = hessian.double()
+    num = float(((d @ h) * d).sum())
+    den = float(((w.double() @ h) * w.double()).sum())
+    return num / max(den, 1e-30)
+
+
+@dataclass(frozen=True)
+class PerTokenInt8:
+    """Dynamic asymmetric int8 quantization of each row (token) of the input, from its own
+    range: the arithmetic of the `quantized_decomposed` per-token ops the pass writes (plain
+    data: a candidate's steps pickle)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x`."""
+        s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+        q = qd.quantize_per_token(x, s, z, ACT_QMIN, ACT_QMAX, torch.int8)
+        return qd.dequantize_per_token(q, s, z, ACT_QMIN, ACT_QMAX, torch.int8, x.dtype)

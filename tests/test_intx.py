@@ -1,0 +1,190 @@
+"""intx: group-wise low-bit weights with dynamic per-token int8 activations — the rounding
+(GPTQ beats round-to-nearest on the layer's own inputs), the stored levels and scales, the
+profile's `[intx]` section, simulation == build, and the .pte XNNPACK runs whole with the
+weights packed two per byte."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.errors import FxCompressError
+from fxcompress.hardware_profiles import Profile, load_profile
+from fxcompress.passes.intx import IntxPart, _write
+from fxcompress.passes.intx.quant import (
+    PerTokenInt8,
+    dequantize,
+    gptq,
+    hessian_error,
+    qrange,
+    rtn,
+)
+
+qd = torch.ops.quantized_decomposed
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # a few directions carry most of the signal, as a network's activations do (what GPTQ
+    # exploits: an error in one input column can be cancelled by the columns it moves with)
+    mix = torch.randn(d // 8, d, generator=g)
+    return torch.randn(n, d // 8, generator=g) @ mix + 0.1 * torch.randn(n, d, generator=g)
+
+
+def test_gptq_lowers_the_output_error_of_round_to_nearest():
+    x = _correlated_inputs(2048, 128)
+    h = (x.T.double() @ x.double()) / len(x)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) / 11
+    for bits in (3, 4):
+        e_rtn = hessian_error(w, dequantize(*rtn(w, bits, 32), 32), h)
+        e_gptq = hessian_error(w, dequantize(*gptq(w, h, bits, 32), 32), h)
+        # measured on the actual outputs too: the proxy is the relative output error
+        out = x @ w.T
+        gq = dequantize(*gptq(w, h, bits, 32), 32)
+        direct = float((x @ gq.T - out).square().sum() / out.square().sum())
+        assert direct == pytest.approx(e_gptq, rel=1e-3)
+        assert e_gptq < 0.3 * e_rtn, (bits, e_gptq, e_rtn)
+
+
+def test_levels_stay_in_range_and_scales_are_what_the_target_keeps():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    h = torch.eye(64, dtype=torch.float64)
+    for bits in (2, 4, 7):
+        lo, hi = qrange(bits)
+        for q, s in (rtn(w, bits, 16, "bf16"), gptq(w, h, bits, 16, "bf16")):
+            assert q.dtype == torch.int8 and q.shape == w.shape
+            assert int(q.min()) >= lo and int(q.max()) <= hi
+            assert s.shape == (16, 4)
+            assert torch.equal(s, s.to(torch.bfloat16).float())  # exact in bfloat16
+    # both ends of each group's range land on the end levels (nothing clipped beyond rounding)
+    q, s = rtn(w, 4, 16)
+    wq = dequantize(q, s, 16)
+    assert float((wq - w).abs().max()) <= float(s.max()) / 2 + 1e-6
+
+
+class MLP(torch.nn.Module):
+    """Three linears wide enough that 4-bit weights dominate the file."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc1 = torch.nn.Linear(256, 512)
+        self.fc2 = torch.nn.Linear(512, 256)
+        self.fc3 = torch.nn.Linear(256, 10)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _calib(n=10, seed=0, rows=160):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 256, generator=g),) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = MLP().eval()
+    gm = fxcompress.compile(model, _calib()[0], profile="mobile-arm", techniques=["intx"],
+                            calibration=_calib(), tolerance=0.5)
+    return model, gm
+
+
+def test_every_linear_gets_4bit_groups_and_the_build_computes_what_was_simulated(compiled):
+    model, gm = compiled
+    rep = gm.meta["fxcompress_report"]
+    applied = {la.name: la for la in rep.layers}
+    assert all(la.applied.startswith("intx") for la in applied.values())
+    assert all(la.params["bits"] == 4 and la.params["rounding"] == "gptq"
+               for la in applied.values())
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(qd.dequantize_per_channel_group.default) == 3
+    assert ops.count(qd.quantize_per_token.default) == 3
+    # the built graph == the planner's simulation: per-token int8 input, dequantized weight
+    x = _calib(1, seed=5, rows=16)[0][0]
+    h = x
+    for i, name in enumerate(("fc1", "fc2", "fc3")):
+        q = getattr(gm, f"{name}_intx_weight")
+        s = getattr(gm, f"{name}_intx_scale")
+        assert int(q.abs().max()) <= 8
+        h = torch.nn.functional.linear(PerTokenInt8()(h), dequantize(q, s, 32),
+                                       getattr(model, name).bias)
+        h = torch.relu(h) if i < 2 else h
+    assert torch.allclose(gm(x), h, atol=1e-5, rtol=1e-5)
+    # bytes: 4 bits per weight plus a bf16 scale per 32
+    fc1 = applied["fc1"]
+    assert fc1.bytes_after == 512 * 256 // 2 + 512 * 8 * 2 + 512 * 4
+    assert any("error-compensated rounding" in n for n in rep.notes)
+
+
+def test_the_input_model_is_unchanged_and_rtn_is_a_setting(compiled):
+    model, _ = compiled
+    fresh = MLP().eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                fresh.state_dict().values(), strict=True))
+    gm = fxcompress.compile(fresh, _calib()[0], profile="mobile-arm", techniques=["intx"],
+                            calibration=_calib(), tolerance=0.5,
+                            overrides={"fc2": {"intx": {"rounding": "rtn"}}})
+    by = {la.name: la.params.get("rounding") for la in gm.meta["fxcompress_report"].layers}
+    assert by == {"fc1": "gptq", "fc2": "rtn", "fc3": "gptq"}
+    with pytest.raises(FxCompressError, match="rounding must be one of gptq, rtn"):
+        fxcompress.compile(fresh, _calib()[0], profile="mobile-arm", techniques=["intx"],
+                           calibration=_calib(), overrides={"*": {"intx": {"rounding": "x"}}})
+
+
+def test_pte_runs_the_int4_linears_in_xnnpack_packed_two_per_byte(compiled, tmp_path):
+    pytest.importorskip("executorch.runtime")
+    model, gm = compiled
+    x = _calib(1, rows=16)[0]
+    res = fxcompress.export(gm, x, tmp_path / "m.pte")
+    assert res.delegated_ops.get("quantized_decomposed.dequantize_per_channel_group.default") \
+        == 3
+    assert res.delegated_ops.get("aten.linear.default") == 3
+    assert not any("linear" in k or "per_token" in k for k in res.undelegated_ops)
+    base = fxcompress.export(fxcompress.compile(model, x, profile="mobile-arm",
+                                                techniques=["int8"], calibration=_calib(),
+                                                tolerance=0.0), x, tmp_path / "f.pte")
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    # 4 bits + bf16 scales per 32 is 0.1406 of fp32; fp32 biases and the program add a little
+    assert res.size_bytes < weights * 4 * 0.17
+    assert res.size_bytes < base.size_bytes
+    assert res.check_error < 0.05
+
+
+def test_profile_intx_section_is_checked():
+    data = load_profile("mobile-arm").to_dict()
+    assert data["intx_bits"] == [4] and data["intx_group_size"] == 32
+    import tomllib
+    from pathlib import Path
+
+    import hardware_profiles
+
+    raw = tomllib.loads((Path(hardware_profiles.__file__).parent / "mobile-arm.toml")
+                        .read_text())
+    for field, value, match in (("bits", [8], "widths from 2 to 7"),
+                                ("activations", "none", "only \"dynamic\""),
+                                ("ops", ["conv2d"], "intx.ops"),
+                                ("scale_dtype", "fp8", "intx.scale_dtype")):
+        bad = {**raw, "intx": {**raw["intx"], field: value}}
+        with pytest.raises(FxCompressError, match=match):
+            Profile.from_dict(bad, "test")
+
+
+def test_recovery_writes_the_trained_weight_back_as_the_same_groups():
+    w = torch.randn(32, 64)
+    q, s = rtn(w, 4, 32)
+    from fxcompress.candidates import Candidate, Step
+    from fxcompress.graph import Layer
+
+    layer = Layer("l", "l", "linear", "l.weight", None, (32, 64))
+    part = IntxPart(4, 32, q, s)
+    c = Candidate("intx", layer, {"bits": 4}, (Step("linear", dequantize(q, s, 32),
+                                                    fmt="intx"),), parts={"intx": part})
+    trained = w * 0.5
+    out = _write(c, [trained], None)
+    q2, s2 = rtn(trained, 4, 32)
+    assert torch.equal(out.part("intx").q, q2) and torch.equal(out.part("intx").scale, s2)
+    assert torch.equal(out.steps[0].weight, dequantize(q2, s2, 32))
+    assert out.part("intx").rounding == "trained"

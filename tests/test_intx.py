@@ -179,12 +179,36 @@ def test_recovery_writes_the_trained_weight_back_as_the_same_groups():
     from fxcompress.graph import Layer
 
     layer = Layer("l", "l", "linear", "l.weight", None, (32, 64))
-    part = IntxPart(4, 32, q, s)
+    part = IntxPart(4, 32, q, s)  # rounding: gptq
     c = Candidate("intx", layer, {"bits": 4}, (Step("linear", dequantize(q, s, 32),
                                                     fmt="intx"),), parts={"intx": part})
-    trained = w * 0.5
+    trained = w * 0.9
     out = _write(c, [trained], None)
-    q2, s2 = rtn(trained, 4, 32)
-    assert torch.equal(out.part("intx").q, q2) and torch.equal(out.part("intx").scale, s2)
-    assert torch.equal(out.steps[0].weight, dequantize(q2, s2, 32))
-    assert out.part("intx").rounding == "trained"
+    q2 = torch.round(trained.reshape(32, 2, 32) / s.unsqueeze(-1)).clamp(-8, 7)
+    assert torch.equal(out.part("intx").q, q2.reshape(32, 64).to(torch.int8))
+    assert torch.equal(out.part("intx").scale, s)  # the same groups and scales, new values
+    assert torch.equal(out.steps[0].weight, dequantize(out.part("intx").q, s, 32))
+    assert out.params["rounding"] == "gptq, trained"
+    # the straight-through form starts where the stored weight is, and passes gradients
+    lat = dequantize(q, s, 32).requires_grad_()
+    fq = fxcompress.technique.REGISTRY["intx"].formats["intx"](c)(lat)
+    assert torch.equal(fq.detach(), dequantize(q, s, 32))
+    fq.sum().backward()
+    assert torch.equal(lat.grad, torch.ones_like(lat))
+
+
+def test_recovery_trains_the_4bit_plan_and_stores_the_same_form(compiled):
+    model, gm = compiled
+    rec = fxcompress.compile(model, _calib()[0], profile="mobile-arm", techniques=["intx"],
+                             calibration=_calib(), tolerance=0.5,
+                             recover=fxcompress.Recover(steps=100, lr=3e-4, stages=0))
+    ops = [n.target for n in rec.graph.nodes if n.op == "call_function"]
+    assert ops.count(qd.dequantize_per_channel_group.default) == 3
+    changed = 0
+    for name in ("fc1", "fc2", "fc3"):
+        q = getattr(rec, f"{name}_intx_weight")
+        assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
+        changed += int((q != getattr(gm, f"{name}_intx_weight")).sum())
+    assert changed > 0  # trained weights, re-rounded into the same groups
+    before = gm.meta["fxcompress_report"].error
+    assert rec.meta["fxcompress_report"].error < before

@@ -45,6 +45,7 @@ from fxcompress.passes.intx.quant import (
     gptq,
     hessian_error,
     qrange,
+    round_to_scales,
     rtn,
 )
 from fxcompress.passes.svd.decompose import shrinkage, shrunk
@@ -56,7 +57,6 @@ from fxcompress.technique import (
     Trainable,
     checked_field,
     register,
-    straight_through,
 )
 
 qd = torch.ops.quantized_decomposed
@@ -242,8 +242,7 @@ def intx_pass(gm: fx.GraphModule, config: IntxConfig) -> PassResult:
 # --- recovery -------------------------------------------------------------------------------
 def _fake_of(c: Candidate):
     part = c.part("intx")
-    return straight_through(lambda w: fake_quantize(w, part.bits, part.group_size,
-                                                    part.scale_dtype))
+    return lambda w: fake_quantize(w, part.scale, part.bits)
 
 
 def _init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
@@ -252,9 +251,9 @@ def _init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
 
 def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
     part = c.part("intx")
-    q, s = rtn(latents[0].detach(), part.bits, part.group_size, part.scale_dtype)
-    part = replace(part, q=q, scale=s, rounding="trained")
-    return replace(c, steps=(_step(c.steps[0], part),), parts={**c.parts, "intx": part})
+    part = replace(part, q=round_to_scales(latents[0], part.scale, part.bits))
+    return replace(c, steps=(_step(c.steps[0], part),), parts={**c.parts, "intx": part},
+                   params={**c.params, "rounding": f"{part.rounding}, trained"})
 
 
 TECHNIQUE = register(Technique(

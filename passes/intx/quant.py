@@ -73,11 +73,25 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor
     return (q.float().reshape(r, c // group, group) * scale.unsqueeze(-1)).reshape(r, c)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group: int, scale_dtype: str = "fp32",
-                  ) -> torch.Tensor:
-    """`w` rounded to nearest at `bits` per group and dequantized (the straight-through
-    form's forward)."""
-    return dequantize(*rtn(w, bits, group, scale_dtype), group).to(w.dtype)
+def round_to_scales(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """q int8 (R, C): `w` rounded to nearest on the given group scales (R, C / group)."""
+    r, c = w.shape
+    lo, hi = qrange(bits)
+    g = w.detach().float().reshape(r, scale.shape[1], -1)
+    return torch.round(g / scale.unsqueeze(-1)).clamp(lo, hi).to(torch.int8).reshape(r, c)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """`w` rounded on the fixed group scales `scale` and dequantized, differentiable in `w`
+    straight through the rounding (recovery's form: the scales stay those the planner chose,
+    so training starts from the error-compensated weight exactly)."""
+    r, c = w.shape
+    lo, hi = qrange(bits)
+    s = scale.to(w.dtype).unsqueeze(-1)
+    g = w.reshape(r, scale.shape[1], -1)
+    q = g / s
+    q = q + (torch.round(q).clamp(lo, hi) - q).detach()
+    return (q * s).reshape(r, c)
 
 
 def _cholesky_of_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ process).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -41,7 +42,10 @@ import fxcompress  # noqa: E402
 from benchmarks import conditions, publish  # noqa: E402
 from benchmarks import pretrained as pre  # noqa: E402
 from benchmarks.models import load_pretrained, text_data  # noqa: E402
+from fxcompress.acceptance import Acceptance  # noqa: E402
+from fxcompress.api import prepare  # noqa: E402
 from fxcompress.host.timing import interleaved  # noqa: E402
+from fxcompress.planner import exact_allocation, plan_gain  # noqa: E402
 
 OUT_MD = ROOT / "benchmarks" / "results" / "lowbit.md"
 MODELS = ("minilm", "docs_lm", "text_transformer")
@@ -143,6 +147,69 @@ def batch1_ratios(case: pre.Case, gm: torch.nn.Module, runs: int) -> tuple[float
                  for p in (ours, peer))
 
 
+def _pte_row(case: pre.Case, method: str, gm, error: float, ref: torch.Tensor, secs: float,
+             ) -> Row:
+    with tempfile.TemporaryDirectory() as d:
+        data = fxcompress.export(gm, case.example, Path(d, "m.pte")).path.read_bytes()
+    out = case.outputs(pre.Pte(data), fixed=True)
+    bits: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "dequantize_per_channel" in str(n.target):
+            key = "intx/4b" if "group" in str(n.target) else "int8/8b"
+            bits[key] = bits.get(key, 0) + 1
+    row = Row(method, len(data), case.metric(out, ref), error, secs, bits)
+    print(f"  {method}: {row.size} B, {row.metrics}, error {error:.4f}, {bits}", flush=True)
+    return row
+
+
+def allocations(case: pre.Case, ref: torch.Tensor, targets: list[tuple[str, float]],
+                ) -> list[Row]:
+    """For each (label, error) target: the largest plan of the int8 / int4 ladders whose built
+    graph measures at most that error on the held-out calibration batches, taken (a) as the
+    longest prefix of the planner's greedy sequence and (b) from the exact allocation
+    (`planner.exact_allocation`, its error budget bisected until the built plan measures
+    within the target). Equal measured error, so the sizes compare."""
+    t0 = time.perf_counter()
+    prep = prepare(case.model, case.example, profile=PROFILE, calibration=case.calib,
+                   techniques=["intx", "int8"], objective="size", seed=0)
+    shared = time.perf_counter() - t0
+    sel, accept = prep.selection, Acceptance(prep.calib, 1.0, None, None, 0)
+    seq = sel.sequence(False)[0]
+
+    def judged(choice):
+        gm, _, v = sel.built_choice(choice, accept)
+        return gm, v.error.value
+
+    rows = []
+    for label, target in targets:
+        t1 = time.perf_counter()
+        lo, hi = 0, len(seq) - 1  # the longest prefix measuring within the target
+        if judged(seq[hi])[1] <= target:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if judged(seq[mid])[1] <= target else (lo, mid)
+        gm, err = judged(seq[lo])
+        rows.append(_pte_row(case, f"greedy sequence, error ≤ {label}", gm, err, ref,
+                             shared + time.perf_counter() - t1))
+        t1 = time.perf_counter()
+        best, b_lo, b_hi = None, 0.0, 4 * target
+        for _ in range(10):  # the largest error budget whose plan measures within the target
+            mid = (b_lo + b_hi) / 2
+            choice = exact_allocation(prep.options, "size", mid)
+            gm, err = judged(choice)
+            if err <= target:
+                b_lo = mid
+                if best is None or plan_gain(choice, prep.options, "size") > best[0]:
+                    best = (plan_gain(choice, prep.options, "size"), gm, err)
+            else:
+                b_hi = mid
+        if best is not None:
+            rows.append(_pte_row(case, f"exact allocation (DP), error ≤ {label}", best[1],
+                                 best[2], ref, shared + time.perf_counter() - t1))
+    return rows
+
+
 def bench(name: str, runs: int) -> tuple[list[Row], pre.Case]:
     """Every row of one model."""
     warnings.filterwarnings("ignore")
@@ -162,12 +229,12 @@ def bench(name: str, runs: int) -> tuple[list[Row], pre.Case]:
     r4, _ = compile_row(case, "int4 g32, GPTQ, everywhere", EVERYTHING, ref,
                         techniques=["intx"])
     rows += [r8, rtn, r4]
-    for single in (r8, r4):
-        tol = single.error * 1.0001
-        row, _ = compile_row(case, f"mix of int8 / int4, tolerance = {single.method.split(',')[0]}"
-                             f"'s error {single.error:.4f}", tol, ref,
-                             techniques=["intx", "int8"])
-        rows.append(row)
+    rows += allocations(case, ref, [(f"int8 everywhere's {r8.error:.4f}", r8.error),
+                                    (f"int4 GPTQ everywhere's {r4.error:.4f}", r4.error)])
+    mid = math.sqrt(r8.error * r4.error)  # between them: int8 is the single width that holds
+    row, _ = compile_row(case, f"planner (int8 / int4), tolerance {mid:.4f}", mid, ref,
+                         techniques=["intx", "int8"])
+    rows.append(row)
     whole, gm = compile_row(case, f"mobile-arm planner, every technique, tolerance "
                               f"{WHOLE_TOL[name]:g}", WHOLE_TOL[name], ref)
     rows.append(whole)

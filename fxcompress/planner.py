@@ -323,6 +323,48 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
         plans.append(snapshot())
 
 
+def exact_allocation(options: list[LayerOptions], objective: str, error_budget: float,
+                     bins: int = 4000) -> dict[str, Candidate]:
+    """The plan of largest total gain whose estimated error (root-sum-of-squares of the
+    single-rewrite errors, `estimated_error`) is within `error_budget`: a multiple-choice
+    knapsack over the layers' (gain, squared error) ladders, solved by dynamic programming
+    over the squared-error budget cut into `bins` steps (each candidate's share rounded up,
+    so the plan never exceeds the budget). The exact counterpart of `moves`' greedy order,
+    for comparing the two (`benchmarks/lowbit.py`); rewrites that change other layers'
+    shapes (pruned groups) are left out, as their compatibility is pairwise."""
+    budget2 = error_budget ** 2
+    neg = float("-inf")
+    best = torch.full((bins + 1,), neg, dtype=torch.float64)  # largest gain using b steps
+    best[0] = 0.0
+    picks: list[tuple[str, list[Candidate | None], torch.Tensor, list[int]]] = []
+    for opt in options:
+        ladder: list[tuple[Candidate | None, float, int]] = [] if opt.required \
+            else [(None, 0.0, 0)]
+        for c in opt.candidates:
+            if c.touches or c.error is None or not math.isfinite(c.error):
+                continue
+            g = gain(c, opt.base, objective)
+            steps = 0 if c.error == 0 else math.ceil(c.error ** 2 / max(budget2, 1e-30) * bins)
+            if g > 0 and steps <= bins:
+                ladder.append((c, g, steps))
+        if not ladder:
+            continue
+        rows = torch.full((len(ladder), bins + 1), neg, dtype=torch.float64)
+        for i, (_, g, steps) in enumerate(ladder):
+            rows[i, steps:] = best[:bins + 1 - steps] + g
+        best, arg = rows.max(0)
+        picks.append((opt.layer.name, [c for c, _, _ in ladder], arg,
+                      [st for _, _, st in ladder]))
+    b = int(torch.argmax(best))  # the first of equal gains: the least error
+    choice: dict[str, Candidate] = {}
+    for name, cands, arg, steps in reversed(picks):
+        i = int(arg[b])
+        if cands[i] is not None:
+            choice[name] = cands[i]
+        b -= steps[i]
+    return choice
+
+
 def plan_gain(plan: dict[str, Candidate], options: list[LayerOptions], objective: str) -> float:
     """A plan's total saving on the objective (the sum of its rewrites' `gain`)."""
     bases = {o.layer.name: o.base for o in options}

@@ -13,6 +13,7 @@ from fxcompress.errors import FxCompressError
 from fxcompress.hardware_profiles import Profile, load_profile
 from fxcompress.passes.intx import IntxPart, _write
 from fxcompress.passes.intx.quant import (
+    CLIP_RATIOS,
     PerTokenInt8,
     dequantize,
     gptq,
@@ -57,10 +58,16 @@ def test_levels_stay_in_range_and_scales_are_what_the_target_keeps():
             assert int(q.min()) >= lo and int(q.max()) <= hi
             assert s.shape == (16, 4)
             assert torch.equal(s, s.to(torch.bfloat16).float())  # exact in bfloat16
-    # both ends of each group's range land on the end levels (nothing clipped beyond rounding)
+    # each group's scale is the one of its range's shares (CLIP_RATIOS) with the least error:
+    # never more error than the full range's, less where clipping the extremes pays
     q, s = rtn(w, 4, 16)
-    wq = dequantize(q, s, 16)
-    assert float((wq - w).abs().max()) <= float(s.max()) / 2 + 1e-6
+    g = w.reshape(16, 4, 16)
+    full = torch.maximum(g.amax(-1) / 7, g.amin(-1) / -8)
+    err_full = (g - torch.round(g / full[..., None]).clamp(-8, 7) * full[..., None]) \
+        .square().sum(-1)
+    err = (g - dequantize(q, s, 16).reshape(16, 4, 16)).square().sum(-1)
+    assert bool((err <= err_full + 1e-6).all()) and float(err.sum()) < float(err_full.sum())
+    assert bool((s <= full + 1e-7).all()) and bool((s >= full * min(CLIP_RATIOS) - 1e-7).all())
 
 
 class MLP(torch.nn.Module):

@@ -286,3 +286,51 @@ def test_a_candidate_far_beyond_the_tolerance_is_measured_on_the_first_batches_o
     calls.update(near=0, far=0)
     calib.errors(jobs)
     assert calls == {"near": 6, "far": 6}
+
+
+def test_exact_allocation_finds_the_best_plan_within_the_error_budget():
+    """The dynamic programme over the layers' (gain, error) ladders gives the plan of largest
+    gain whose root-sum-of-squares error is within the budget, as brute force over every
+    combination does; the greedy order of gain per error² can miss it."""
+    import itertools
+    import math
+
+    from fxcompress.candidates import Candidate
+    from fxcompress.graph import Layer
+    from fxcompress.planner import (
+        LayerOptions,
+        estimated_error,
+        exact_allocation,
+        moves,
+        plan_gain,
+    )
+
+    g = torch.Generator().manual_seed(3)
+
+    def option(name, rewrites):  # (latency saved, error) per candidate of one layer
+        layer = Layer(name, name, "linear", f"{name}.weight", None, (4, 4))
+        base = Candidate("none", layer, {}, (), latency=100.0)
+        cands = [Candidate("intx", layer, {"i": i}, (), latency=100.0 - s, error=e)
+                 for i, (s, e) in enumerate(rewrites)]
+        return LayerOptions(layer, base, cands)
+
+    for trial in range(20):
+        options = []
+        for i in range(5):  # each layer: a light (int8-like) and a heavy (int4-like) rewrite
+            e8, s8 = float(torch.rand(1, generator=g)) * 0.02, float(torch.rand(1, generator=g))
+            options.append(option(f"l{i}", [(s8, e8), (s8 * 1.7, e8 * (2 + 4 * float(
+                torch.rand(1, generator=g))))]))
+        budget = 0.03
+        plan = exact_allocation(options, "latency", budget)
+        assert estimated_error(plan) <= budget + 1e-12
+        best = 0.0
+        for pick in itertools.product(*[[None, *o.candidates] for o in options]):
+            chosen = {o.layer.name: c for o, c in zip(options, pick, strict=True) if c}
+            if math.sqrt(sum(c.error ** 2 for c in chosen.values())) <= budget:
+                best = max(best, plan_gain(chosen, options, "latency"))
+        # within the budget's discretization (4,000 steps) of the true optimum
+        assert plan_gain(plan, options, "latency") >= best * 0.995, trial
+        greedy = max((p for p in moves(options, "latency") if estimated_error(p) <= budget),
+                     key=lambda p: plan_gain(p, options, "latency"))
+        assert plan_gain(plan, options, "latency") >= plan_gain(greedy, options, "latency") \
+            - 1e-12

@@ -105,13 +105,13 @@ def _step(s: Step, part: IntxPart) -> Step:
                    weight_bytes=_stored_bytes(part), input_quant=PerTokenInt8())
 
 
-def _part(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int, group: int,
-          scale_dtype: str, rounding: str) -> IntxPart:
+def _part(weight: torch.Tensor, hessian: torch.Tensor | None, importance: torch.Tensor | None,
+          bits: int, group: int, scale_dtype: str, rounding: str) -> IntxPart:
     if rounding == "gptq" and hessian is not None:
         q, s = gptq(weight, hessian, bits, group, scale_dtype)
     else:
         rounding = "rtn"
-        q, s = rtn(weight, bits, group, scale_dtype)
+        q, s = rtn(weight, bits, group, scale_dtype, importance)
     return IntxPart(bits, group, q, s, scale_dtype, rounding)
 
 
@@ -140,12 +140,14 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     if why:
         return [], f"intx: {why}"
     rounding = ctx.knobs("intx").rounding
-    hessian = _hessian(ctx.stats) if ctx.calibrated \
+    cov = ctx.stats.covariance if ctx.calibrated else None
+    importance = None if cov is None else cov.diagonal().clamp_min(0)
+    hessian = _hessian(ctx.stats) if cov is not None \
         and ctx.stats.rows >= GPTQ_ROWS_PER_COLUMN * step.weight.shape[1] else None
     cands = []
     for bits in sorted(p.intx_bits):
-        part = _part(step.weight, hessian, bits, p.intx_group_size, p.intx_scale_dtype,
-                     rounding)
+        part = _part(step.weight, hessian, importance, bits, p.intx_group_size,
+                     p.intx_scale_dtype, rounding)
         params = {"bits": bits, "group": p.intx_group_size, "rounding": part.rounding,
                   "activations": "int8 dynamic"}
         cands.append(Candidate("intx", layer, params, (_step(step, part),),
@@ -166,7 +168,8 @@ def notes(choice, calib) -> list[str]:
         st = calib.stats.get(c.layer.node)
         h = None if st is None else st.covariance
         w = get_attr(calib.gm, c.layer.weight_target).detach()
-        near = dequantize(*rtn(w, part.bits, part.group_size, part.scale_dtype),
+        near = dequantize(*rtn(w, part.bits, part.group_size, part.scale_dtype,
+                               None if h is None else h.diagonal().clamp_min(0)),
                           part.group_size)
         e_rtn = hessian_error(w, near, h)
         if e_rtn > 0:

@@ -4,11 +4,12 @@ quantizer the targets pair them with.
 
 A weight (R, C) is cut into groups of `group` consecutive input columns per output row; each
 group g of row r has one scale s[r, g] and stores q in [-2^(b-1), 2^(b-1) - 1]; the weight the
-layer computes with is q * s. The scale maps the group's most negative value to the lowest level
-and its largest to the highest (s = max(max / qmax, min / qmin)): both ends of the range are
-used, as XNNPACK's signed 4-bit blockwise kernels store it. Scales are rounded to the precision
-the target keeps them in (XNNPACK converts them to bfloat16) before q is chosen, so the weight
-simulated here is the weight the runtime multiplies with.
+layer computes with is q * s. The scale maps the group's range onto the levels (s = max(max / qmax,
+min / qmin): both ends of the signed range are used, as XNNPACK's 4-bit blockwise kernels
+store it), or a share of that range where clipping the extremes for a finer grid lowers the
+group's rounding error weighted by its inputs' second moment (`CLIP_RATIOS`). Scales are
+rounded to the precision the target keeps them in (XNNPACK converts them to bfloat16) before
+q is chosen, so the weight simulated here is the weight the runtime multiplies with.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ qd = torch.ops.quantized_decomposed
 #: up to it; larger groups make the block one group).
 DAMP = 0.01
 BLOCK = 128
+#: the shares of a group's full range its scale is tried at (the least weighted error wins)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 #: the dynamic activation range of the 8-bit per-token input quantizer
 ACT_QMIN, ACT_QMAX = -128, 127
 
@@ -41,11 +44,27 @@ def _rounded_scale(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     return s.float()
 
 
-def group_scale(w: torch.Tensor, bits: int, scale_dtype: str) -> torch.Tensor:
-    """Scales of the groups of `w` (..., group): the last dim is one group."""
+def group_scale(w: torch.Tensor, bits: int, scale_dtype: str,
+                importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales of the groups of `w` (..., group): the last dim is one group. Of the scales
+    that map the group's range onto the levels, shrunk by each of `CLIP_RATIOS` (clipping the
+    extremes for a finer grid), each group keeps the one whose rounding error, weighted by
+    `importance` (per column of the group: the input's second moment), is least."""
     lo, hi = qrange(bits)
-    s = torch.maximum(w.amax(-1).clamp_min(0) / hi, w.amin(-1).clamp_max(0) / lo)
-    return _rounded_scale(s.float(), scale_dtype)
+    full = torch.maximum(w.amax(-1).clamp_min(0) / hi, w.amin(-1).clamp_max(0) / lo).float()
+    best, best_err = None, None
+    wf = w.float()
+    for ratio in CLIP_RATIOS:
+        s = _rounded_scale(full * ratio, scale_dtype)
+        d = wf - torch.round(wf / s.unsqueeze(-1)).clamp(lo, hi) * s.unsqueeze(-1)
+        err = (d.square() * (1.0 if importance is None else importance)).sum(-1)
+        if best is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best = torch.where(better, s, best)
+            best_err = torch.where(better, err, best_err)
+    return best
 
 
 def check_groups(cols: int, group: int) -> str | None:
@@ -56,11 +75,13 @@ def check_groups(cols: int, group: int) -> str | None:
 
 
 def rtn(w: torch.Tensor, bits: int, group: int, scale_dtype: str = "fp32",
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round to nearest: (q int8 (R, C), scale fp32 (R, C / group))."""
+        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest: (q int8 (R, C), scale fp32 (R, C / group)); `importance` (C,): the
+    weight of each input column's error when the scales are chosen."""
     r, c = w.shape
     g = w.detach().float().reshape(r, c // group, group)
-    s = group_scale(g, bits, scale_dtype)
+    imp = None if importance is None else importance.float().reshape(c // group, group)
+    s = group_scale(g, bits, scale_dtype, imp)
     lo, hi = qrange(bits)
     q = torch.round(g / s.unsqueeze(-1)).clamp(lo, hi).to(torch.int8)
     return q.reshape(r, c), s
@@ -117,10 +138,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
     to `rtn` where H cannot be factored. Deterministic."""
     u = _cholesky_of_inverse(hessian, damp)
     if u is None:
-        return rtn(w, bits, group, scale_dtype)
+        return rtn(w, bits, group, scale_dtype, hessian.diagonal().clamp_min(0))
     lo, hi = qrange(bits)
     wd = w.detach().double().clone()
     r, c = wd.shape
+    diag = hessian.diagonal().float().clamp_min(0)
     block = max(group, block // group * group)
     q = torch.empty(r, c, dtype=torch.int8)
     scale = torch.empty(r, c // group, dtype=torch.float32)
@@ -133,7 +155,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
         for j in range(b1 - b0):
             col = b0 + j
             if col % group == 0:
-                s = group_scale(wb[:, j:j + group].float(), bits, scale_dtype)
+                s = group_scale(wb[:, j:j + group].float(), bits, scale_dtype,
+                                diag[col:col + group])
                 scale[:, col // group] = s
             v = wb[:, j]
             qj = torch.round(v / s.double()).clamp(lo, hi)

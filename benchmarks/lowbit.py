@@ -150,7 +150,8 @@ def batch1_ratios(case: pre.Case, gm: torch.nn.Module, runs: int) -> tuple[float
 def _pte_row(case: pre.Case, method: str, gm, error: float, ref: torch.Tensor, secs: float,
              ) -> Row:
     with tempfile.TemporaryDirectory() as d:
-        data = fxcompress.export(gm, case.example, Path(d, "m.pte")).path.read_bytes()
+        data = fxcompress.export(gm, case.example, Path(d, "m.pte"),
+                                 profile=PROFILE).path.read_bytes()
     out = case.outputs(pre.Pte(data), fixed=True)
     bits: dict[str, int] = {}
     for n in gm.graph.nodes:

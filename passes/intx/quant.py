@@ -22,8 +22,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 qd = torch.ops.quantized_decomposed
 
 #: GPTQ's ridge on the Hessian (relative to its mean diagonal) and the columns it updates
-#: together before pushing their error onto the rest of the row (a multiple of any group size
-#: up to it; larger groups make the block one group).
+#: together before pushing their error onto the rest of the row.
 DAMP = 0.01
 BLOCK = 128
 #: the shares of a group's full range its scale is tried at (the least weighted error wins)
@@ -132,36 +131,36 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-compensated rounding (GPTQ, Frantar et al. 2023) with group-wise scales:
     (q int8 (R, C), scale fp32 (R, C / group)) minimizing sum_r (w_r - q_r s_r) H (w_r -
-    q_r s_r)^T greedily. Columns are quantized in order; each column's rounding error is pushed
-    onto the columns not yet quantized through the Cholesky factor of H^-1, and a group's scale
-    is taken from the group's values as updated when its first column is reached. Falls back
-    to `rtn` where H cannot be factored. Deterministic."""
+    q_r s_r)^T greedily. The group scales are chosen first, on the weight as it is (as
+    `rtn` chooses them, weighted by H's diagonal); then the columns are rounded in order,
+    each column's rounding error pushed onto the columns not yet rounded through the
+    Cholesky factor of H^-1. Falls back to `rtn` where H cannot be factored.
+
+    Measured on the docs language model (every linear at 4 bits, group 32): scales fixed
+    first, columns in order: relative output error 0.0229, perplexity +0.024 %; the same with
+    the columns of largest H diagonal first ("act order"): 0.0223, +0.098 %; scales chosen
+    as each group is reached, on the updated weights: 0.0220, +0.063 %; round to nearest:
+    0.0336, +0.050 %."""
+    diag = hessian.diagonal().clamp_min(0)
+    r, c = w.shape
+    _, scale = rtn(w, bits, group, scale_dtype, diag)
     u = _cholesky_of_inverse(hessian, damp)
     if u is None:
-        return rtn(w, bits, group, scale_dtype, hessian.diagonal().clamp_min(0))
+        return rtn(w, bits, group, scale_dtype, diag)
     lo, hi = qrange(bits)
     wd = w.detach().double().clone()
-    r, c = wd.shape
-    diag = hessian.diagonal().float().clamp_min(0)
-    block = max(group, block // group * group)
+    cols = scale.double().repeat_interleave(group, dim=1)  # each column's scale
     q = torch.empty(r, c, dtype=torch.int8)
-    scale = torch.empty(r, c // group, dtype=torch.float32)
     for b0 in range(0, c, block):
         b1 = min(b0 + block, c)
         wb = wd[:, b0:b1]
         err = torch.empty_like(wb)
         ub = u[b0:b1, b0:b1]
-        s = None
         for j in range(b1 - b0):
-            col = b0 + j
-            if col % group == 0:
-                s = group_scale(wb[:, j:j + group].float(), bits, scale_dtype,
-                                diag[col:col + group])
-                scale[:, col // group] = s
-            v = wb[:, j]
-            qj = torch.round(v / s.double()).clamp(lo, hi)
-            q[:, col] = qj.to(torch.int8)
-            e = (v - qj * s.double()) / ub[j, j]
+            v, s = wb[:, j], cols[:, b0 + j]
+            qj = torch.round(v / s).clamp(lo, hi)
+            q[:, b0 + j] = qj.to(torch.int8)
+            e = (v - qj * s) / ub[j, j]
             wb[:, j + 1:] -= e.unsqueeze(1) * ub[j, j + 1:].unsqueeze(0)
             err[:, j] = e
         wd[:, b1:] -= err @ u[b0:b1, b1:]

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
+from fxcompress.gptq import BLOCK, DAMP, compensate, inverse_cholesky
+
 qd = torch.ops.quantized_decomposed
 
-#: GPTQ's ridge on the Hessian (relative to its mean diagonal) and the columns it updates
-#: together before pushing their error onto the rest of the row.
-DAMP = 0.01
-BLOCK = 128
 #: the shares of a group's full range its scale is tried at (the least weighted error wins)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 #: the dynamic activation range of the 8-bit per-token input quantizer
@@ -114,18 +112,6 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
     return (q * s).reshape(r, c)
 
 
-def _cholesky_of_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
-    h = hessian.detach().double().clone()
-    dead = h.diagonal() <= 0  # an input that is always zero: its column is free
-    h[dead, dead] = 1.0
-    h += damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
-    try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
-                                     upper=True)
-    except RuntimeError:  # numerically singular despite the damping
-        return None
-
-
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
          scale_dtype: str = "fp32", damp: float = DAMP, block: int = BLOCK,
          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,26 +130,19 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
     diag = hessian.diagonal().clamp_min(0)
     r, c = w.shape
     _, scale = rtn(w, bits, group, scale_dtype, diag)
-    u = _cholesky_of_inverse(hessian, damp)
+    u = inverse_cholesky(hessian, damp)
     if u is None:
         return rtn(w, bits, group, scale_dtype, diag)
     lo, hi = qrange(bits)
-    wd = w.detach().double().clone()
     cols = scale.double().repeat_interleave(group, dim=1)  # each column's scale
     q = torch.empty(r, c, dtype=torch.int8)
-    for b0 in range(0, c, block):
-        b1 = min(b0 + block, c)
-        wb = wd[:, b0:b1]
-        err = torch.empty_like(wb)
-        ub = u[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            v, s = wb[:, j], cols[:, b0 + j]
-            qj = torch.round(v / s).clamp(lo, hi)
-            q[:, b0 + j] = qj.to(torch.int8)
-            e = (v - qj * s) / ub[j, j]
-            wb[:, j + 1:] -= e.unsqueeze(1) * ub[j, j + 1:].unsqueeze(0)
-            err[:, j] = e
-        wd[:, b1:] -= err @ u[b0:b1, b1:]
+
+    def round_column(j: int, v: torch.Tensor) -> torch.Tensor:
+        qj = torch.round(v / cols[:, j]).clamp(lo, hi)
+        q[:, j] = qj.to(torch.int8)
+        return qj * cols[:, j]
+
+    compensate(w, u, round_column, block)
     return q, scale
 
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from fxcompress.gptq import BLOCK as GPTQ_BLOCK
+from fxcompress.gptq import DAMP, compensate, inverse_cholesky
+
 #: Output channels per group for the grouped palettes (coremltools' per_grouped_channel
 #: default); `ShareSettings.group_size` changes it.
 GROUP_SIZE = 16
@@ -30,10 +33,6 @@ MAX_ITERS = 60
 GRAPH_BYTES_PER_OP = 1200
 GRAPH_BYTES_PER_TENSOR = 300
 
-#: GPTQ-style assignment: ridge added to the Hessian, relative to its mean diagonal, and the
-#: columns updated together before the rest of the row is.
-DAMP = 0.01
-GPTQ_BLOCK = 128
 #: Output projections that estimate an embedding's output Hessian (exact below this many
 #: output values per example).
 PROBES = 32
@@ -277,32 +276,20 @@ def gptq_assign(weight: torch.Tensor, lut_rows: torch.Tensor, hessian: torch.Ten
     columns are assigned in order, each to its nearest entry, and its rounding error is
     propagated onto the later columns through the Cholesky factor of H^-1 (the optimal
     update of the rest of the row given this column's error). Deterministic (no draws)."""
-    w = weight.detach().double().clone()
-    r, c = w.shape
-    h = hessian.detach().double().clone()
-    dead = h.diagonal() <= 0  # an input that is always zero: any index will do
-    h[dead, dead] = 1.0
-    h += damp * float(h.diagonal().mean()) * torch.eye(c, dtype=torch.float64)
-    try:
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # numerically singular despite the damping: plain nearest entries
+    r, c = weight.shape
+    u = inverse_cholesky(hessian, damp)
+    if u is None:  # numerically singular despite the damping: plain nearest entries
         u = torch.eye(c, dtype=torch.float64)
     lut = lut_rows.detach().double()
     mids = ((lut[:, 1:] + lut[:, :-1]) / 2).contiguous()
     idx = torch.empty(r, c, dtype=torch.long)
-    for b0 in range(0, c, block):
-        b1 = min(b0 + block, c)
-        wb = w[:, b0:b1]
-        err = torch.empty_like(wb)
-        ub = u[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            v = wb[:, j:j + 1]
-            i = torch.searchsorted(mids, v.contiguous())
-            idx[:, b0 + j] = i[:, 0]
-            e = (v - lut.gather(1, i)) / ub[j, j]
-            wb[:, j + 1:] -= e * ub[j:j + 1, j + 1:]
-            err[:, j:j + 1] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
+
+    def round_column(j: int, v: torch.Tensor) -> torch.Tensor:
+        i = torch.searchsorted(mids, v.unsqueeze(1).contiguous())
+        idx[:, j] = i[:, 0]
+        return lut.gather(1, i)[:, 0]
+
+    compensate(weight, u, round_column, block)
     return idx
 
 

@@ -219,3 +219,14 @@ def test_recovery_trains_the_4bit_plan_and_stores_the_same_form(compiled):
     assert changed > 0  # trained weights, re-rounded into the same groups
     before = gm.meta["fxcompress_report"].error
     assert rec.meta["fxcompress_report"].error < before
+
+
+def test_too_few_calibration_rows_per_input_column_round_to_nearest():
+    """GPTQ fitted to a second moment from fewer rows than the layer has inputs moves error
+    into directions those rows never took: such layers round to nearest (and say so)."""
+    model = MLP().eval()
+    few = _calib(6, rows=16)  # ~64 fit rows: fewer than 2 per input column of any layer
+    gm = fxcompress.compile(model, few[0], profile="mobile-arm", techniques=["intx"],
+                            calibration=few, tolerance=0.5)
+    layers = gm.meta["fxcompress_report"].layers
+    assert layers and all(la.params["rounding"] == "rtn" for la in layers)

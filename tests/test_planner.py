@@ -334,3 +334,47 @@ def test_exact_allocation_finds_the_best_plan_within_the_error_budget():
                      key=lambda p: plan_gain(p, options, "latency"))
         assert plan_gain(plan, options, "latency") >= plan_gain(greedy, options, "latency") \
             - 1e-12
+
+
+def test_the_exact_allocation_replaces_a_greedy_plan_it_beats_and_that_holds():
+    """The greedy takes the rewrite of best gain per error² first, which can leave no room
+    for one of more gain; the exact allocation, built and judged after it, takes that one
+    and is taken because its build holds. A build that misses the tolerance never is."""
+    from fxcompress.acceptance import Estimate, Verdict
+    from fxcompress.candidates import Candidate
+    from fxcompress.graph import Layer
+    from fxcompress.planner import Plan, _exact, estimated_error, moves, plan_gain
+
+    def option(name, rewrites):
+        from fxcompress.planner import LayerOptions
+
+        layer = Layer(name, name, "linear", f"{name}.weight", None, (4, 4))
+        base = Candidate("none", layer, {}, (), latency=100.0)
+        return LayerOptions(layer, base, [Candidate("x", layer, {"i": i}, (), latency=100 - g,
+                                                    error=e)
+                                          for i, (g, e) in enumerate(rewrites)])
+
+    # x has the best gain per error², y the most gain: the budget holds one of them
+    options = [option("x", [(10.0, 0.001 ** 0.5)]), option("y", [(50.0, 0.006 ** 0.5)])]
+    sequence = moves(options, "latency")
+    assert list(sequence[1]) == ["x"]
+    tol = 0.04  # the judge: half the estimate (errors that partly cancel): e² <= 0.0064
+    accept = _Judge(tol)
+    k = max(i for i, p in enumerate(sequence) if 0.5 * estimated_error(p) <= tol)
+    e = 0.5 * estimated_error(sequence[k])
+    plan = Plan(sequence[k], e, None, object(),
+                verdict=accept.judged(Verdict(Estimate(e, e, e, 0), None, None, False)), index=k)
+    sel = _Selection(options)
+    out = _exact(sel, sequence, plan, accept, lambda s: None)
+    assert set(plan.choice) == {"x"} and set(out.choice) == {"y"}
+    assert plan_gain(out.choice, options, "latency") > plan_gain(plan.choice, options,
+                                                                  "latency")
+    assert out.verdict.ok and 0.5 * estimated_error(out.choice) <= tol
+    assert any("exact allocation" in h and "taken" in h for h in out.history)
+    # a judge that rejects anything but the greedy plan: the greedy plan stays
+    strict = _Judge(e + 1e-12)
+    plan = Plan(sequence[k], e, None, object(),
+                verdict=strict.judged(Verdict(Estimate(e, e, e, 0), None, None, False)),
+                index=k)
+    out = _exact(_Selection(options), sequence, plan, strict, lambda s: None)
+    assert out is plan or out.choice == plan.choice

@@ -192,6 +192,9 @@ def allocations(case: pre.Case, ref: torch.Tensor, targets: list[tuple[str, floa
         for _ in range(10):  # the largest error budget whose plan holds
             mid = (lo + hi) / 2
             choice = exact_allocation(prep.options, "size", mid)
+            if choice is None:
+                lo = mid
+                continue
             gm, v = judged(choice)
             if holds(v):
                 lo = mid

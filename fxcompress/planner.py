@@ -324,14 +324,16 @@ def moves(options: list[LayerOptions], objective: str) -> list[dict[str, Candida
 
 
 def exact_allocation(options: list[LayerOptions], objective: str, error_budget: float,
-                     bins: int = 4000) -> dict[str, Candidate]:
+                     bins: int = 4000) -> dict[str, Candidate] | None:
     """The plan of largest total gain whose estimated error (root-sum-of-squares of the
     single-rewrite errors, `estimated_error`) is within `error_budget`: a multiple-choice
     knapsack over the layers' (gain, squared error) ladders, solved by dynamic programming
     over the squared-error budget cut into `bins` steps (each candidate's share rounded up,
     so the plan never exceeds the budget). The exact counterpart of `moves`' greedy order,
     for comparing the two (`benchmarks/lowbit.py`); rewrites that change other layers'
-    shapes (pruned groups) are left out, as their compatibility is pairwise."""
+    shapes (pruned groups) are left out, as their compatibility is pairwise. Layers the
+    target requires rewritten (`LayerOptions.required`) always get one; None where they do not
+    fit the budget."""
     budget2 = error_budget ** 2
     neg = float("-inf")
     best = torch.full((bins + 1,), neg, dtype=torch.float64)  # largest gain using b steps
@@ -345,9 +347,12 @@ def exact_allocation(options: list[LayerOptions], objective: str, error_budget: 
                 continue
             g = gain(c, opt.base, objective)
             steps = 0 if c.error == 0 else math.ceil(c.error ** 2 / max(budget2, 1e-30) * bins)
-            if g > 0 and steps <= bins:
+            # a layer the target requires rewritten takes a rewrite even at a loss
+            if (g > 0 or opt.required) and steps <= bins:
                 ladder.append((c, g, steps))
         if not ladder:
+            if opt.required and opt.candidates:
+                return None  # no required rewrite of this layer fits the budget
             continue
         rows = torch.full((len(ladder), bins + 1), neg, dtype=torch.float64)
         for i, (_, g, steps) in enumerate(ladder):
@@ -355,6 +360,8 @@ def exact_allocation(options: list[LayerOptions], objective: str, error_budget: 
         best, arg = rows.max(0)
         picks.append((opt.layer.name, [c for c, _, _ in ladder], arg,
                       [st for _, _, st in ladder]))
+    if not math.isfinite(float(best.max())):
+        return None  # the required rewrites alone exceed the budget
     b = int(torch.argmax(best))  # the first of equal gains: the least error
     choice: dict[str, Candidate] = {}
     for name, cands, arg, steps in reversed(picks):
@@ -706,7 +713,7 @@ def _exact(selection: Selection, sequence: list[dict[str, Candidate]], plan: Pla
     for i in range(EXACT_PROBES):
         budget = lo if i == 0 else (lo + hi) / 2
         choice = exact_allocation(options, objective, budget)
-        g = plan_gain(choice, options, objective)
+        g = plan_gain(choice, options, objective) if choice is not None else -math.inf
         if g <= best_gain:
             lo = budget  # nothing more to gain at this budget: look higher
             continue

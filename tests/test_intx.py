@@ -160,6 +160,14 @@ def test_pte_runs_the_int4_linears_in_xnnpack_packed_two_per_byte(compiled, tmp_
     assert res.check_error < 0.05
 
 
+def test_onnx_refuses_int4_layers_with_the_way_out(compiled, tmp_path):
+    pytest.importorskip("onnxscript")
+    _, gm = compiled
+    with pytest.raises(FxCompressError, match="fc1, fc2, fc3.*write the .pte"):
+        fxcompress.export(gm, _calib(1, rows=16)[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_profile_intx_section_is_checked():
     data = load_profile("mobile-arm").to_dict()
     assert data["intx_bits"] == [4] and data["intx_group_size"] == 32

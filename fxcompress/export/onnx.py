@@ -19,7 +19,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from fxcompress.errors import upstream_failure
+from fxcompress.errors import FxCompressError, upstream_failure
 from fxcompress.export import (
     ExportResult,
     _batch_is_dynamic,
@@ -154,12 +154,28 @@ def _strip_debug_info(model) -> None:
         value.metadata_props.clear()
 
 
+def _refuse_group_wise(gm: torch.nn.Module) -> None:
+    """The user error for a graph with group-wise low-bit layers (`intx`): their per-token
+    and per-group ops have no ONNX form here yet."""
+    graph = getattr(gm, "graph", None)
+    layers = sorted({str(n.meta.get("fxcompress_layer", n.name)) for n in getattr(
+        graph, "nodes", ()) if n.op == "call_function"
+        and "dequantize_per_channel_group" in str(n.target)})
+    if layers:
+        raise FxCompressError(
+            f"{len(layers)} layer(s) ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}"
+            ") hold group-wise int4 weights (intx), which fxcompress cannot write as .onnx "
+            "yet; write the .pte they were compiled for, or compile for ONNX without them "
+            "(techniques= without \"intx\", or profile='x86-server')")
+
+
 def write_onnx(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, tol: float,
                onnx_int8: str = "portable", program: ExportedProgram | None = None,
                ) -> ExportResult:
     """Write `gm` as an ``.onnx`` at `path` (checked in ONNX Runtime against `expected`, its
     outputs on `inputs`, within `tol`). `program`: the program compile kept, already known to
     be the one `to_exported_program` would make here (None: export `gm`)."""
+    _refuse_group_wise(gm)
     install = "pip install 'fxcompress[onnx]'"
     _require("onnxscript", "writing an .onnx", install)
     ort = _require("onnxruntime", "checking an .onnx", install)

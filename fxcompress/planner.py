@@ -688,34 +688,37 @@ def _fill(selection: Selection, sequence: list[dict[str, Candidate]], plan: Plan
     return plan
 
 
-#: Plans of the exact allocation built and judged after the greedy's (a bisection over its
-#: error budget between the greedy plan's estimate and the whole sequence's).
+#: Error budgets of the exact allocation tried after the greedy's plan (each plan that gains
+#: more is built and judged).
 EXACT_PROBES = 6
 
 
 def _exact(selection: Selection, sequence: list[dict[str, Candidate]], plan: Plan,
            accept: Acceptance, log: Callable[[str], None]) -> Plan:
     """The greedy's `plan`, or the exact allocation's (`exact_allocation`) where one gains
-    more and holds: its error budget is bisected between the greedy plan's estimate (where it
-    gains at least as much, by the estimate) and the whole sequence's, each probe built and
-    judged; the largest gain that holds (and fits the weight budget, and under the size
-    objective does not grow the file) wins. The greedy order (gain per error², one layer at a
-    time) goes astray where a cheap, mild rewrite of every layer uses the budget that a
-    stronger rewrite of most of them would have used better: on MiniLM for mobile-arm at
-    tolerance 0.14 (size), 8-bit palettes everywhere, 0.235 of the weights at error 0.123,
-    where the exact allocation holds at 0.150 (int4 on 21 linears, palettes on the rest)."""
+    more and holds: its error budget is tried at the greedy plan's estimate (where it gains
+    at least as much, by the estimate), then bisected between 0 and the whole sequence's,
+    each probe built and judged; the largest gain that holds (and fits the weight budget,
+    and under the size objective does not grow the file) wins. The greedy order (gain per
+    error², one layer at a time) goes astray where a mild rewrite of every layer uses the
+    budget that a stronger rewrite of most of them would have used better: on MiniLM for
+    mobile-arm at tolerance 0.14 (size), 8-bit palettes everywhere, 0.235 of the weights at
+    error 0.123, where the exact allocation holds at 0.150 (int4 on 21 linears, palettes
+    on the rest)."""
     if accept.exact_limit is not None or plan.graph_module is None:
         return plan
     options, objective = selection.options, selection.objective
     best, best_gain = plan, plan_gain(plan.choice, options, objective)
     before = selection.file_bytes(plan.graph_module) if objective == "size" else None
-    lo, hi = estimated_error(plan.choice), estimated_error(sequence[-1])
+    lo, hi = 0.0, estimated_error(sequence[-1])
     for i in range(EXACT_PROBES):
-        budget = lo if i == 0 else (lo + hi) / 2
+        # first at the greedy plan's own estimate, then bisecting: a budget whose plan gains
+        # no more than the best so far, or holds, moves the search up; one that fails, down
+        budget = estimated_error(plan.choice) if i == 0 else (lo + hi) / 2
         choice = exact_allocation(options, objective, budget)
         g = plan_gain(choice, options, objective) if choice is not None else -math.inf
         if g <= best_gain:
-            lo = budget  # nothing more to gain at this budget: look higher
+            lo = budget
             continue
         out, built, v = selection.built_choice(choice, accept)
         ok = v.ok and selection.fits(out)
@@ -731,8 +734,6 @@ def _exact(selection: Selection, sequence: list[dict[str, Candidate]], plan: Pla
             best, best_gain = Plan(built, v.error.value, v.score, out, history=plan.history,
                                    verdict=v, index=plan.index), g
             lo = budget
-        elif i == 0:
-            break  # even at the greedy plan's own estimate: larger budgets hold no better
         else:
             hi = budget
     return best

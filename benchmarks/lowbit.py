@@ -9,17 +9,19 @@ its held-out windows; text_transformer: its test split):
 - one bit-width everywhere (every linear; embeddings stay fp32, as in torchao's path): int8
   (`techniques=["int8"]`), int4 rounded to nearest (`intx` with `rounding="rtn"`) and int4
   error-compensated (`intx`, GPTQ);
-- the planner's mix of int8 and int4 (`techniques=["intx", "int8"]`, objective size) at the
-  error the int8 row measured and at the error the int4 row measured: equal error, so the
-  sizes compare;
+- the int8 / int4 ladders allocated at the error each single-width row measured (equal
+  measured error, so the sizes compare): the longest prefix of the planner's greedy sequence
+  and the exact allocation (`planner.exact_allocation`);
+- at a tolerance between the two single widths' errors: the exact allocation judged as
+  compile judges, and compile itself (`techniques=["intx", "int8"]`, objective size);
 - the whole mobile-arm planner (every technique, objective size) at the model's tolerance.
 
-"error" is the relative output error each compile measured on its held-out calibration
-batches (the quantity a tolerance bounds); the model's own metric is on the unseen data.
-MiniLM also gets the ``.pte`` latency at batch 1 against fp32 (interleaved medians, one
-process).
+"error" is the relative output error measured on the held-out calibration batches (the
+quantity a tolerance bounds); the model's own metric is on the unseen data. MiniLM also gets
+the ``.pte`` latency at batch 1 against fp32 (interleaved medians, one process).
 
     .venv/bin/python benchmarks/lowbit.py [--models minilm docs_lm text_transformer]
+        [--from-json] [--int4-latency]
 """
 
 from __future__ import annotations
@@ -288,9 +290,13 @@ def render(results: dict[str, list[Row]], seconds: float, cond: str) -> list[str
              f"{cond}. Every row is an XNNPACK `.pte` run in the ExecuTorch runtime on "
              "data no compile saw. \"error\": the relative output error the compile measured on "
              "its held-out calibration batches (what a tolerance bounds). Rows \"everywhere\" "
-             "rewrite every linear (embeddings stay fp32, as in torchao's path); \"mix\" rows "
-             "let the planner choose int8 or int4 per layer for the smallest file at the error "
-             "of a single-width row.", ""]
+             "rewrite every linear (embeddings stay fp32, as in torchao's path). \"greedy "
+             "sequence\" / \"exact allocation (DP)\", error ≤ a single width's: the largest "
+             "int8 / int4 plan of each kind whose build measures within that error (equal "
+             "error, so the sizes compare); at a tolerance: judged as compile judges (95% "
+             "bootstrap bound), beside compile's own plan (which runs the greedy, then the "
+             "exact allocation). \"layers\": rewrites per kind (fp32: layers left as they "
+             "are, embeddings included).", ""]
     for name, rows in results.items():
         fp32 = rows[0].size
         lines += [f"## {name}", "",

@@ -79,9 +79,7 @@ def rtn(w: torch.Tensor, bits: int, group: int, scale_dtype: str = "fp32",
     g = w.detach().float().reshape(r, c // group, group)
     imp = None if importance is None else importance.float().reshape(c // group, group)
     s = group_scale(g, bits, scale_dtype, imp)
-    lo, hi = qrange(bits)
-    q = torch.round(g / s.unsqueeze(-1)).clamp(lo, hi).to(torch.int8)
-    return q.reshape(r, c), s
+    return round_to_scales(w, s, bits), s
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """intx: group-wise low-bit weights with dynamic per-token int8 activations — the rounding
 (GPTQ beats round-to-nearest on the layer's own inputs), the stored levels and scales, the
-profile's `[intx]` section, simulation == build, and the .pte XNNPACK runs whole with the
-weights packed two per byte."""
+profile's `[intx]` section, simulation == build, and the .pte XNNPACK runs whole and the
+.onnx's MatMulNBits with the weights packed two per byte."""
 
 from __future__ import annotations
 
@@ -160,12 +160,51 @@ def test_pte_runs_the_int4_linears_in_xnnpack_packed_two_per_byte(compiled, tmp_
     assert res.check_error < 0.05
 
 
-def test_onnx_refuses_int4_layers_with_the_way_out(compiled, tmp_path):
+def test_onnx_holds_int4_layers_as_matmulnbits_packed_two_per_byte(compiled, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    _, gm = compiled
-    with pytest.raises(FxCompressError, match="fc1, fc2, fc3.*write the .pte"):
-        fxcompress.export(gm, _calib(1, rows=16)[0], tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+    import onnx
+
+    model, gm = compiled
+    x = _calib(1, rows=16)[0]
+    res = fxcompress.export(gm, x, tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    nodes = [(n.domain, n.op_type) for n in m.graph.node]
+    assert nodes.count(("com.microsoft", "MatMulNBits")) == 3
+    assert not any(t in ("MatMul", "Gemm", "DequantizeLinear") for _, t in nodes)
+    packed = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert sorted(tuple(t.dims) for t in packed) == [(10, 8, 16), (256, 16, 16), (512, 8, 16)]
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    # 4 bits + an fp32 scale per 32 is 0.156 of fp32; biases and the graph add a little
+    assert res.size_bytes < weights * 4 * 0.18
+    assert res.check_error < 0.05
+    # another batch size, on inputs the export never saw: ONNX Runtime's int8 x int4 kernels
+    # compute what the compiled model computes, up to their finer input quantization
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    xs = torch.randn(7, 256, generator=torch.Generator().manual_seed(9))
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0])
+    want = gm(xs)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    # the codes in the file are the compiled model's
+    from fxcompress.export.nbits import unpack
+
+    w = onnx.numpy_helper.to_array(next(t for t in packed if tuple(t.dims) == (512, 8, 16)))
+    assert torch.equal(unpack(torch.from_numpy(w.copy()), 4, 32), gm.fc1_intx_weight)
+
+
+def test_code_packing_round_trips_every_width():
+    from fxcompress.export.nbits import container_bits, pack, unpack
+
+    g = torch.Generator().manual_seed(3)
+    for bits in range(2, 9):
+        lo, hi = qrange(bits)
+        q = torch.randint(lo, hi + 1, (5, 64), generator=g, dtype=torch.int8)
+        p = pack(q, bits, 32)
+        cb = container_bits(bits)
+        assert p.dtype == torch.uint8 and p.shape == (5, 2, 32 * cb // 8)
+        assert torch.equal(unpack(p, bits, 32), q)
+    # low bits first: codes 1 and 2 (stored as 9 and 10) share the byte 0xA9
+    assert int(pack(torch.tensor([[1, 2] * 16], dtype=torch.int8), 4, 32)[0, 0, 0]) == 0xA9
 
 
 def test_profile_intx_section_is_checked():

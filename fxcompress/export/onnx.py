@@ -3,8 +3,9 @@
 int8 held as ``quantized_decomposed`` Q/DQ ops becomes QuantizeLinear / DequantizeLinear (with
 translations of the ops onnxscript lacks, `_onnx_translations`), the pattern ONNX Runtime fuses
 into int8 kernels; full-range int8 weights are re-encoded as uint8 (`_portable_int8`) unless
-``onnx_int8="u8s8"``; the report is kept in the model's metadata. The file is loaded in ONNX
-Runtime and run before it is moved into place.
+``onnx_int8="u8s8"``; group-wise low-bit linears (``intx``) become ONNX Runtime's
+``MatMulNBits`` on packed codes (`nbits`); the report is kept in the model's metadata. The
+file is loaded in ONNX Runtime and run before it is moved into place.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from fxcompress.errors import FxCompressError, upstream_failure
+from fxcompress.errors import upstream_failure
 from fxcompress.export import (
     ExportResult,
     _batch_is_dynamic,
@@ -29,6 +30,7 @@ from fxcompress.export import (
     _require,
     _staged,
     file_size,
+    nbits,
     to_exported_program,
 )
 from fxcompress.loading import REPORT_FILE
@@ -154,28 +156,14 @@ def _strip_debug_info(model) -> None:
         value.metadata_props.clear()
 
 
-def _refuse_group_wise(gm: torch.nn.Module) -> None:
-    """The user error for a graph with group-wise low-bit layers (`intx`): their per-token
-    and per-group ops have no ONNX form here yet."""
-    graph = getattr(gm, "graph", None)
-    layers = sorted({str(n.meta.get("fxcompress_layer", n.name)) for n in getattr(
-        graph, "nodes", ()) if n.op == "call_function"
-        and "dequantize_per_channel_group" in str(n.target)})
-    if layers:
-        raise FxCompressError(
-            f"{len(layers)} layer(s) ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}"
-            ") hold group-wise int4 weights (intx), which fxcompress cannot write as .onnx "
-            "yet; write the .pte they were compiled for, or compile for ONNX without them "
-            "(techniques= without \"intx\", or profile='x86-server')")
-
-
 def write_onnx(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, tol: float,
                onnx_int8: str = "portable", program: ExportedProgram | None = None,
                ) -> ExportResult:
     """Write `gm` as an ``.onnx`` at `path` (checked in ONNX Runtime against `expected`, its
     outputs on `inputs`, within `tol`). `program`: the program compile kept, already known to
     be the one `to_exported_program` would make here (None: export `gm`)."""
-    _refuse_group_wise(gm)
+    if nbits.has_intx(gm):  # group-wise low-bit layers: MatMulNBits on packed codes
+        gm, program = nbits.nbits_graph(gm), None
     install = "pip install 'fxcompress[onnx]'"
     _require("onnxscript", "writing an .onnx", install)
     ort = _require("onnxruntime", "checking an .onnx", install)
@@ -188,7 +176,9 @@ def write_onnx(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected,
         # the exporter prints its progress on stdout, which belongs to the caller (--json)
         with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
             onnx_program = torch.onnx.export(ep, _clones(inputs), dynamo=True, verbose=False,
-                                             custom_translation_table=_onnx_translations())
+                                             custom_translation_table={
+                                                 **_onnx_translations(),
+                                                 **nbits.onnx_translations()})
     except Exception as e:
         raise upstream_failure("the ONNX exporter (torch.onnx)", ".onnx", e) from e
     _strip_debug_info(onnx_program.model)

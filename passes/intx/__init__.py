@@ -13,8 +13,9 @@ delegate runs as its qd8 x qb4w GEMM on phones): the input is quantized per toke
 ``dequantize_per_token``), the weight is held as int8 values in the integer range with
 bfloat16-representable scales and dequantized by ``dequantize_per_channel_group``, and the
 layer stays ``aten.linear``. XnnpackPartitioner takes the whole pattern into its int4 kernel and
-packs the weight two values per byte in the ``.pte`` (scales as bfloat16); the ``.pt2`` holds
-one byte per value.
+packs the weight two values per byte in the ``.pte`` (scales as bfloat16); an ``.onnx`` holds
+each such layer as ONNX Runtime's ``MatMulNBits``, also two per byte (`fxcompress.export.nbits`);
+the ``.pt2`` holds one byte per value.
 
 Only linear layers, only that dynamic form: convolutions, embeddings and weight-only forms
 (a packed weight decoded in the graph) are not built; a profile that asks for them is refused

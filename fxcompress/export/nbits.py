@@ -1,0 +1,199 @@
+"""Group-wise low-bit linears (`intx`) in an ``.onnx``: ONNX Runtime's ``MatMulNBits``.
+
+A compiled graph holds an intx layer as per-token int8 input quantization, int8-held codes
+dequantized per group (``quantized_decomposed.dequantize_per_channel_group``) and
+``aten.linear``. Standard ONNX has no per-token quantizer, and a dequantized weight would be
+folded back to float32 by the runtime. So before the ONNX exporter sees it, each such layer
+becomes one call of ``fxcompress::matmul_nbits`` (`nbits_graph`), whose ONNX translation is
+ONNX Runtime's contrib op ``com.microsoft.MatMulNBits`` (`onnx_translations`):
+
+- the codes, moved to unsigned by 2^(bits-1) (the op's default zero point), packed along the
+  input dimension low bits first, in containers of 2, 4 or 8 bits (`CONTAINERS`): 4-bit weights
+  take half a byte each in the file; 3-bit ones ride in 4-bit containers and 5-7-bit ones in
+  bytes, exact but no smaller than int8;
+- one float32 scale per group;
+- ``accuracy_level = 4``: the runtime quantizes the input to int8 itself, per block of
+  `group_size` input columns rather than per token (finer, so no less exact), and runs its int8
+  x low-bit kernels (MLAS).
+
+``fxcompress::matmul_nbits`` computes in PyTorch what the compiled layer computes (per-token
+int8 input, dequantized weight, linear), so the exported program is the compiled model; the
+file is checked in ONNX Runtime against it like every export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+from torch import fx
+
+from fxcompress.errors import FxCompressError
+from fxcompress.graph import LAYER_META, op_type
+
+qd = torch.ops.quantized_decomposed
+
+#: the code widths MatMulNBits reads; a layer's codes ride in the narrowest that holds them
+CONTAINERS = (2, 4, 8)
+#: the smallest group MatMulNBits takes (its block size is a power of two, at least 16)
+MIN_BLOCK = 16
+
+
+def container_bits(bits: int) -> int:
+    """The MatMulNBits code width that holds `bits`-bit signed codes exactly."""
+    return next(c for c in CONTAINERS if c >= bits)
+
+
+def pack(q: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Signed codes q (N, K) in [-2^(bits-1), 2^(bits-1)) as MatMulNBits' B: uint8 (N, K /
+    group, group x container / 8), each code plus 2^(container-1), low bits first."""
+    cb = container_bits(bits)
+    n, k = q.shape
+    u = (q.to(torch.int16) + (1 << (cb - 1))).to(torch.uint8).reshape(n, k // group, group)
+    per = 8 // cb
+    u = u.reshape(n, k // group, group // per, per)
+    out = torch.zeros(u.shape[:-1], dtype=torch.uint8)
+    for i in range(per):
+        out |= u[..., i] << (i * cb)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """The signed codes (N, K) int8 that `pack` stored."""
+    cb = container_bits(bits)
+    per = 8 // cb
+    n, blocks, blob = packed.shape
+    mask = (1 << cb) - 1
+    parts = [(packed >> (i * cb)) & mask for i in range(per)]
+    u = torch.stack(parts, dim=-1).reshape(n, blocks * group)
+    return (u.to(torch.int16) - (1 << (cb - 1))).to(torch.int8)
+
+
+@torch.library.custom_op("fxcompress::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None, bits: int, group_size: int, k: int, n: int
+                 ) -> torch.Tensor:
+    """linear(x, W) + bias with x quantized to int8 per token, as the compiled intx layer
+    computes it; W = codes x scale per group, the codes `pack`ed in `packed`, `scales` (N x
+    groups,) flat."""
+    q = unpack(packed, bits, group_size)
+    w = (q.float().reshape(n, k // group_size, group_size)
+         * scales.reshape(n, -1, 1)).reshape(n, k)
+    s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+    xq = qd.quantize_per_token(x, s, z, -128, 127, torch.int8)
+    xd = qd.dequantize_per_token(xq, s, z, -128, 127, torch.int8, torch.float32)
+    return torch.nn.functional.linear(xd, w, bias)
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, bias, bits, group_size, k, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _intx_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(linear, its input before per-token quantization, its weight's dequantize node) of each
+    intx layer."""
+    found = []
+    for node in gm.graph.nodes:
+        if op_type(node) != "linear" or len(node.args) < 2:
+            continue
+        xd, wd = node.args[0], node.args[1]
+        if not (isinstance(wd, fx.Node) and wd.target == qd.dequantize_per_channel_group.default
+                and isinstance(xd, fx.Node) and xd.target == qd.dequantize_per_token.default):
+            continue
+        xq = xd.args[0]
+        if not (isinstance(xq, fx.Node) and xq.target == qd.quantize_per_token.default):
+            continue
+        found.append((node, xq.args[0], wd))
+    return found
+
+
+def has_intx(gm: torch.nn.Module) -> bool:
+    """Whether `gm` holds group-wise low-bit (intx) linears."""
+    return isinstance(gm, fx.GraphModule) and bool(_intx_layers(gm))
+
+
+def nbits_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` (sharing its other weights) in which each intx layer is one
+    ``fxcompress::matmul_nbits`` call on packed codes; `gm` is left as it is. Raises
+    `FxCompressError` for a layer MatMulNBits cannot hold (a group that is not a power of two
+    of at least `MIN_BLOCK`)."""
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, remap)
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    for i, (lin, x, wd) in enumerate(_intx_layers(new)):
+        qn, sn, _zn, lo, hi, _dtype, group = wd.args[:7]
+        layer = lin.meta.get(LAYER_META, lin.name)
+        bits = (int(hi) - int(lo) + 1).bit_length() - 1
+        if group < MIN_BLOCK or group & (group - 1):
+            raise FxCompressError(
+                f"{layer} holds groups of {group} input columns, which ONNX Runtime's "
+                f"MatMulNBits cannot read (its blocks are powers of two, at least {MIN_BLOCK});"
+                " compile with an [intx] group_size of 16, 32, 64 or 128 for an .onnx, or write"
+                " the .pte")
+        codes = _attr(new, qn.target)
+        scales = _attr(new, sn.target).float().reshape(-1)
+        pname, sname = f"_fxc_nbits_{i}_packed", f"_fxc_nbits_{i}_scales"
+        new.register_buffer(pname, pack(codes, bits, group))
+        new.register_buffer(sname, scales.clone())
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        with new.graph.inserting_before(lin):
+            p = new.graph.get_attr(pname)
+            s = new.graph.get_attr(sname)
+            call = new.graph.call_function(torch.ops.fxcompress.matmul_nbits.default,
+                                           (x, p, s, bias, bits, group, *codes.shape[::-1]))
+        call.meta.update({k: v for k, v in lin.meta.items() if k != "val"})
+        lin.replace_all_uses_with(call)
+        new.graph.erase_node(lin)
+    new.graph.eliminate_dead_code()
+    new.delete_all_unused_submodules()
+    new.recompile()
+    return new
+
+
+def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj.detach()
+
+
+def _schema():
+    """MatMulNBits' signature (the part this module writes: A, B, scales; K, N, bits,
+    block_size, accuracy_level), which ONNX's own schema registry does not hold (it is ONNX
+    Runtime's contrib op) and the exporter needs to build the node."""
+    from onnx import defs
+
+    param = defs.OpSchema.FormalParameter
+    attr = defs.OpSchema.Attribute
+    ints = defs.OpSchema.AttrType.INT
+    return defs.OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], "float input and output"),
+                          ("T2", ["tensor(uint8)"], "packed codes")],
+        attributes=[attr("K", ints, "input columns"), attr("N", ints, "output columns"),
+                    attr("bits", ints, "code width"), attr("block_size", ints, "group size"),
+                    attr("accuracy_level", ints, "4: int8 compute")])
+
+
+def onnx_translations() -> dict:
+    """``fxcompress::matmul_nbits`` as ``com.microsoft.MatMulNBits`` (int8 compute), then the
+    bias added."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    matmul_nbits_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1),
+                                           "MatMulNBits", _schema())
+
+    def translate(x, packed, scales, bias, bits: int, group_size: int, k: int, n: int):
+        y = matmul_nbits_op(x, packed, scales, K=k, N=n,
+                             bits=container_bits(bits), block_size=group_size,
+                             accuracy_level=4)
+        return y if bias is None else op.Add(y, bias)
+
+    return {torch.ops.fxcompress.matmul_nbits.default: translate}
+

@@ -440,7 +440,7 @@ def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
                    "give the int8 throughput its dynamic int8 activations compute at")
     ops = tuple(flat.get("intx.ops", ["linear"]))
     for op in ops:
-        _one_of(source, "intx.ops", op, ("linear",))
+        _one_of(source, "intx.ops", op, ("linear", "embedding"))
     return {"intx_bits": tuple(bits), "intx_group_size": group,
             "intx_scale_dtype": _one_of(source, "intx.scale_dtype",
                                         flat.get("intx.scale_dtype", "fp32"), ("fp32", "bf16")),

@@ -192,6 +192,40 @@ def test_onnx_holds_int4_layers_as_matmulnbits_packed_two_per_byte(compiled, tmp
     assert torch.equal(unpack(torch.from_numpy(w.copy()), 4, 32), gm.fc1_intx_weight)
 
 
+class Lookup(torch.nn.Module):
+    """An embedding table alone (its output is its rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1000, 128)
+        self.emb.weight.data = torch.randn(1000, 128, generator=torch.Generator().manual_seed(4))
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
+def test_embedding_rows_in_4bit_groups_decode_exactly_in_every_format(tmp_path):
+    pytest.importorskip("executorch.runtime")
+    pytest.importorskip("onnxruntime")
+    model = Lookup().eval()
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randint(0, 1000, (8, 16), generator=g),) for _ in range(6)]
+    gm = fxcompress.compile(model, cal[0], profile="mobile-arm", techniques=["intx"],
+                            calibration=cal, tolerance=0.5, objective="size")
+    (la,) = gm.meta["fxcompress_report"].layers
+    assert la.applied.startswith("intx(bits=4") and la.params["rounding"] == "rtn"
+    assert la.bytes_after == 1000 * 128 // 2 + 1000 * 4 * 2  # two codes a byte, bf16 scales
+    q, s = rtn(model.emb.weight, 4, 32, "bf16")
+    ids = torch.randint(0, 1000, (3, 16), generator=g)  # another batch than calibration's
+    assert torch.allclose(gm(ids), dequantize(q, s, 32)[ids], atol=1e-6, rtol=0)
+    fp32 = fxcompress.export(model, cal[0], tmp_path / "f.pte", profile="mobile-arm")
+    for fmt in ("pte", "onnx", "pt2"):
+        res = fxcompress.export(gm, cal[0], tmp_path / f"m.{fmt}")
+        assert res.check_error < 1e-4, fmt
+    pte = fxcompress.export(gm, cal[0], tmp_path / "m.pte")
+    assert pte.size_bytes < 0.2 * fp32.size_bytes
+
+
 def test_code_packing_round_trips_every_width():
     from fxcompress.export.nbits import container_bits, pack, unpack
 
@@ -219,7 +253,7 @@ def test_profile_intx_section_is_checked():
                         .read_text())
     for field, value, match in (("bits", [8], "widths from 2 to 7"),
                                 ("activations", "none", "only \"dynamic\""),
-                                ("ops", ["conv2d"], "intx.ops"),
+                                ("ops", ["linear", "conv2d"], "intx.ops"),
                                 ("scale_dtype", "fp8", "intx.scale_dtype")):
         bad = {**raw, "intx": {**raw["intx"], field: value}}
         with pytest.raises(FxCompressError, match=match):

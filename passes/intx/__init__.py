@@ -35,6 +35,7 @@ import torch
 from torch import fx
 
 from fxcompress.candidates import Candidate, Step
+from fxcompress.export.nbits import container_bits, pack
 from fxcompress.graph import LAYER_META, add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes.intx.quant import (
     ACT_QMAX,
@@ -61,6 +62,7 @@ from fxcompress.technique import (
 )
 
 qd = torch.ops.quantized_decomposed
+aten = torch.ops.aten
 ROUNDINGS = ("gptq", "rtn")
 #: Calibration rows (tokens, examples) per input column below which rounding is to nearest even
 #: where "gptq" is asked: compensation fitted to a second moment from fewer rows moves error
@@ -95,15 +97,29 @@ class IntxPart:
     rounding: str = "gptq"
 
 
-def _stored_bytes(part: IntxPart) -> int:
-    """Bytes the target stores: the integers packed (bits per value) and the scales."""
+def _stored_bytes(part: IntxPart, op: str = "linear") -> int:
+    """Bytes the target stores: the integers packed (bits per value; an embedding's in the
+    2-, 4- or 8-bit containers the graph unpacks) and the scales."""
     per_scale = 2 if part.scale_dtype == "bf16" else 4
-    return (part.q.numel() * part.bits + 7) // 8 + part.scale.numel() * per_scale
+    bits = container_bits(part.bits) if op == "embedding" else part.bits
+    return (part.q.numel() * bits + 7) // 8 + part.scale.numel() * per_scale
+
+
+def _decode_ops(bits: int) -> int:
+    """Element-wise ops an embedding's unpacking adds after its gathers (`_rewrite_embedding`):
+    convert, a divide / floor / multiply-subtract per extra code in a byte, the offset, the
+    scale's convert and multiply."""
+    per = 8 // container_bits(bits)
+    return 4 + 4 * (per - 1)
 
 
 def _step(s: Step, part: IntxPart) -> Step:
-    return replace(s, weight=dequantize(part.q, part.scale, part.group_size), fmt="intx",
-                   weight_bytes=_stored_bytes(part), input_quant=PerTokenInt8())
+    w = dequantize(part.q, part.scale, part.group_size)
+    if s.op == "embedding":
+        return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part, s.op),
+                       extra_ops=_decode_ops(part.bits))
+    return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part),
+                   input_quant=PerTokenInt8())
 
 
 def _part(weight: torch.Tensor, hessian: torch.Tensor | None, importance: torch.Tensor | None,
@@ -135,11 +151,13 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     if not p.supports(layer.op, "intx") or not p.intx_bits:
         return [], f"intx: {p.name} does not run group-wise low-bit {layer.op}"
     step = base.steps[0]
-    if len(base.steps) != 1 or step.op != "linear":
-        return [], "intx: only linear layers are built"
+    if len(base.steps) != 1 or step.op not in ("linear", "embedding"):
+        return [], "intx: only linear and embedding layers are built"
     why = check_groups(step.weight.shape[1], p.intx_group_size)
     if why:
         return [], f"intx: {why}"
+    if step.op == "embedding":
+        return _embedding_candidates(layer, step, p), None
     rounding = ctx.knobs("intx").rounding
     cov = ctx.stats.covariance if ctx.calibrated else None
     importance = None if cov is None else cov.diagonal().clamp_min(0)
@@ -154,6 +172,21 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         cands.append(Candidate("intx", layer, params, (_step(step, part),),
                                parts={"intx": part}))
     return cands, None
+
+
+def _embedding_candidates(layer, step: Step, p) -> list[Candidate]:
+    """An embedding's rows in groups of its columns, rounded to nearest: each output value is
+    one stored value, so there is no error to move between columns (GPTQ has nothing to
+    compensate with); the scales still take the clipped range with the least error."""
+    cands = []
+    for bits in sorted(p.intx_bits):
+        q, sc = rtn(step.weight, bits, p.intx_group_size, p.intx_scale_dtype)
+        part = IntxPart(bits, p.intx_group_size, q, sc, p.intx_scale_dtype, "rtn")
+        params = {"bits": bits, "group": p.intx_group_size, "rounding": "rtn",
+                  "activations": "none (rows gathered, then unpacked)"}
+        cands.append(Candidate("intx", layer, params, (_step(step, part),),
+                               parts={"intx": part}))
+    return cands
 
 
 def notes(choice, calib) -> list[str]:
@@ -221,6 +254,50 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: str, part: IntxPart) -> N
     node.args = tuple(args)
 
 
+def _rewrite_embedding(gm: fx.GraphModule, node: fx.Node, layer: str, part: IntxPart) -> None:
+    """aten.embedding(W, ids) -> the packed rows and their scales gathered, the codes unpacked
+    in float arithmetic (each byte: floor-divide by 2^c, the remainder is the lower code),
+    moved back by 2^(c-1) and scaled per group. Only the looked-up rows are decoded; every op
+    is one that the .pte's portable kernels, ONNX and eager PyTorch run."""
+    g = gm.graph
+    cb = container_bits(part.bits)
+    per, base = 8 // cb, float(1 << cb)
+    v, d = part.q.shape
+    packed = pack(part.q, part.bits, part.group_size).reshape(v, d * cb // 8)
+    scale = part.scale.to(torch.bfloat16) if part.scale_dtype == "bf16" else part.scale
+    pn = add_buffer(gm, f"{layer}.intx_packed", packed, node)
+    sn = add_buffer(gm, f"{layer}.intx_scale", scale, node)
+    ids = node.args[1]
+    with g.inserting_before(node):
+        rows = call(g, aten.embedding.default, (pn, ids), layer=layer)
+        rest = call(g, aten._to_copy.default, (rows,), {"dtype": torch.float32}, layer=layer)
+        codes = []
+        for _ in range(per - 1):
+            high = call(g, aten.floor.default,
+                        (call(g, aten.mul.Tensor, (rest, 1.0 / base), layer=layer),), layer=layer)
+            low = call(g, aten.sub.Tensor,
+                       (rest, call(g, aten.mul.Tensor, (high, base), layer=layer)), layer=layer)
+            codes.append(low)
+            rest = high
+        codes.append(rest)
+        u = codes[0] if per == 1 else call(
+            g, aten.flatten.using_ints,
+            (call(g, aten.stack.default, (codes, -1), layer=layer), -2, -1), layer=layer)
+        f = call(g, aten.sub.Tensor, (u, float(1 << (cb - 1))), layer=layer)
+        grouped = call(g, aten.unflatten.int, (f, -1, [d // part.group_size, part.group_size]),
+                       layer=layer)
+        srows = call(g, aten.embedding.default, (sn, ids), layer=layer)
+        if scale.dtype != torch.float32:
+            srows = call(g, aten._to_copy.default, (srows,), {"dtype": torch.float32},
+                         layer=layer)
+        scaled = call(g, aten.mul.Tensor,
+                      (grouped, call(g, aten.unsqueeze.default, (srows, -1), layer=layer)),
+                      layer=layer)
+        out = call(g, aten.flatten.using_ints, (scaled, -2, -1), layer=layer)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
 def intx_pass(gm: fx.GraphModule, config: IntxConfig) -> PassResult:
     """Store the weight of each configured linear as group-wise integers and scales, with the
     input quantized per token."""
@@ -228,7 +305,11 @@ def intx_pass(gm: fx.GraphModule, config: IntxConfig) -> PassResult:
     for node in list(gm.graph.nodes):
         layer = node.meta.get(LAYER_META)
         part = config.parts.get(layer)
-        if part is None or op_type(node) != "linear":
+        if part is None or op_type(node) not in ("linear", "embedding"):
+            continue
+        if op_type(node) == "embedding":
+            _rewrite_embedding(gm, node, layer, part)
+            modified = True
             continue
         w_node = node.args[1]
         if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":

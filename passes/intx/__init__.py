@@ -17,9 +17,12 @@ packs the weight two values per byte in the ``.pte`` (scales as bfloat16); an ``
 each such layer as ONNX Runtime's ``MatMulNBits``, also two per byte (`fxcompress.export.nbits`);
 the ``.pt2`` holds one byte per value.
 
-Only linear layers, only that dynamic form: convolutions, embeddings and weight-only forms
-(a packed weight decoded in the graph) are not built; a profile that asks for them is refused
-when it loads.
+Embeddings (`[intx] ops` with "embedding") store their rows the same way, rounded to nearest
+(each output value is one stored value: there is nothing to compensate with), packed in 2-, 4-
+or 8-bit containers; the graph gathers the packed rows and their scales and unpacks only those
+rows in float arithmetic, which every runtime runs (`_rewrite_embedding`). Convolutions and
+weight-only linears (a packed weight decoded in the graph) are not built; a profile that asks
+for them is refused when it loads.
 
 The planner simulates a candidate with the same integers, scales and per-token quantizer the
 pass writes, so what it measures is what the runtime computes (up to the runtime's own

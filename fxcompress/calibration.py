@@ -26,6 +26,12 @@ Override = Callable[[tuple, dict], torch.Tensor]
 #: Examples a candidate is measured on before `Calibration.errors` may settle it (stop
 #: measuring it because its error is already far beyond the tolerance).
 SETTLE_EXAMPLES = 4
+#: A candidate whose per-batch squared errors (relative to the reference's) already agree, the
+#: standard error of their mean within this share of the mean after at least `AGREE_BATCHES`
+#: batches, is settled too: more batches would move its estimate by less than that share (its
+#: error by about half of it), and the plan built from the estimates is judged on every batch.
+AGREE_SHARE = 0.1
+AGREE_BATCHES = 3
 
 
 class OverrideInterpreter(fx.Interpreter):
@@ -205,11 +211,13 @@ class Calibration:
         `SETTLE_EXAMPLES` examples) is above it is not run on the later batches; its error is
         the one measured so far. The planner passes a multiple of the tolerance (such a
         rewrite enters a plan only where errors largely cancel); on a large model most of the
-        measurement is spent on such rewrites."""
+        measurement is spent on such rewrites. A set whose per-batch errors already agree
+        (`AGREE_SHARE`, after `AGREE_BATCHES` batches) is settled the same way."""
         order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
         skipped: set[str] = set()
         nodes = list(self.gm.graph.nodes)
         acc = {k: [[0.0, 0.0] for _ in v] for k, v in jobs.items()}
+        per_batch = {k: [[] for _ in v] for k, v in jobs.items()}  # each batch's error^2
         settled = {k: [False] * len(v) for k, v in jobs.items()}
         batches = self.batches if limit is None else self.batches[:limit]
 
@@ -227,9 +235,14 @@ class Calibration:
                     continue
                 start = {m: _clone(env[m]) if m in env else None for m in before}
                 out = OverrideInterpreter(self.gm, ov).run(*current["batch"], initial_env=start)
+                num = den = 0.0
                 for y, r in zip(float_leaves(out), current["ref"], strict=True):
-                    acc[node.name][i][0] += float(((y.double() - r.double()) ** 2).sum())
-                    acc[node.name][i][1] += float((r.double() ** 2).sum())
+                    num += float(((y.double() - r.double()) ** 2).sum())
+                    den += float((r.double() ** 2).sum())
+                acc[node.name][i][0] += num
+                acc[node.name][i][1] += den
+                if den > 0:
+                    per_batch[node.name][i].append(num / den)
 
         seen = 0
         with torch.no_grad():
@@ -240,11 +253,14 @@ class Calibration:
                     break
                 OverrideInterpreter(self.gm, reach=active, on_reach=on_reach).run(*batch)
                 seen += _batch_size(batch) or 1
-                if settle_above is not None and seen >= SETTLE_EXAMPLES:
-                    for k, v in acc.items():
-                        for j, (n, d) in enumerate(v):
-                            if d > 0 and n / d > settle_above ** 2:
-                                settled[k][j] = True
+                if seen < SETTLE_EXAMPLES:
+                    continue
+                for k, v in acc.items():
+                    for j, (n, d) in enumerate(v):
+                        if settle_above is not None and d > 0 and n / d > settle_above ** 2:
+                            settled[k][j] = True
+                        elif _agrees(per_batch[k][j]):
+                            settled[k][j] = True
         return {k: [None if k in skipped else (n / d) ** 0.5 if d > 0 else 0.0 for n, d in v]
                 for k, v in acc.items()}
 
@@ -268,6 +284,18 @@ class Calibration:
     def example_count(batches: list[tuple]) -> int:
         """Examples in `batches` (a batch without a batch dimension counts as one)."""
         return sum(_batch_size(b) or 1 for b in batches)
+
+
+def _agrees(errors2: list[float]) -> bool:
+    """Whether per-batch squared errors agree well enough to stop measuring (`AGREE_SHARE`)."""
+    n = len(errors2)
+    if n < AGREE_BATCHES:
+        return False
+    mean = sum(errors2) / n
+    if mean == 0.0:
+        return True
+    var = sum((e - mean) ** 2 for e in errors2) / (n - 1)
+    return (var / n) ** 0.5 <= AGREE_SHARE * mean
 
 
 def _example_errors(model: Callable, batches: list[tuple], refs: list[list[torch.Tensor]]

@@ -256,11 +256,12 @@ def test_a_plan_is_filled_with_later_moves_that_fit_past_one_that_does_not():
     assert _fill(_Selection(options), sequence, plan, {}, strict, lambda s: None) is plan
 
 
-def test_a_candidate_far_beyond_the_tolerance_is_measured_on_the_first_batches_only():
-    """`Calibration.errors(settle_above=)`: a rewrite whose error after SETTLE_EXAMPLES
-    examples is already above the bound is run on no later batch and keeps the error measured
-    so far; the others are measured on every batch; without the bound, all are."""
-    from fxcompress.calibration import SETTLE_EXAMPLES, Calibration
+def test_a_candidate_far_beyond_the_tolerance_or_already_known_is_measured_no_further():
+    """`Calibration.errors`: a rewrite whose error after SETTLE_EXAMPLES examples is already
+    above `settle_above` is run on no later batch and keeps the error measured so far; one whose
+    per-batch errors agree (AGREE_SHARE) stops after AGREE_BATCHES batches; one whose per-batch
+    errors disagree is measured on every batch."""
+    from fxcompress.calibration import AGREE_BATCHES, SETTLE_EXAMPLES, Calibration
     from fxcompress.capture import capture
 
     torch.manual_seed(0)
@@ -271,21 +272,24 @@ def test_a_candidate_far_beyond_the_tolerance_is_measured_on_the_first_batches_o
     last = [n.name for n in gm.graph.nodes if n.op == "call_function"
             and n.target is torch.ops.aten.linear.default][-1]
     calib = Calibration(gm, batches, {})
-    calls = {"near": 0, "far": 0}
+    calls = {"near": 0, "far": 0, "noisy": 0}
 
     def scaled(kind, factor):
         def run(args, kwargs):
             calls[kind] += 1
-            return torch.nn.functional.linear(*args, **kwargs) * factor
+            f = factor if kind != "noisy" else (1.0 if calls[kind] % 2 else factor)
+            return torch.nn.functional.linear(*args, **kwargs) * f
         return run
 
-    jobs = {last: [{last: scaled("near", 1.001)}, {last: scaled("far", 3.0)}]}
-    near, far = calib.errors(jobs, settle_above=0.5)[last]
-    assert calls == {"near": 6, "far": -(-SETTLE_EXAMPLES // 8)}
+    jobs = {last: [{last: scaled("near", 1.001)}, {last: scaled("far", 3.0)},
+                   {last: scaled("noisy", 1.2)}]}
+    near, far, noisy = calib.errors(jobs, settle_above=0.5)[last]
+    assert calls == {"near": AGREE_BATCHES, "far": -(-SETTLE_EXAMPLES // 8), "noisy": 6}
     assert near == pytest.approx(0.001, rel=1e-3) and far == pytest.approx(2.0, rel=1e-6)
-    calls.update(near=0, far=0)
-    calib.errors(jobs)
-    assert calls == {"near": 6, "far": 6}
+    assert noisy == pytest.approx(0.2 * 0.5 ** 0.5, rel=0.2)  # half the batches at 0.2
+    calls.update(near=0, far=0, noisy=0)
+    calib.errors(jobs)  # no bound: the far one is measured until its errors agree
+    assert calls == {"near": AGREE_BATCHES, "far": AGREE_BATCHES, "noisy": 6}
 
 
 def test_exact_allocation_finds_the_best_plan_within_the_error_budget():

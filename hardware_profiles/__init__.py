@@ -440,6 +440,14 @@ def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
                    "give the int8 throughput its dynamic int8 activations compute at")
     ops = tuple(flat.get("intx.ops", ["linear"]))
     for op in ops:
+        if op == "conv2d":
+            # ExecuTorch's XNNPACK path quantizes convolutions dynamically with int8
+            # per-channel weights only (executorch PR #10347); no runtime here reads 4-bit
+            # group-wise convolution weights
+            raise _err(source, "intx.ops", "lists \"conv2d\"",
+                       "drop it: group-wise low-bit convolutions are not built (none of the "
+                       "runtimes fxcompress writes files for runs them); convolutions get int8 or "
+                       "palettes")
         _one_of(source, "intx.ops", op, ("linear", "embedding"))
     return {"intx_bits": tuple(bits), "intx_group_size": group,
             "intx_scale_dtype": _one_of(source, "intx.scale_dtype",

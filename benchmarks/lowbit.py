@@ -14,14 +14,17 @@ its held-out windows; text_transformer: its test split):
   and the exact allocation (`planner.exact_allocation`);
 - at a tolerance between the two single widths' errors: the exact allocation judged as
   compile judges, and compile itself (`techniques=["intx", "int8"]`, objective size);
-- the whole mobile-arm planner (every technique, objective size) at the model's tolerance.
+- the whole mobile-arm planner (every technique, objective size) at the model's tolerance;
+- MiniLM, with ``--embeddings``: int4 on the embeddings too (every layer int4), and the planner
+  held to the rewrites XNNPACK runs fast (``techniques=["intx", "int8"]``) at the whole
+  planner's tolerance.
 
 "error" is the relative output error measured on the held-out calibration batches (the
 quantity a tolerance bounds); the model's own metric is on the unseen data. MiniLM also gets
 the ``.pte`` latency at batch 1 against fp32 (interleaved medians, one process).
 
     .venv/bin/python benchmarks/lowbit.py [--models minilm docs_lm text_transformer]
-        [--from-json] [--int4-latency]
+        [--from-json] [--int4-latency] [--embeddings]
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ R4 = "int4 g32, GPTQ, everywhere"
 #: MiniLM's whole-planner row: tolerance 0.14 is a mean cosine of 1 - 0.14**2 / 2 = 0.990,
 #: issue #20's floor; the other models use their benchmark tolerance (relative output error)
 WHOLE_TOL = {"minilm": 0.14, "docs_lm": 0.05, "text_transformer": 0.05}
+#: the "everywhere" rows compare with torchao's 8da4w path, which leaves embeddings in fp32
+LINEARS_ONLY = {"op:embedding": {"skip": True}}
+#: `--embeddings` rows (MiniLM): int4 on the embeddings too, and the planner held to the
+#: rewrites XNNPACK runs fast (int4 / int8 kernels, no palettes decoded at every call)
+R4E = "int4 g32, GPTQ, everywhere, embeddings int4 too"
+FAST = ("intx", "int8")
 
 
 def text_case() -> pre.Case:
@@ -251,8 +260,10 @@ def bench(name: str, runs: int) -> tuple[list[Row], pre.Case]:
     rows.append(file_row(case, "torchao 8da4w (peer)", peer, ref, time.perf_counter() - t0))
     r8, _ = compile_row(case, "int8 everywhere", EVERYTHING, ref, techniques=["int8"])
     rtn, _ = compile_row(case, "int4 g32, round to nearest, everywhere", EVERYTHING, ref,
-                         techniques=["intx"], overrides={"*": {"intx": {"rounding": "rtn"}}})
-    r4, gm4 = compile_row(case, R4, EVERYTHING, ref, techniques=["intx"])
+                         techniques=["intx"], overrides={"*": {"intx": {"rounding": "rtn"}},
+                                                         **LINEARS_ONLY})
+    r4, gm4 = compile_row(case, R4, EVERYTHING, ref, techniques=["intx"],
+                          overrides=LINEARS_ONLY)
     rows += [r8, rtn, r4]
     mid = math.sqrt(r8.error * r4.error)  # between them: int8 is the single width that holds
     rows += allocations(case, ref, [(f"int8 everywhere's {r8.error:.4f}", r8.error),
@@ -290,7 +301,8 @@ def render(results: dict[str, list[Row]], seconds: float, cond: str) -> list[str
              f"{cond}. Every row is an XNNPACK `.pte` run in the ExecuTorch runtime on "
              "data no compile saw. \"error\": the relative output error the compile measured on "
              "its held-out calibration batches (what a tolerance bounds). Rows \"everywhere\" "
-             "rewrite every linear (embeddings stay fp32, as in torchao's path). \"greedy "
+             "rewrite every linear (embeddings stay fp32, as in torchao's path) unless they say "
+             "otherwise. \"greedy "
              "sequence\" / \"exact allocation (DP)\", error ≤ a single width's: the largest "
              "int8 / int4 plan of each kind whose build measures within that error (equal "
              "error, so the sizes compare); at a tolerance: judged as compile judges (95% "
@@ -322,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT_MD))
     ap.add_argument("--json", default=str(OUT_JSON))
     ap.add_argument("--from-json", action="store_true", help="render the saved rows again")
+    ap.add_argument("--embeddings", action="store_true",
+                    help="add MiniLM's rows with int4 embeddings (int4 everywhere, and the "
+                         "planner held to int4 / int8 at the whole-planner tolerance), with "
+                         "batch-1 latency, to the saved rows")
     ap.add_argument("--int4-latency", action="store_true",
                     help="measure MiniLM's int4-everywhere .pte at batch 1 again (with fp32 and "
                          "the peer), into the saved rows")
@@ -334,6 +350,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if args.embeddings:
+        saved = json.loads(raw.read_text())
+        case = case_of("minilm")
+        with torch.no_grad():
+            ref = case.outputs(case.model)
+        every, gm_e = compile_row(case, R4E, EVERYTHING, ref, techniques=["intx"])
+        fast, gm_f = compile_row(case, f"mobile-arm planner, int4 / int8 only, tolerance "
+                                 f"{WHOLE_TOL['minilm']:g}", WHOLE_TOL["minilm"], ref,
+                                 techniques=list(FAST))
+        every.latency, fast.latency, _ = batch1_ratios(case, [gm_e, gm_f], args.runs)
+        kept = [r for r in saved["rows"]["minilm"] if r["method"] not in
+                (every.method, fast.method)]
+        saved["rows"]["minilm"] = kept + [asdict(every), asdict(fast)]
+        saved["conditions"] += (f"; MiniLM's rows with int4 embeddings added by --embeddings "
+                                f"({conditions()})")
+        raw.write_text(json.dumps(saved, indent=1))
+        results = {m: [Row(**r) for r in rs] for m, rs in saved["rows"].items()}
+        publish(Path(args.out), render(results, saved["seconds"], saved["conditions"]))
+        return 0
     if args.int4_latency:
         saved = json.loads(raw.read_text())
         rows = {r["method"]: r for r in saved["rows"]["minilm"]}

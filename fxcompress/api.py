@@ -500,11 +500,39 @@ def _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate
         if tech.notes is not None:
             report.notes.extend(tech.notes(plan.choice, calib))
     report.notes.extend(accept.notes(plan.verdict))
+    report.notes.extend(slower_size_plan(report, prof))
     if any(s.fmt == "int8" for c in plan.choice.values() for s in c.steps):
         mismatch = target_vs_host(prof)
         if mismatch:
             report.notes.append(mismatch)
     return report
+
+
+def slower_size_plan(report: Report, prof) -> list[str]:
+    """Under the size objective, the report line saying that the plan is estimated slower than
+    the original on the target (rewrites that save bytes but are decoded in the graph at every
+    call: palettes in ExecuTorch's portable kernels ran a MiniLM 120x slower than fp32), and
+    which techniques to drop for a small plan that is not slower; none when it is not."""
+    if report.objective != "size" or report.latency_after_us <= report.latency_before_us:
+        return []
+    added: dict[str, float] = {}  # technique -> latency its layers add (or save)
+    count: dict[str, int] = {}
+    for la in report.layers:
+        if la.applied == "none":
+            continue
+        kind = la.applied.split("(")[0].split("+")[0]
+        added[kind] = added.get(kind, 0.0) + la.latency_after_us - la.latency_before_us
+        count[kind] = count.get(kind, 0) + 1
+    kinds = sorted(k for k, v in added.items() if v > 0)
+    if not kinds:
+        return []
+    keep = [t for t in prof.techniques if t not in kinds]
+    ratio = report.latency_after_us / max(report.latency_before_us, 1e-9)
+    return [f"objective size: the plan is estimated {ratio:.2f}x the original's latency on "
+            f"{prof.name}: its {', '.join(f'{k} layers ({count[k]})' for k in kinds)} save "
+            "bytes but are decoded in the graph at every call (the estimate is a floor: a "
+            "runtime's portable decode kernels can be far slower); for a small plan that is "
+            f"not slower, compile with techniques={keep!r}"]
 
 
 def override_notes(overrides: Mapping[str, dict], settings: Mapping) -> list[str]:

@@ -311,3 +311,16 @@ def test_too_few_calibration_rows_per_input_column_round_to_nearest():
                             calibration=few, tolerance=0.5)
     layers = gm.meta["fxcompress_report"].layers
     assert layers and all(la.params["rounding"] == "rtn" for la in layers)
+
+
+def test_a_size_plan_decoded_at_every_call_says_so_and_what_to_drop():
+    model = MLP().eval()
+    slow = fxcompress.compile(model, _calib()[0], profile="mobile-arm", techniques=["share"],
+                              calibration=_calib(), tolerance=0.5, objective="size")
+    rep = slow.meta["fxcompress_report"]
+    assert rep.latency_after_us > rep.latency_before_us
+    (note,) = [n for n in rep.notes if n.startswith("objective size: the plan is estimated")]
+    assert "share layers" in note and "'intx'" in note and "'share'" not in note
+    fast = fxcompress.compile(model, _calib()[0], profile="mobile-arm", techniques=["intx"],
+                              calibration=_calib(), tolerance=0.5, objective="size")
+    assert not any(n.startswith("objective size:") for n in fast.meta["fxcompress_report"].notes)

@@ -523,7 +523,9 @@ def slower_size_plan(report: Report, prof) -> list[str]:
         kind = la.applied.split("(")[0].split("+")[0]
         added[kind] = added.get(kind, 0.0) + la.latency_after_us - la.latency_before_us
         count[kind] = count.get(kind, 0) + 1
-    kinds = sorted(k for k, v in added.items() if v > 0)
+    # structural rewrites (svd, tucker, prune) can cost time too, but decode nothing
+    kinds = sorted(k for k, v in added.items() if v > 0 and k in ("share", "int8", "intx",
+                                                                   "binary"))
     if not kinds:
         return []
     keep = [t for t in prof.techniques if t not in kinds]

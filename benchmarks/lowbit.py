@@ -326,6 +326,14 @@ def render(results: dict[str, list[Row]], seconds: float, cond: str) -> list[str
     return lines
 
 
+def _resave(saved: dict, what: str, raw: Path, out: Path) -> None:
+    """Saved rows changed by a partial run: say so in the conditions, write both files."""
+    saved["conditions"] += f"; {what} ({conditions()})"
+    raw.write_text(json.dumps(saved, indent=1))
+    results = {m: [Row(**r) for r in rs] for m, rs in saved["rows"].items()}
+    publish(out, render(results, saved["seconds"], saved["conditions"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen models and write ``benchmarks/results/lowbit.md``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -363,11 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in saved["rows"]["minilm"] if r["method"] not in
                 (every.method, fast.method)]
         saved["rows"]["minilm"] = kept + [asdict(every), asdict(fast)]
-        saved["conditions"] += (f"; MiniLM's rows with int4 embeddings added by --embeddings "
-                                f"({conditions()})")
-        raw.write_text(json.dumps(saved, indent=1))
-        results = {m: [Row(**r) for r in rs] for m, rs in saved["rows"].items()}
-        publish(Path(args.out), render(results, saved["seconds"], saved["conditions"]))
+        _resave(saved, "MiniLM's rows with int4 embeddings added by --embeddings", raw,
+                Path(args.out))
         return 0
     if args.int4_latency:
         saved = json.loads(raw.read_text())
@@ -375,15 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         case = case_of("minilm")
         gm = fxcompress.compile(case.model, case.example, profile=PROFILE,
                                 calibration=case.calib, tolerance=EVERYTHING, objective="size",
-                                seed=0, techniques=["intx"])
+                                seed=0, techniques=["intx"], overrides=LINEARS_ONLY)
         ours, peer = batch1_ratios(case, [gm], args.runs)
         rows[R4]["latency"], rows["torchao 8da4w (peer)"]["latency"] = ours, peer
         print(f"int4 everywhere {ours:.3f}, peer {peer:.3f} (x fp32 .pte)")
-        saved["conditions"] += (f"; MiniLM's int4-everywhere and peer latencies measured again "
-                                f"by --int4-latency ({conditions()})")
-        raw.write_text(json.dumps(saved, indent=1))
-        results = {m: [Row(**r) for r in rs] for m, rs in saved["rows"].items()}
-        publish(Path(args.out), render(results, saved["seconds"], saved["conditions"]))
+        _resave(saved, "MiniLM's int4-everywhere and peer latencies measured again by "
+                "--int4-latency", raw, Path(args.out))
         return 0
     t0 = time.perf_counter()
     cond = conditions()

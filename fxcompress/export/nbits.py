@@ -28,7 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 from torch import fx
 
 from fxcompress.errors import FxCompressError
-from fxcompress.graph import LAYER_META, op_type
+from fxcompress.graph import LAYER_META, get_attr, op_type
 
 qd = torch.ops.quantized_decomposed
 
@@ -133,8 +133,8 @@ def nbits_graph(gm: fx.GraphModule) -> fx.GraphModule:
                 f"MatMulNBits cannot read (its blocks are powers of two, at least {MIN_BLOCK});"
                 " compile with an [intx] group_size of 16, 32, 64 or 128 for an .onnx, or write"
                 " the .pte")
-        codes = _attr(new, qn.target)
-        scales = _attr(new, sn.target).float().reshape(-1)
+        codes = get_attr(new, qn.target).detach()
+        scales = get_attr(new, sn.target).detach().float().reshape(-1)
         pname, sname = f"_fxc_nbits_{i}_packed", f"_fxc_nbits_{i}_scales"
         new.register_buffer(pname, pack(codes, bits, group))
         new.register_buffer(sname, scales.clone())
@@ -151,13 +151,6 @@ def nbits_graph(gm: fx.GraphModule) -> fx.GraphModule:
     new.delete_all_unused_submodules()
     new.recompile()
     return new
-
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach()
 
 
 def _schema():

@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,8 +170,33 @@ def _cell(row: dict) -> str:
         " · " + ", ".join(flags) if flags else "")
 
 
-def write_markdown(rows: list[dict], seconds: float) -> None:
-    """benchmarks/results/zoo.md from every recorded case."""
+def code_revision() -> str:
+    """The commit the cases run at (``+changes`` when the code differs from it)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "fxcompress", "passes", "hardware_profiles")
+    return rev + ("+changes" if dirty else "")
+
+
+def provenance(rows: list[dict]) -> str:
+    """Which commit each column's cases ran at (rows recorded before commits were: "earlier")."""
+    by: dict[str, dict[str, int]] = {}
+    for r in rows:
+        cols = by.setdefault(r.get("rev", "earlier"), {})
+        cols[r["profile"]] = cols.get(r["profile"], 0) + 1
+    parts = []
+    for rev, cols in sorted(by.items(), key=lambda kv: kv[0] == "earlier"):
+        what = ", ".join(f"{p} ({n})" for p, n in cols.items())
+        parts.append(f"at commit {rev}: {what}" if rev != "earlier"
+                     else f"in earlier runs, before each case recorded its commit: {what}")
+    return "cases run " + "; ".join(parts)
+
+
+def write_markdown(rows: list[dict], seconds: float, taken: str) -> None:
+    """benchmarks/results/zoo.md from every recorded case; `taken`: how the runs were timed."""
     by = {(r["arch"], r["profile"]): r for r in rows}
     archs = [a for a in ARCHS if any((a, p) in by for p in PROFILES)]
     counts: dict[str, int] = {}
@@ -189,8 +215,8 @@ def write_markdown(rows: list[dict], seconds: float) -> None:
         f"architectures (`benchmarks/archs.py`: tiny configs, seeded random weights) × "
         f"{len(PROFILES)} profiles, each case `fxcompress.compile(model, x, profile=p, "
         f"calibration=<{CALIBRATION} batches of 2>, tolerance={TOLERANCE})` in a fresh forked "
-        f"process, one thread, with a time limit; {conditions()}; the runs behind this table "
-        f"took {seconds / 60:.1f} min.",
+        f"process, one thread, with a time limit; {taken}; the runs behind this table "
+        f"took {seconds / 60:.1f} min; {provenance(rows)}.",
         "",
         "Cell: techniques applied · the objective after / before (size profiles: bytes of the "
         "`.pt2`; latency profiles: the profile's estimated latency) · relative output error on "
@@ -253,9 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown: {unknown}")
     old = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"rows": [],
                                                                          "seconds": 0.0}
+    taken = old.get("conditions", "")
     keep = {(r["arch"], r["profile"]): r for r in old["rows"]}
     cases = [(a, p) for a in args.archs for p in args.profiles]
     start = time.perf_counter()
+    rev = code_revision()
+    if cases:
+        taken = conditions()
     torch.set_num_threads(1)
     for a in args.archs:  # imports each architecture's modules here, once, before the forks
         ARCHS[a][1]()
@@ -263,18 +293,21 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda c: run_isolated(*c, args.limit), cases):
+            row["rev"] = rev
             keep[row["arch"], row["profile"]] = row
             what = _cell(row) if row["outcome"] == "ok" else row["message"][:150]
             print(f"{row['arch']:>16} × {row['profile']:<11} {row['outcome']:<15} "
                   f"{row.get('seconds', 0):6.1f} s  {what}", flush=True)
             OUT_JSON.write_text(json.dumps({"rows": list(keep.values()),
-                                            "seconds": old["seconds"]}, indent=1))
+                                            "seconds": old["seconds"],
+                                            "conditions": taken}, indent=1))
     seconds = time.perf_counter() - start
     full = len(cases) == len(ARCHS) * len(PROFILES)
     total = seconds if full else old["seconds"] + seconds
     rows = [keep[a, p] for a in ARCHS for p in PROFILES if (a, p) in keep]
-    OUT_JSON.write_text(json.dumps({"rows": rows, "seconds": total}, indent=1))
-    write_markdown(rows, total)
+    OUT_JSON.write_text(json.dumps({"rows": rows, "seconds": total, "conditions": taken},
+                                   indent=1))
+    write_markdown(rows, total, taken)
     bad = [r for r in rows if r["outcome"] not in ("ok", "FxCompressError")]
     return 1 if bad else 0
 

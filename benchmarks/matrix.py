@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks.* as a script
 import torch  # noqa: E402
 
 import fxcompress  # noqa: E402
-from benchmarks import conditions, publish  # noqa: E402
+from benchmarks import code_revision, conditions, publish  # noqa: E402
 from benchmarks.archs import ARCHS  # noqa: E402
 from fxcompress.errors import FxCompressError, InternalError  # noqa: E402
 from fxcompress.export import export as export_file  # noqa: E402
@@ -168,17 +167,6 @@ def _cell(row: dict) -> str:
         flags.append("file ✗")
     return f"{techs} · {ratio:.2f}× · {row['unseen_error']:.3f}" + (
         " · " + ", ".join(flags) if flags else "")
-
-
-def code_revision() -> str:
-    """The commit the cases run at (``+changes`` when the code differs from it)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "fxcompress", "passes", "hardware_profiles")
-    return rev + ("+changes" if dirty else "")
 
 
 def provenance(rows: list[dict]) -> str:

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks.* as a script
 
 import fxcompress  # noqa: E402
-from benchmarks import conditions, publish  # noqa: E402
+from benchmarks import code_revision, conditions, publish  # noqa: E402
 from benchmarks.compare import pt2_bytes, torchao_int8, tp_prune  # noqa: E402
 from fxcompress.export import lower_to_pte  # noqa: E402
 from fxcompress.hardware_profiles import load_profile  # noqa: E402
@@ -378,6 +378,20 @@ class Row:
     profile: str | None = None
     tolerance: float | None = None
     error: str = ""  # the traceback of a failed row
+    rev: str = ""  # the commit the row was measured at ("": before rows recorded it)
+
+
+def provenance(rows: list[Row]) -> str:
+    """Which rows ran at which commit, for a table resumed or merged across runs."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        by.setdefault(r.rev or "", []).append(r.method)
+    if list(by) == [""]:
+        return ""
+    parts = [f"at {rev}: {len(m)} row(s)" if rev else
+             f"before rows recorded their commit: {len(m)} row(s)"
+             for rev, m in sorted(by.items(), key=lambda kv: kv[0] == "")]
+    return "Rows measured " + "; ".join(parts) + "."
 
 
 class Pte:
@@ -631,6 +645,7 @@ def run_rows(model: str, profiles: tuple[str, ...], quick: bool, threads: int, c
     `journal`."""
     rows: list[Row] = []
     seconds = 0.0
+    rev = code_revision()
     for spec in specs(model, profiles, quick):
         if spec.kind == "pt2e-fix" and rows and rows[-1].size is not None:
             continue  # the stock PT2E path worked: no workaround needed
@@ -654,6 +669,7 @@ def run_rows(model: str, profiles: tuple[str, ...], quick: bool, threads: int, c
                 row = Row(model, spec.method(), recover=spec.recover, profile=spec.profile,
                           tolerance=spec.tolerance,
                           note=f"failed: the row's process exited with status {proc.returncode}")
+        row.rev = rev
         rows.append(row)
         wall = time.perf_counter() - t0
         seconds += wall
@@ -764,11 +780,13 @@ def render(rows: list[Row], meta: dict) -> list[str]:
     ]
     for name in meta["models"]:
         info = meta["cases"][name]
+        where = provenance([r for r in rows if r.model == name])
+        where = f" {where}" if where else ""
         title = {"minilm": "## all-MiniLM-L6-v2 sentence embeddings",
                  "docs_lm": "## docs_lm: causal language model on Python's documentation"}[name]
         lines += [title, "", info["about"], "", f"Tolerance: {info['tol']}. Data: "
                   f"{info['splits']}.", "", f"Measured in {info['seconds'] / 60:.1f} min with "
-                  f"{info['threads']} thread(s), {info['conditions']}.", "",
+                  f"{info['threads']} thread(s), {info['conditions']}.{where}", "",
                   *table(name, rows), ""]
         if name == "minilm":
             t = targets(rows)

@@ -148,11 +148,15 @@ def ort_kernels(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
 
 
 def _table(build: Callable, runs: int) -> list[str]:
-    names = list(build(1, 64, 64))
-    lines = ["| shape (M x K -> N) | " + " | ".join(names[1:]) + " |",
-             "|---|" + "---|" * (len(names) - 1)]
+    """One row per shape: each form's time over the first form's (the baseline), and its
+    error against it."""
+    lines: list[str] = []
     for what, m, k, n in SHAPES:
         ks = build(m, k, n)
+        names = list(ks)
+        if not lines:
+            lines = ["| shape (M x K -> N) | " + " | ".join(names[1:]) + " |",
+                     "|---|" + "---|" * (len(names) - 1)]
         base = ks[names[0]]
         ref = base()
         cells = []

@@ -36,15 +36,17 @@ of exporting the model again when
 Otherwise the model is exported afresh, as before: a ``.pte`` at another shape than the one
 compile exported (ExecuTorch programs are static), a model compiled from an `ExportedProgram`
 with a dynamic batch (compile exports its result with a static batch then) written as ``.pt2``
-or ``.onnx``, a model compiled with `dynamic_shapes` of its own. A file written from a stored
-program is loaded and compared with the graph module like any other; if it disagrees, the model
-is exported afresh once before the error is raised (a weight changed in place through ``.data``
-bypasses the version counter; the comparison catches any such change beyond the check
-tolerance). `stored_program` gives the stored programs while they are current. They are
-dropped on copy: `copy.deepcopy` of the compiled model (or a pickle of a `StoredProgram`) gives
-an empty `StoredProgram`, never a copy of the program, so the copy, whose tensors are new ones,
-is exported afresh; `torch.export.export(result, ...)` works as before (the program it returns
-carries the meta along, but a `StoredProgram` only answers for the module it was made from).
+or ``.onnx``, a model compiled with `dynamic_shapes` of its own, an ``.onnx`` of a model with
+group-wise low-bit layers (they are rewritten into ``MatMulNBits`` calls first, `nbits`). A
+file written from a stored program is loaded and compared with the graph module like any other;
+if it disagrees, the model is exported afresh once before the error is raised (a weight changed
+in place through ``.data`` bypasses the version counter; the comparison catches any such change
+beyond the check tolerance). `stored_program` gives the stored programs while they are current.
+They are dropped on copy: `copy.deepcopy` of the compiled model (or a pickle of a
+`StoredProgram`) gives an empty `StoredProgram`, never a copy of the program, so the copy,
+whose tensors are new ones, is exported afresh; `torch.export.export(result, ...)` works as
+before (the program it returns carries the meta along, but a `StoredProgram` only answers for
+the module it was made from).
 
 `lower_to_pte` and `count_delegated` are the lowering and the delegation census on their own,
 for code that wants to know which ops a backend takes (e.g. whether int8 ops were delegated).

@@ -50,10 +50,30 @@ DEFAULT_TOLERANCE = 0.01
 
 
 def serialized_size(ep: torch.export.ExportedProgram) -> int:
-    """Bytes of `torch.export.save(ep)`."""
+    """Bytes of `torch.export.save(ep)`, without the example inputs a program may carry (the
+    calibration batch it was exported with is not the model: `fxcompress.export` keeps two
+    rows of it at most)."""
     buf = io.BytesIO()
-    torch.export.save(ep, buf)
+    kept, ep.example_inputs = ep.example_inputs, None
+    try:
+        torch.export.save(ep, buf)
+    finally:
+        ep.example_inputs = kept
     return buf.getbuffer().nbytes
+
+
+def _as_written(result: fx.GraphModule, ep: torch.export.ExportedProgram, cap
+                ) -> torch.export.ExportedProgram:
+    """The program `fxcompress.export` writes as a ``.pt2``: `ep`, or, where group-wise
+    low-bit codes are packed below a byte, the export of that packed form (so the report's
+    serialized size is the file's)."""
+    from fxcompress.export import nbits
+
+    packed = nbits.packed_graph(result) if nbits.has_intx(result) else result
+    if packed is result:
+        return ep
+    return torch.export.export(packed, clones(cap.example_inputs),
+                               dynamic_shapes=cap.dynamic_shapes, strict=False)
 
 
 def _real(value) -> bool:
@@ -484,12 +504,16 @@ def _finish(result, plan, options, calib, accept, prof, obj, tol, seed, evaluate
         if v.drop is not None:
             report.drop = v.drop.value
             report.drop_interval = [v.drop.low, v.drop.high] if v.drop.units else None
-    report.serialized_bytes_after = serialized_size(ep_after)
+    report.serialized_bytes_after = serialized_size(_as_written(result, ep_after, cap))
     report.dynamic_batch = cap.dynamic_batch
     if cap.note:
         report.notes.append(cap.note)
     report.notes.extend(override_notes(overrides, settings))
     report.notes.extend(budget_notes)
+    absent = sorted(set(REGISTRY) - set(prof.techniques))
+    if absent:  # why a technique never appears in this report
+        report.notes.append(f"not run on {prof.name}: {', '.join(absent)} (not in its "
+                            "profile's [planner] techniques)")
     report.notes.extend(plan.history)
     if prof.measure:
         report.notes.append(f"profile {prof.name} describes this host: "

@@ -193,6 +193,38 @@ def test_onnx_holds_int4_layers_as_matmulnbits_packed_two_per_byte(compiled, tmp
     assert torch.equal(unpack(torch.from_numpy(w.copy()), 4, 32), gm.fc1_intx_weight)
 
 
+def test_pt2_stores_the_4bit_codes_two_per_byte_and_the_report_counts_that_file(compiled,
+                                                                                tmp_path):
+    import io
+
+    from torch.export import load
+
+    model, gm = compiled
+    x = _calib(1, rows=16)[0]
+    res = fxcompress.export(gm, x, tmp_path / "m.pt2")
+    loaded = load(tmp_path / "m.pt2")
+    # the codes are in the file as uint8, two a byte; the int8-held ones are not
+    state = {k: v for k, v in loaded.state_dict.items()} | dict(loaded.constants)
+    packed = sorted(tuple(v.shape) for v in state.values() if v.dtype == torch.uint8)
+    assert packed == [(10, 128), (256, 256), (512, 128)]
+    assert not any(v.dtype == torch.int8 and v.dim() == 2 for v in state.values())
+    # the scales as the target keeps them (bfloat16), one per 32 codes
+    assert sorted(v.numel() for v in state.values() if v.dtype == torch.bfloat16) == \
+        [10 * 8, 256 * 16, 512 * 8]
+    xs = torch.randn(5, 256, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(xs), gm(xs))
+    # torch.export.save of the compiled model itself keeps a byte a code (the form the
+    # XNNPACK partitioner takes): the packed file saves the other half of each byte
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(gm, x), buf)
+    codes = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    assert buf.getbuffer().nbytes - res.size_bytes > 0.45 * codes
+    rep = gm.meta["fxcompress_report"]
+    # the report's size is this file's, less the two example rows and the report it carries
+    assert 0 < res.size_bytes - rep.serialized_bytes_after < 16_000
+
+
 class Lookup(torch.nn.Module):
     """An embedding table alone (its output is its rows)."""
 

@@ -36,8 +36,9 @@ of exporting the model again when
 Otherwise the model is exported afresh, as before: a ``.pte`` at another shape than the one
 compile exported (ExecuTorch programs are static), a model compiled from an `ExportedProgram`
 with a dynamic batch (compile exports its result with a static batch then) written as ``.pt2``
-or ``.onnx``, a model compiled with `dynamic_shapes` of its own, an ``.onnx`` of a model with
-group-wise low-bit layers (they are rewritten into ``MatMulNBits`` calls first, `nbits`). A
+or ``.onnx``, a model compiled with `dynamic_shapes` of its own, an ``.onnx`` or ``.pt2`` of a
+model with group-wise low-bit layers (they are rewritten into ``MatMulNBits`` calls, or their
+codes packed below a byte, first: `nbits`). A
 file written from a stored program is loaded and compared with the graph module like any other;
 if it disagrees, the model is exported afresh once before the error is raised (a weight changed
 in place through ``.data`` bypasses the version counter; the comparison catches any such change

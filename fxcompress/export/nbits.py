@@ -23,14 +23,17 @@ file is checked in ONNX Runtime against it like every export.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 from torch import fx
 
 from fxcompress.errors import FxCompressError
-from fxcompress.graph import LAYER_META, get_attr, op_type
+from fxcompress.graph import LAYER_META, drop_unused_attrs, get_attr, op_type
 
 qd = torch.ops.quantized_decomposed
+aten = torch.ops.aten
 
 #: the code widths MatMulNBits reads; a layer's codes ride in the narrowest that holds them
 CONTAINERS = (2, 4, 8)
@@ -112,21 +115,90 @@ def has_intx(gm: torch.nn.Module) -> bool:
     return isinstance(gm, fx.GraphModule) and bool(_intx_layers(gm))
 
 
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copy of `gm`'s graph, sharing its weights and meta."""
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, remap)
+    graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # the caller's output structure
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    return new
+
+
+def _bits(wd: fx.Node) -> int:
+    """The code width of a ``dequantize_per_channel_group`` node, from its integer range."""
+    lo, hi = wd.args[3:5]
+    return (int(hi) - int(lo) + 1).bit_length() - 1
+
+
+def packed_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` (sharing its other weights) in which the int8-held codes of each intx
+    linear narrower than a byte are stored packed (`pack`, two 4-bit or four 2-bit codes a
+    byte) and unpacked in the graph by shifts and masks before their
+    ``dequantize_per_channel_group`` (scales that bfloat16 holds exactly are stored so, and
+    all-zero zero points are made in the graph, not stored):
+    what ``fxcompress.export`` writes as a ``.pt2``, so the file holds the codes at their
+    width. `gm` keeps one code a byte, the form ExecuTorch's
+    XNNPACK partitioner takes into its int4 kernel. Layers in 8-bit containers (5-8-bit
+    codes) are left as they are; `gm` itself is returned when no layer packs."""
+    new, packed = _copy(gm), False
+    for i, (_lin, _x, wd) in enumerate(_intx_layers(new)):
+        qn, bits = wd.args[0], _bits(wd)
+        cb = container_bits(bits)
+        if cb == 8 or not (isinstance(qn, fx.Node) and qn.op == "get_attr"):
+            continue
+        codes = get_attr(new, qn.target).detach()
+        n, k = codes.shape
+        name = f"_fxc_packed_{i}"
+        new.register_buffer(name, pack(codes, bits, k).reshape(n, k * cb // 8))
+        g = new.graph
+        with g.inserting_before(wd):
+            p = g.get_attr(name)
+            parts = [g.call_function(aten.bitwise_and.Scalar, (
+                g.call_function(aten.bitwise_right_shift.Tensor_Scalar, (p, j * cb)) if j
+                else p, (1 << cb) - 1)) for j in range(8 // cb)]
+            u = g.call_function(aten.reshape.default, (
+                g.call_function(aten.stack.default, (parts, -1)), [n, k]))
+            s = g.call_function(aten.sub.Tensor, (
+                g.call_function(aten._to_copy.default, (u,), {"dtype": torch.int8}),
+                1 << (cb - 1)))
+            sn = wd.args[1]
+            if isinstance(sn, fx.Node) and sn.op == "get_attr":
+                scale = get_attr(new, sn.target).detach()
+                half = scale.to(torch.bfloat16)
+                if torch.equal(half.float(), scale):  # as the target keeps them
+                    hn = f"_fxc_scale_{i}"
+                    new.register_buffer(hn, half)
+                    wd.replace_input_with(sn, g.call_function(
+                        aten._to_copy.default, (g.get_attr(hn),), {"dtype": scale.dtype}))
+            zn = wd.args[2]
+            if isinstance(zn, fx.Node) and zn.op == "get_attr" \
+                    and not get_attr(new, zn.target).any():  # symmetric: made, not stored
+                z = g.call_function(aten.zeros.default, (list(get_attr(new, zn.target).shape),),
+                                    {"dtype": torch.int8})
+                wd.replace_input_with(zn, z)
+        wd.replace_input_with(qn, s)
+        packed = True
+    if not packed:
+        return gm
+    drop_unused_attrs(new)  # the one-a-byte codes: torch.export would save them too
+    new.delete_all_unused_submodules()
+    new.recompile()
+    return new
+
+
 def nbits_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` (sharing its other weights) in which each intx layer is one
     ``fxcompress::matmul_nbits`` call on packed codes; `gm` is left as it is. Raises
     `FxCompressError` for a layer MatMulNBits cannot hold (a group that is not a power of two
     of at least `MIN_BLOCK`)."""
-    graph = fx.Graph()
-    remap: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, remap)
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
-    new.meta.update(gm.meta)
+    new = _copy(gm)
     for i, (lin, x, wd) in enumerate(_intx_layers(new)):
-        qn, sn, _zn, lo, hi, _dtype, group = wd.args[:7]
+        qn, sn, group = wd.args[0], wd.args[1], wd.args[6]
         layer = lin.meta.get(LAYER_META, lin.name)
-        bits = (int(hi) - int(lo) + 1).bit_length() - 1
+        bits = _bits(wd)
         if group < MIN_BLOCK or group & (group - 1):
             raise FxCompressError(
                 f"{layer} holds groups of {group} input columns, which ONNX Runtime's "
@@ -147,7 +219,7 @@ def nbits_graph(gm: fx.GraphModule) -> fx.GraphModule:
         call.meta.update({k: v for k, v in lin.meta.items() if k != "val"})
         lin.replace_all_uses_with(call)
         new.graph.erase_node(lin)
-    new.graph.eliminate_dead_code()
+    drop_unused_attrs(new)
     new.delete_all_unused_submodules()
     new.recompile()
     return new

@@ -1,6 +1,7 @@
 """``.pt2``: `torch.export.save` of the compiled model's program, the compile report stored in
 the archive as an extra file (``fxcompress_report.json``), loaded back with `load_program` and
-run before it is moved into place."""
+run before it is moved into place. Sub-8-bit group-wise codes are stored packed, two or four a
+byte, and unpacked in the program (`nbits.packed_graph`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fxcompress.export import (
     _staged,
     _widen,
     _with_example_inputs,
+    nbits,
     to_exported_program,
 )
 from fxcompress.loading import REPORT_FILE, load_program
@@ -27,7 +29,12 @@ def write_pt2(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, 
               program: ExportedProgram | None = None) -> ExportResult:
     """Write `gm` as a ``.pt2`` at `path` (checked against `expected`, its outputs on `inputs`,
     within `tol`). `program`: the program compile kept, already known to be the one
-    `to_exported_program` would make here (None: export `gm`)."""
+    `to_exported_program` would make here (None: export `gm`). Group-wise low-bit codes are
+    written packed at their width (`nbits.packed_graph`), so that program is exported afresh."""
+    if nbits.has_intx(gm):
+        packed = nbits.packed_graph(gm)
+        if packed is not gm:
+            gm, program = packed, None
     if program is None:
         dynamic = bool(getattr(report, "dynamic_batch", True))
         ep, dynamic = to_exported_program(gm, inputs, dynamic)

@@ -15,7 +15,9 @@ bfloat16-representable scales and dequantized by ``dequantize_per_channel_group`
 layer stays ``aten.linear``. XnnpackPartitioner takes the whole pattern into its int4 kernel and
 packs the weight two values per byte in the ``.pte`` (scales as bfloat16); an ``.onnx`` holds
 each such layer as ONNX Runtime's ``MatMulNBits``, also two per byte (`fxcompress.export.nbits`);
-the ``.pt2`` holds one byte per value.
+a ``.pt2`` written by `fxcompress.export` stores them two per byte and unpacks them in the
+program (`nbits.packed_graph`; the report's serialized size is that file's), while
+`torch.export.save` of the compiled model itself keeps one byte per value.
 
 Embeddings (`[intx] ops` with "embedding") store their rows the same way, rounded to nearest
 (each output value is one stored value: there is nothing to compensate with), packed in 2-, 4-

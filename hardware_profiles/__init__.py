@@ -112,6 +112,15 @@ class Profile:
     intx_group_size: int = 32
     intx_scale_dtype: str = "fp32"
     intx_ops: tuple[str, ...] = ("linear",)
+    # single weights zeroed and stored sparse (`[sparsity]`): the mask patterns the target
+    # reads ("unstructured", "2:4", ...), the fractions an unstructured mask zeroes, the palette
+    # widths its kept values may take, and what the runtime's sparse kernels measured against
+    # dense per pattern (dense time / sparse time; a record: every sparse layer is costed as
+    # decoded to dense, the only form fxcompress writes)
+    sparsity_patterns: tuple[str, ...] = ()
+    sparsity_levels: tuple[float, ...] = ()
+    sparsity_value_bits: tuple[int, ...] = ()
+    sparsity_speedup: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         # a Profile built in code (`dataclasses.replace`, `Profile(...)`) gets the same checks
@@ -140,7 +149,7 @@ class Profile:
 
     def supports(self, op: str, fmt: str) -> bool:
         """Whether this target runs layers of type `op` ("linear", "conv2d", "embedding") in
-        format `fmt` ("fp32", "fp16", "int8", "binary", "shared")."""
+        format `fmt` ("fp32", "fp16", "int8", "binary", "shared", "intx", "sparse")."""
         if fmt == self.compute_dtype or fmt == "fp32":
             return True
         if fmt == "int8":
@@ -151,6 +160,9 @@ class Profile:
             return self.allows("share")
         if fmt == "intx":
             return self.allows("intx") and op in self.intx_ops
+        if fmt == "sparse":
+            return self.allows("sparse") and bool(self.sparsity_patterns) \
+                and op in ("linear", "conv2d")
         return fmt in self.peak_gops
 
     def requires(self, fmt: str) -> bool:
@@ -208,6 +220,9 @@ class Profile:
             "int8_weight_bits": self.int8_weight_bits, "isa": list(self.isa),
             "fuses_elementwise": self.fuses_elementwise,
             "intx_bits": list(self.intx_bits), "intx_group_size": self.intx_group_size,
+            "sparsity_patterns": list(self.sparsity_patterns),
+            "sparsity_levels": list(self.sparsity_levels),
+            "sparsity_value_bits": list(self.sparsity_value_bits),
             "measured_on_host": self.measure, "alignment": self.alignment,
             "weight_budget_bytes": self.weight_budget_bytes,
             "activation_budget_bytes": self.activation_budget_bytes,
@@ -234,6 +249,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "share": {"bits": (list, False), "lut_int8": (bool, False)},
     "intx": {"bits": (list, False), "group_size": (int, False), "activations": (str, False),
              "scale_dtype": (str, False), "ops": (list, False)},
+    "sparsity": {"patterns": (list, False), "levels": (list, False), "value_bits": (list, False),
+                 "speedup": (dict, False)},
     "binary": {"activations": (bool, False), "ops": (list, False)},
     "memory": {"weight_budget_bytes": (int, False), "activation_budget_bytes": (int, False)},
     "sources": {},  # free-form: field name -> citation
@@ -361,6 +378,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     for op in binary_ops:
         _one_of(source, "binary.ops", op, ("linear", "conv2d"))
     intx = _intx_fields(source, flat, techniques, peak)
+    sparsity = _sparsity_fields(source, flat, techniques)
     measure = bool(flat.get("throughput.measure", False))
     isa = flat.get("target.isa", [])
     if isinstance(isa, str):
@@ -416,6 +434,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         isa=tuple(str(f).lower() for f in isa),
         int8_weight_bits=weight_bits,
         **intx,
+        **sparsity,
     )
 
 
@@ -453,6 +472,54 @@ def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
             "intx_scale_dtype": _one_of(source, "intx.scale_dtype",
                                         flat.get("intx.scale_dtype", "fp32"), ("fp32", "bf16")),
             "intx_ops": ops}
+
+
+def _sparsity_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...]
+                     ) -> dict[str, Any]:
+    from fxcompress.passes.sparse.masks import VALUE_BITS, nm_of
+
+    given = [k for k in flat if k.startswith("sparsity.")]
+    if "sparse" not in techniques:
+        if given:
+            raise _err(source, given[0], "is given but \"sparse\" is not in [planner] "
+                       "techniques", "add \"sparse\" to the techniques or drop [sparsity]")
+        return {}
+    patterns = flat.get("sparsity.patterns", [])
+    if not patterns:
+        raise _err(source, "sparsity.patterns", "is missing or empty although sparse is in "
+                   "techniques", "list the masks the target reads, e.g. [\"unstructured\"] "
+                   "or [\"2:4\"]")
+    for pt in patterns:
+        try:
+            if not isinstance(pt, str):
+                raise ValueError(pt)
+            nm_of(pt)
+        except ValueError:
+            raise _err(source, "sparsity.patterns", f"contains {pt!r}",
+                       "use \"unstructured\" or \"N:M\" with N < M, e.g. \"2:4\"") from None
+    levels = flat.get("sparsity.levels", [])
+    if "unstructured" in patterns and not levels:
+        raise _err(source, "sparsity.levels", "is missing although \"unstructured\" is a "
+                   "pattern", "give the fractions zeroed, e.g. [0.5, 0.75, 0.9]")
+    for lv in levels:
+        if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0 < lv < 1:
+            raise _err(source, "sparsity.levels", f"contains {lv!r}",
+                       "give fractions between 0 and 1 (exclusive), e.g. 0.75")
+    vbits = flat.get("sparsity.value_bits", [])
+    for b in vbits:
+        if isinstance(b, bool) or b not in VALUE_BITS:
+            raise _err(source, "sparsity.value_bits", f"contains {b!r}",
+                       f"use palette widths that pack whole into bytes: {list(VALUE_BITS)}")
+    speedup = flat.get("sparsity.speedup", {})
+    for k, v in speedup.items():
+        if k not in patterns or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not math.isfinite(v) or v <= 0:
+            raise _err(source, f"sparsity.speedup.{k}", f"is {v!r}",
+                       "give a listed pattern's measured dense time / sparse time (> 0)")
+    return {"sparsity_patterns": tuple(patterns), "sparsity_levels": tuple(float(v) for v in
+                                                                           levels),
+            "sparsity_value_bits": tuple(vbits),
+            "sparsity_speedup": {k: float(v) for k, v in speedup.items()}}
 
 
 def _builtin_dir() -> Path:

@@ -1,0 +1,224 @@
+"""Sparsity (issue #21): masks compared, and sparse storage in the planner's plans.
+
+Three parts, each its own section of ``benchmarks/results/sparse.md`` (``--parts`` runs some;
+the others keep their saved rows in ``sparse.json``):
+
+- ``docs_lm``: every linear of the docs language model at 50 % unstructured and at 2:4, the
+  kept values at full width, by magnitude, Wanda and SparseGPT (`compile` with
+  ``techniques=["sparse"]`` on apple-ane narrowed to the one pattern, the method as the
+  ``sparse`` setting, a tolerance that takes every layer); perplexity on its held-out windows.
+- ``minilm``: the pretrained MiniLM on apple-ane (objective size) at tolerance 0.2, with and
+  without ``sparse`` among its techniques: ``.pt2`` bytes over fp32's and the cosines on the
+  1000 sentences no compile saw.
+- ``digits``: the digits CNN on apple-ane, evaluate = calibration accuracy, tolerance 1 point,
+  post-training and with recovery (300 labelled steps on the train split), with and without
+  ``sparse``: ``.pt2`` bytes over fp32's, test accuracy.
+
+    .venv/bin/python benchmarks/sparse.py [--parts docs_lm minilm digits] [--from-json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.* as a script
+
+import fxcompress  # noqa: E402
+from benchmarks import (  # noqa: E402
+    code_revision,
+    conditions,
+    lowbit,  # noqa: E402
+    publish,
+)
+from benchmarks.models import accuracy, digits_data, load_pretrained  # noqa: E402
+
+OUT_MD = ROOT / "benchmarks" / "results" / "sparse.md"
+OUT_JSON = ROOT / "benchmarks" / "results" / "sparse.json"
+PARTS = ("docs_lm", "minilm", "digits")
+ANE = fxcompress.load_profile("apple-ane")
+#: a tolerance every single-pattern plan is within: every layer the planner can rewrite is
+EVERYTHING = 10.0
+MINILM_TOL = 0.2
+WITHOUT = [t for t in ANE.techniques if t != "sparse"]
+
+
+def _pt2_bytes(model, example) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        return fxcompress.export(model, example, Path(d, "m.pt2")).size_bytes
+
+
+def _kinds(gm) -> dict:
+    out: dict[str, int] = {}
+    for la in gm.meta["fxcompress_report"].layers:
+        key = la.applied.split("(")[0] if la.applied != "none" else "fp32"
+        if key == "sparse":
+            key += f"/{la.params['pattern']}/{la.params['sparsity']:g}/{la.params['values']}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def docs_rows() -> list[dict]:
+    """Perplexity at 50 % unstructured and 2:4 by each mask method (every linear)."""
+    case = lowbit.case_of("docs_lm")
+    with torch.no_grad():
+        ref = case.outputs(case.model)
+    rows = [{"row": "fp32", **case.metric(ref, ref)}]
+    for pattern, levels in (("unstructured", (0.5,)), ("2:4", ())):
+        prof = dataclasses.replace(ANE, name=f"apple-ane, {pattern} only",
+                                   sparsity_patterns=(pattern,), sparsity_levels=levels,
+                                   sparsity_value_bits=())
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            t0 = time.perf_counter()
+            gm = fxcompress.compile(case.model, case.example, profile=prof,
+                                    calibration=case.calib, techniques=["sparse"],
+                                    tolerance=EVERYTHING, objective="size", seed=0,
+                                    overrides={"*": {"sparse": {"method": method}}})
+            secs = time.perf_counter() - t0
+            with torch.no_grad():
+                out = case.outputs(gm)
+            rep = gm.meta["fxcompress_report"]
+            row = {"row": f"{pattern}{' 50 %' if levels else ''}, {method}",
+                   **case.metric(out, ref), "error": float(rep.error), "layers": _kinds(gm),
+                   "compile_s": secs}
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def minilm_rows() -> list[dict]:
+    """MiniLM on apple-ane at tolerance 0.2, with and without sparse."""
+    case = lowbit.case_of("minilm")
+    with torch.no_grad():
+        ref = case.outputs(case.model)
+    fp32 = _pt2_bytes(case.model, case.example)
+    rows = []
+    for label, techniques in (("apple-ane without sparse", WITHOUT),
+                              ("apple-ane (with sparse)", None)):
+        t0 = time.perf_counter()
+        gm = fxcompress.compile(case.model, case.example, profile="apple-ane",
+                                calibration=case.calib, tolerance=MINILM_TOL, seed=0,
+                                techniques=techniques)
+        secs = time.perf_counter() - t0
+        with torch.no_grad():
+            out = case.outputs(gm)
+        size = _pt2_bytes(gm, case.example)
+        row = {"row": label, "bytes": size, "ratio": size / fp32, **case.metric(out, ref),
+               "error": float(gm.meta["fxcompress_report"].error), "layers": _kinds(gm),
+               "compile_s": secs}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def digits_rows() -> list[dict]:
+    """The digits CNN on apple-ane within 1 point, with and without sparse, with and without
+    recovery."""
+    m = load_pretrained("digits_cnn").eval()
+    xc, yc = digits_data("calib")
+    xtr, ytr = digits_data("train")
+    xt, yt = digits_data("test")
+    fp32 = _pt2_bytes(m, (xc[:8],))
+    rows = [{"row": "fp32", "bytes": fp32, "ratio": 1.0, "test_acc": accuracy(m, xt, yt)}]
+    for label, techniques in (("without sparse", WITHOUT), ("with sparse", None)):
+        for rec in (None, fxcompress.Recover(steps=300, lr=1e-3, data=[(xtr,)], labels=ytr,
+                                             stages=3, train_others=True, others_lr=1e-4)):
+            t0 = time.perf_counter()
+            gm = fxcompress.compile(m, (xc[:8],), profile="apple-ane", calibration=[(xc,)],
+                                    evaluate=lambda g: accuracy(g, xc, yc), tolerance=1.0,
+                                    techniques=techniques, recover=rec, seed=0)
+            secs = time.perf_counter() - t0
+            size = _pt2_bytes(gm, (xc[:8],))
+            row = {"row": f"{label}, {'with recovery' if rec else 'post-training'}",
+                   "bytes": size, "ratio": size / fp32, "test_acc": accuracy(gm, xt, yt),
+                   "layers": _kinds(gm), "compile_s": secs}
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def _layers(d: dict | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted((d or {}).items()))
+
+
+def render(saved: dict) -> list[str]:
+    """The results file."""
+    lines = ["# Sparsity: masks compared, sparse storage in plans", "",
+             "Generated by `benchmarks/sparse.py`; do not edit by hand. Each part says the "
+             "commit and conditions it ran at. Sizes: bytes of the `.pt2` `fxcompress.export` "
+             "writes, over the fp32 model's. \"error\": the compile's measured relative output "
+             "error on its held-out calibration batches. \"layers\": rewrites per kind "
+             "(sparse/pattern/fraction zeroed/kept values).", ""]
+    parts = saved.get("parts", {})
+    if "docs_lm" in parts:
+        p = parts["docs_lm"]
+        lines += ["## docs_lm: every linear sparse, by mask method", "",
+                  f"At {p['rev']}; {p['cond']}. Perplexity on the held-out windows; kept "
+                  "values at full width.", "",
+                  "| row | perplexity | increase | error | layers | compile s |",
+                  "|---|---|---|---|---|---|"]
+        for r in p["rows"]:
+            err = f"{r['error']:.4f}" if "error" in r else ""
+            cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+            lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['ppl_increase']:+.2f} % | {err} "
+                         f"| {_layers(r.get('layers'))} | {cs} |")
+        lines.append("")
+    if "minilm" in parts:
+        p = parts["minilm"]
+        lines += ["## MiniLM on apple-ane (objective size), tolerance 0.2", "",
+                  f"At {p['rev']}; {p['cond']}. Cosines and top-5 on 1000 sentences no "
+                  "compile saw.", "",
+                  "| row | .pt2 bytes | × fp32 | mean cos | worst cos | top-5 | error | layers "
+                  "| compile s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in p["rows"]:
+            lines.append(f"| {r['row']} | {r['bytes']:,} | {r['ratio']:.3f} | "
+                         f"{r['cos_mean']:.4f} | {r['cos_worst']:.4f} | {r['top5']:.3f} | "
+                         f"{r['error']:.4f} | {_layers(r['layers'])} | {r['compile_s']:.1f} |")
+        lines.append("")
+    if "digits" in parts:
+        p = parts["digits"]
+        lines += ["## digits CNN on apple-ane, within 1 point of calibration accuracy", "",
+                  f"At {p['rev']}; {p['cond']}. Test accuracy on the test split, which nothing "
+                  "trains on or selects with.", "",
+                  "| row | .pt2 bytes | × fp32 | 1 / ratio | test acc % | layers | compile s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in p["rows"]:
+            cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+            lines.append(f"| {r['row']} | {r['bytes']:,} | {r['ratio']:.4f} | "
+                         f"{1 / r['ratio']:.1f} | {r['test_acc']:.2f} | "
+                         f"{_layers(r.get('layers'))} | {cs} |")
+        lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts and write ``benchmarks/results/sparse.md``."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
+    ap.add_argument("--from-json", action="store_true", help="render the saved rows again")
+    args = ap.parse_args(argv)
+    saved = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"parts": {}}
+    if not args.from_json:
+        warnings.filterwarnings("ignore")
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        run = {"docs_lm": docs_rows, "minilm": minilm_rows, "digits": digits_rows}
+        for part in args.parts:
+            cond, rev = conditions(), code_revision()
+            saved["parts"][part] = {"rows": run[part](), "cond": cond, "rev": rev}
+            OUT_JSON.write_text(json.dumps(saved, indent=1))
+    publish(OUT_MD, render(saved))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

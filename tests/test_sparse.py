@@ -67,6 +67,24 @@ def test_mask_and_codes_pack_into_bits_and_back():
         assert torch.equal(unpack_fields(packed, bits, 1001), codes)
 
 
+def _kept(gm, name: str, numel: int) -> torch.Tensor:
+    """The kept positions of layer `name` from what the graph stores: the mask bits, or the
+    gap fields (each field f < top moves f + 1 on and places a value; top moves top on)."""
+    mask = getattr(gm, f"{name}_sparse_mask", None)
+    if mask is not None:
+        return unpack_fields(mask, 1, numel).bool()
+    la = next(la for la in gm.meta["fxcompress_report"].layers if la.name == name)
+    b = int(la.params["positions"].split("-")[0])
+    f = unpack_fields(getattr(gm, f"{name}_sparse_gaps"), b, 10 ** 9)
+    top = (1 << b) - 1
+    esc = f == top
+    pos = torch.cumsum(torch.where(esc, top, f + 1), 0) - 1
+    nnz = numel - round(numel * la.params["sparsity"])
+    kept = torch.zeros(numel, dtype=torch.bool)
+    kept[pos[~esc][:nnz]] = True  # (zero fields padding the last byte come after)
+    return kept
+
+
 @pytest.fixture(scope="module")
 def compiled():
     model = MLP().eval()
@@ -87,27 +105,27 @@ def test_the_graph_decodes_exactly_the_measured_weight_and_stores_it_sparse(comp
         la = next(la for la in rep.layers if la.name == name)
         w = mod.weight
         if la.applied.startswith("sparse"):
-            mask = pack_fields  # the stored mask bits give back the zeros of the weight
-            bits = getattr(gm, f"{name}_sparse_mask")
-            kept = unpack_fields(bits, 1, w.numel()).bool().reshape(w.shape)
+            kept = _kept(gm, name, w.numel()).reshape(w.shape)
             assert 1 - float(kept.float().mean()) == pytest.approx(la.params["sparsity"],
                                                                   abs=1e-3)
             assert la.params["method"] == "sparsegpt"
             lut = getattr(gm, f"{name}_sparse_lut", None)
             nnz = int(kept.sum())
+            where = getattr(gm, f"{name}_sparse_mask", None)
+            where = getattr(gm, f"{name}_sparse_gaps") if where is None else where
+            assert where.numel() <= math.ceil(w.numel() / 8)  # never above a bit a weight
             if la.params["values"] == "fp32":
                 vals = getattr(gm, f"{name}_sparse_values")
-                assert la.bytes_after == math.ceil(w.numel() / 8) + nnz * 4 + mod.bias.numel() * 4
+                assert la.bytes_after == where.numel() + nnz * 4 + mod.bias.numel() * 4
             else:
                 b = int(la.params["values"].split("-")[0])
                 codes = unpack_fields(getattr(gm, f"{name}_sparse_codes"), b, nnz)
                 vals = lut[codes]
-                assert la.bytes_after == (math.ceil(w.numel() / 8) + math.ceil(nnz * b / 8)
+                assert la.bytes_after == (where.numel() + math.ceil(nnz * b / 8)
                                           + (1 << b) * 4 + mod.bias.numel() * 4)
             w = torch.zeros(w.numel())
             w[kept.reshape(-1)] = vals
             w = w.reshape(kept.shape)
-            del mask
         h = torch.nn.functional.linear(h, w, mod.bias)
         h = torch.relu(h) if i < 2 else h
     with torch.no_grad():
@@ -127,6 +145,31 @@ def test_sparse_layers_run_in_onnx_runtime_and_executorch(compiled, tmp_path):
     _, gm = compiled
     x = _calib(1, rows=16)[0]
     for fmt in ("onnx", "pte"):
+        res = fxcompress.export(gm, x, tmp_path / f"m.{fmt}", profile="mobile-arm")
+        assert res.check_error < 1e-5, fmt
+
+
+def test_high_sparsity_stores_gaps_between_kept_weights_and_every_runtime_decodes_them(
+        tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("executorch.runtime")
+    from fxcompress.passes.sparse import best_gap_bits, gap_fields
+
+    model = MLP().eval()
+    prof = dataclasses.replace(ANE, sparsity_levels=(0.9,), sparsity_value_bits=(2,))
+    gm = fxcompress.compile(model, _calib()[0], profile=prof, techniques=["sparse"],
+                            calibration=_calib(), tolerance=10.0)
+    x = _calib(1, rows=16)[0]
+    for name in ("fc1", "fc2"):
+        w = getattr(model, name).weight
+        kept = _kept(gm, name, w.numel())
+        assert not hasattr(gm, f"{name}_sparse_mask")
+        assert 1 - float(kept.float().mean()) == pytest.approx(0.9, abs=1e-3)
+        # 4-bit gaps at 90 %: about half a bit a weight instead of one
+        assert best_gap_bits(kept) == 4
+        assert getattr(gm, f"{name}_sparse_gaps").numel() < 0.07 * w.numel()
+        assert len(gap_fields(kept, 4)) < 1.3 * int(kept.sum())
+    for fmt in ("pt2", "onnx", "pte"):
         res = fxcompress.export(gm, x, tmp_path / f"m.{fmt}", profile="mobile-arm")
         assert res.check_error < 1e-5, fmt
 
@@ -189,8 +232,8 @@ def test_recovery_trains_the_kept_values_and_keeps_the_mask():
     rec = fxcompress.compile(model, calib[0], recover=fxcompress.Recover(steps=60, lr=1e-3,
                                                                          stages=0), **kw)
     for name in ("fc1", "fc2", "fc3"):
-        a, b = getattr(post, f"{name}_sparse_mask"), getattr(rec, f"{name}_sparse_mask")
-        assert torch.equal(a, b)
+        n = getattr(model, name).weight.numel()
+        assert torch.equal(_kept(post, name, n), _kept(rec, name, n))
     assert rec.meta["fxcompress_report"].error < post.meta["fxcompress_report"].error
     assert all("trained" in la.params["method"] for la in rec.meta["fxcompress_report"].layers)
 

@@ -86,6 +86,9 @@ class SparsePart:
     bits: int | None = None  # palette width of the kept values (None: full width)
     lut: torch.Tensor | None = None  # float32 (2^bits,) sorted palette
     codes: torch.Tensor | None = None  # int64 (kept,) palette indices
+    # where the kept values go: None, a bit per weight; else the gaps between kept positions
+    # in fields of this width (`gap_fields`), the cheaper of the two for this mask
+    gap_bits: int | None = None
 
     def dense(self) -> torch.Tensor:
         """The weight the graph decodes (zeros where not kept)."""
@@ -95,12 +98,45 @@ class SparsePart:
         return flat.reshape(self.kept.shape)
 
     @property
+    def position_bytes(self) -> int:
+        """Bytes of where the kept values go: the mask bits or the gap fields."""
+        if self.gap_bits is None:
+            return math.ceil(self.kept.numel() / 8)
+        return math.ceil(len(gap_fields(self.kept, self.gap_bits)) * self.gap_bits / 8)
+
+    @property
     def stored_bytes(self) -> int:
-        """Mask bits, kept values (or their packed indices and the palette)."""
-        n, nnz = self.kept.numel(), int(self.kept.sum())
+        """Positions, kept values (or their packed indices and the palette)."""
+        nnz = int(self.kept.sum())
         if self.bits is None:
-            return math.ceil(n / 8) + nnz * 4
-        return math.ceil(n / 8) + math.ceil(nnz * self.bits / 8) + (1 << self.bits) * 4
+            return self.position_bytes + nnz * 4
+        return self.position_bytes + math.ceil(nnz * self.bits / 8) + (1 << self.bits) * 4
+
+
+def gap_fields(kept: torch.Tensor, bits: int) -> torch.Tensor:
+    """The kept positions (flat order) as `bits`-bit fields: each field f < 2^bits - 1 moves
+    f + 1 on from the last kept position (from -1) and places the next value there; the field
+    2^bits - 1 moves 2^bits - 1 on and places nothing (a gap too long for one field). int64."""
+    pos = torch.nonzero(kept.reshape(-1)).reshape(-1)
+    gaps = torch.diff(pos, prepend=torch.tensor([-1])) - 1  # zeros skipped before each
+    top = (1 << bits) - 1
+    escapes = torch.div(gaps, top, rounding_mode="floor")
+    last = gaps - escapes * top
+    per = escapes + 1
+    out = torch.full((int(per.sum()),), top, dtype=torch.int64)
+    out[torch.cumsum(per, 0) - 1] = last
+    return out
+
+
+def best_gap_bits(kept: torch.Tensor) -> int | None:
+    """The field width whose gap fields take fewer bytes than a bit per weight (None: the
+    bit mask is smallest)."""
+    best, size = None, math.ceil(kept.numel() / 8)
+    for b in masks.VALUE_BITS:
+        got = math.ceil(len(gap_fields(kept, b)) * b / 8)
+        if got < size:
+            best, size = b, got
+    return best
 
 
 def _unpack_ops(bits: int) -> int:
@@ -110,10 +146,13 @@ def _unpack_ops(bits: int) -> int:
 
 def _decode_ops(part: SparsePart) -> int:
     """Ops the pass inserts before the layer (`_decode`, kept in step with it)."""
-    ops = _unpack_ops(1) + 5  # mask bits; cumsum, -1, clamp, gather, convert of the mask
+    if part.gap_bits is None:  # mask bits; cumsum, -1, clamp, gather; convert, multiply
+        ops = _unpack_ops(1) + 6
+    else:  # fields; escape test and convert, advance, cumsum, -1, value index (4 ops),
+        ops = _unpack_ops(part.gap_bits) + 16  # gather, target (3 ops), zeros, scatter, slice
     if part.bits is not None:
         ops += _unpack_ops(part.bits) + 1  # the indices, then their palette lookup
-    return ops + 2  # multiply by the mask, view to the weight's shape
+    return ops + 1  # view to the weight's shape
 
 
 # --- planning -------------------------------------------------------------------------------
@@ -161,7 +200,8 @@ def _part(w2: torch.Tensor, shape: tuple, kept: torch.Tensor, fitted: torch.Tens
           pattern: str, sparsity: float, method: str, bits: int | None, hessian,
           col_rms, seed: int) -> SparsePart:
     values = fitted[kept].float()
-    part = SparsePart(pattern, sparsity, method, kept.reshape(shape), values)
+    part = SparsePart(pattern, sparsity, method, kept.reshape(shape), values,
+                      gap_bits=best_gap_bits(kept))
     if bits is None:
         return part
     imp = None if col_rms is None else (col_rms ** 2).view(1, -1).expand_as(w2)[kept]
@@ -225,7 +265,9 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
                 part = _part(w2, tuple(step.weight.shape), kept, fitted, pattern, s, method,
                              bits, hessian, col_rms, ctx.seed)
                 params = {"pattern": pattern, "sparsity": round(s, 4), "method": method,
-                          "values": "fp32" if bits is None else f"{bits}-bit palette"}
+                          "values": "fp32" if bits is None else f"{bits}-bit palette",
+                          "positions": "bit mask" if part.gap_bits is None
+                          else f"{part.gap_bits}-bit gaps"}
                 cands.append(Candidate("sparse", layer, params, (_sparse_step(step, part),),
                                        parts={"sparse": part}))
     return cands, ("sparse: " + "; ".join(skipped)) if skipped and not cands else None
@@ -309,25 +351,64 @@ def _unpack(gm: fx.GraphModule, node: fx.Node, buf: fx.Node, bits: int, n: int, 
 
 def _decode(gm: fx.GraphModule, node: fx.Node, layer: str, part: SparsePart) -> fx.Node:
     g = gm.graph
-    n = part.kept.numel()
-    mn = add_buffer(gm, f"{layer}.sparse_mask", pack_fields(part.kept.reshape(-1), 1), node)
     if part.bits is None:
         vn = add_buffer(gm, f"{layer}.sparse_values", part.values, node)
     else:
         cn = add_buffer(gm, f"{layer}.sparse_codes", pack_fields(part.codes, part.bits), node)
         ln = add_buffer(gm, f"{layer}.sparse_lut", part.lut, node)
-    m = _unpack(gm, node, mn, 1, n, layer)
     idx = None if part.bits is None else _unpack(gm, node, cn, part.bits, len(part.codes), layer)
+    if idx is not None:
+        with g.inserting_before(node):
+            vn = call(g, aten.index_select.default, (ln, 0, idx), layer=layer)
+    if part.gap_bits is None:
+        w = _place_by_mask(gm, node, layer, part, vn)
+    else:
+        w = _place_by_gaps(gm, node, layer, part, vn)
+    with g.inserting_before(node):
+        return call(g, aten.view.default, (w, list(part.kept.shape)), layer=layer)
+
+
+def _place_by_mask(gm, node, layer, part: SparsePart, vals: fx.Node) -> fx.Node:
+    """Mask bits -> each weight's kept value (cumulative count of kept bits), times the bit."""
+    g = gm.graph
+    n = part.kept.numel()
+    mn = add_buffer(gm, f"{layer}.sparse_mask", pack_fields(part.kept.reshape(-1), 1), node)
+    m = _unpack(gm, node, mn, 1, n, layer)
     with g.inserting_before(node):
         pos = call(g, aten.clamp_min.default, (call(g, aten.sub.Tensor, (
             call(g, aten.cumsum.default, (m, 0), layer=layer), 1), layer=layer), 0), layer=layer)
-        if idx is not None:
-            vn = call(g, aten.index_select.default, (ln, 0, idx), layer=layer)
-        vals = call(g, aten.index_select.default, (vn, 0, pos), layer=layer)
+        got = call(g, aten.index_select.default, (vals, 0, pos), layer=layer)
         fm = call(g, aten._to_copy.default, (m,), {"dtype": torch.float32}, layer=layer)
-        w = call(g, aten.view.default, (call(g, aten.mul.Tensor, (vals, fm), layer=layer),
-                                        list(part.kept.shape)), layer=layer)
-    return w
+        return call(g, aten.mul.Tensor, (got, fm), layer=layer)
+
+
+def _place_by_gaps(gm, node, layer, part: SparsePart, vals: fx.Node) -> fx.Node:
+    """Gap fields -> positions (cumulative advances), each real field's value scattered there;
+    the long-gap fields scatter into one slot past the end, which is cut off."""
+    g = gm.graph
+    n, b = part.kept.numel(), part.gap_bits
+    fields = gap_fields(part.kept, b)
+    fn = add_buffer(gm, f"{layer}.sparse_gaps", pack_fields(fields, b), node)
+    f = _unpack(gm, node, fn, b, len(fields), layer)
+    with g.inserting_before(node):
+        esc = call(g, aten._to_copy.default, (call(g, aten.eq.Scalar, (f, (1 << b) - 1),
+                                                   layer=layer),), {"dtype": torch.int64},
+                   layer=layer)
+        adv = call(g, aten.sub.Tensor, (call(g, aten.add.Tensor, (f, 1), layer=layer), esc),
+                   layer=layer)
+        pos = call(g, aten.sub.Tensor, (call(g, aten.cumsum.default, (adv, 0), layer=layer),
+                                        1), layer=layer)
+        real = call(g, aten.rsub.Scalar, (esc, 1), layer=layer)
+        vidx = call(g, aten.clamp_min.default, (call(g, aten.sub.Tensor, (
+            call(g, aten.cumsum.default, (real, 0), layer=layer), 1), layer=layer), 0),
+            layer=layer)
+        got = call(g, aten.index_select.default, (vals, 0, vidx), layer=layer)
+        # escapes go to slot n: pos + esc * (n - pos)
+        tgt = call(g, aten.add.Tensor, (pos, call(g, aten.mul.Tensor, (
+            esc, call(g, aten.rsub.Scalar, (pos, n), layer=layer)), layer=layer)), layer=layer)
+        zeros = call(g, aten.zeros.default, ([n + 1],), {"dtype": torch.float32}, layer=layer)
+        dense = call(g, aten.scatter.src, (zeros, 0, tgt, got), layer=layer)
+        return call(g, aten.slice.Tensor, (dense, 0, 0, n), layer=layer)
 
 
 def sparse_pass(gm: fx.GraphModule, config: SparseConfig) -> PassResult:

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,9 +51,13 @@ MINILM_TOL = 0.2
 WITHOUT = [t for t in ANE.techniques if t != "sparse"]
 
 
-def _pt2_bytes(model, example) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        return fxcompress.export(model, example, Path(d, "m.pt2")).size_bytes
+def _sizes(gm) -> tuple[int, float]:
+    """The compiled program's bytes and their ratio to the original's, as the report counts
+    them: the `.pt2` program `fxcompress.export` writes, without the compile report and the
+    example rows it also puts in the archive (the report grows with every candidate a
+    technique proposes, and is not the model)."""
+    rep = gm.meta["fxcompress_report"]
+    return rep.serialized_bytes_after, rep.serialized_bytes_after / rep.serialized_bytes_before
 
 
 def _kinds(gm) -> dict:
@@ -100,7 +103,6 @@ def minilm_rows() -> list[dict]:
     case = lowbit.case_of("minilm")
     with torch.no_grad():
         ref = case.outputs(case.model)
-    fp32 = _pt2_bytes(case.model, case.example)
     rows = []
     for label, techniques in (("apple-ane without sparse", WITHOUT),
                               ("apple-ane (with sparse)", None)):
@@ -111,8 +113,8 @@ def minilm_rows() -> list[dict]:
         secs = time.perf_counter() - t0
         with torch.no_grad():
             out = case.outputs(gm)
-        size = _pt2_bytes(gm, case.example)
-        row = {"row": label, "bytes": size, "ratio": size / fp32, **case.metric(out, ref),
+        size, ratio = _sizes(gm)
+        row = {"row": label, "bytes": size, "ratio": ratio, **case.metric(out, ref),
                "error": float(gm.meta["fxcompress_report"].error), "layers": _kinds(gm),
                "compile_s": secs}
         print(row, flush=True)
@@ -127,8 +129,7 @@ def digits_rows() -> list[dict]:
     xc, yc = digits_data("calib")
     xtr, ytr = digits_data("train")
     xt, yt = digits_data("test")
-    fp32 = _pt2_bytes(m, (xc[:8],))
-    rows = [{"row": "fp32", "bytes": fp32, "ratio": 1.0, "test_acc": accuracy(m, xt, yt)}]
+    rows = [{"row": "fp32", "test_acc": accuracy(m, xt, yt)}]
     for label, techniques in (("without sparse", WITHOUT), ("with sparse", None)):
         for rec in (None, fxcompress.Recover(steps=300, lr=1e-3, data=[(xtr,)], labels=ytr,
                                              stages=3, train_others=True, others_lr=1e-4)):
@@ -137,9 +138,11 @@ def digits_rows() -> list[dict]:
                                     evaluate=lambda g: accuracy(g, xc, yc), tolerance=1.0,
                                     techniques=techniques, recover=rec, seed=0)
             secs = time.perf_counter() - t0
-            size = _pt2_bytes(gm, (xc[:8],))
+            size, ratio = _sizes(gm)
+            rows[0].setdefault("bytes", gm.meta["fxcompress_report"].serialized_bytes_before)
+            rows[0]["ratio"] = 1.0
             row = {"row": f"{label}, {'with recovery' if rec else 'post-training'}",
-                   "bytes": size, "ratio": size / fp32, "test_acc": accuracy(gm, xt, yt),
+                   "bytes": size, "ratio": ratio, "test_acc": accuracy(gm, xt, yt),
                    "layers": _kinds(gm), "compile_s": secs}
             print(row, flush=True)
             rows.append(row)
@@ -150,52 +153,52 @@ def _layers(d: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted((d or {}).items()))
 
 
+def _cell(r: dict, key: str, fmt: str) -> str:
+    return format(r[key], fmt) if key in r else ""
+
+
+#: part -> (title, what its figures are, column headers, the cells of a row)
+SECTIONS = {
+    "docs_lm": ("docs_lm: every linear sparse, by mask method",
+                "Perplexity on the held-out windows; kept values at full width.",
+                ["row", "perplexity", "increase %", "error", "layers", "compile s"],
+                lambda r: [r["row"], f"{r['ppl']:.2f}", f"{r['ppl_increase']:+.2f}",
+                           _cell(r, "error", ".4f"), _layers(r.get("layers")),
+                           _cell(r, "compile_s", ".1f")]),
+    "minilm": (f"MiniLM on apple-ane (objective size), tolerance {MINILM_TOL:g}",
+               "Cosines and top-5 on 1000 sentences no compile saw.",
+               ["row", ".pt2 bytes", "× fp32", "mean cos", "worst cos", "top-5", "error",
+                "layers", "compile s"],
+               lambda r: [r["row"], f"{r['bytes']:,}", f"{r['ratio']:.3f}",
+                          f"{r['cos_mean']:.4f}", f"{r['cos_worst']:.4f}", f"{r['top5']:.3f}",
+                          f"{r['error']:.4f}", _layers(r["layers"]), f"{r['compile_s']:.1f}"]),
+    "digits": ("digits CNN on apple-ane, within 1 point of calibration accuracy",
+               "Test accuracy on the test split, which nothing trains on or selects with.",
+               ["row", ".pt2 bytes", "× fp32", "1 / ratio", "test acc %", "layers",
+                "compile s"],
+               lambda r: [r["row"], f"{r['bytes']:,}", f"{r['ratio']:.4f}",
+                          f"{1 / r['ratio']:.1f}", f"{r['test_acc']:.2f}",
+                          _layers(r.get("layers")), _cell(r, "compile_s", ".1f")]),
+}
+
+
 def render(saved: dict) -> list[str]:
     """The results file."""
     lines = ["# Sparsity: masks compared, sparse storage in plans", "",
              "Generated by `benchmarks/sparse.py`; do not edit by hand. Each part says the "
-             "commit and conditions it ran at. Sizes: bytes of the `.pt2` `fxcompress.export` "
-             "writes, over the fp32 model's. \"error\": the compile's measured relative output "
-             "error on its held-out calibration batches. \"layers\": rewrites per kind "
+             "commit and conditions it ran at. Sizes: bytes of the `.pt2` program "
+             "`fxcompress.export` writes (the report's serialized size: without the compile "
+             "report and example rows the archive also carries), over the fp32 model's. "
+             "\"error\": the compile's measured relative output error on its held-out "
+             "calibration batches. \"layers\": rewrites per kind "
              "(sparse/pattern/fraction zeroed/kept values).", ""]
-    parts = saved.get("parts", {})
-    if "docs_lm" in parts:
-        p = parts["docs_lm"]
-        lines += ["## docs_lm: every linear sparse, by mask method", "",
-                  f"At {p['rev']}; {p['cond']}. Perplexity on the held-out windows; kept "
-                  "values at full width.", "",
-                  "| row | perplexity | increase | error | layers | compile s |",
-                  "|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            err = f"{r['error']:.4f}" if "error" in r else ""
-            cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
-            lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['ppl_increase']:+.2f} % | {err} "
-                         f"| {_layers(r.get('layers'))} | {cs} |")
-        lines.append("")
-    if "minilm" in parts:
-        p = parts["minilm"]
-        lines += ["## MiniLM on apple-ane (objective size), tolerance 0.2", "",
-                  f"At {p['rev']}; {p['cond']}. Cosines and top-5 on 1000 sentences no "
-                  "compile saw.", "",
-                  "| row | .pt2 bytes | × fp32 | mean cos | worst cos | top-5 | error | layers "
-                  "| compile s |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            lines.append(f"| {r['row']} | {r['bytes']:,} | {r['ratio']:.3f} | "
-                         f"{r['cos_mean']:.4f} | {r['cos_worst']:.4f} | {r['top5']:.3f} | "
-                         f"{r['error']:.4f} | {_layers(r['layers'])} | {r['compile_s']:.1f} |")
-        lines.append("")
-    if "digits" in parts:
-        p = parts["digits"]
-        lines += ["## digits CNN on apple-ane, within 1 point of calibration accuracy", "",
-                  f"At {p['rev']}; {p['cond']}. Test accuracy on the test split, which nothing "
-                  "trains on or selects with.", "",
-                  "| row | .pt2 bytes | × fp32 | 1 / ratio | test acc % | layers | compile s |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
-            lines.append(f"| {r['row']} | {r['bytes']:,} | {r['ratio']:.4f} | "
-                         f"{1 / r['ratio']:.1f} | {r['test_acc']:.2f} | "
-                         f"{_layers(r.get('layers'))} | {cs} |")
+    for part, (title, what, headers, cells) in SECTIONS.items():
+        p = saved.get("parts", {}).get(part)
+        if p is None:
+            continue
+        lines += [f"## {title}", "", f"At {p['rev']}; {p['cond']}. {what}", "",
+                  "| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+        lines += ["| " + " | ".join(cells(r)) + " |" for r in p["rows"]]
         lines.append("")
     return lines
 

@@ -174,6 +174,24 @@ class GroupContext:
         return settings_of(technique, self.global_settings)
 
 
+@dataclass(frozen=True)
+class PartsConfig:
+    """A pass config that is each chosen layer's part of one technique, by layer name (for a
+    pass that needs nothing else: `parts_config`)."""
+
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
+def parts_config(technique: str) -> Callable[[list[Candidate]], PartsConfig]:
+    """The `make_config` of a technique whose pass needs only its chosen layers' parts."""
+
+    def make_config(chosen: list[Candidate]) -> PartsConfig:
+        return PartsConfig({c.layer.name: c.part(technique) for c in chosen
+                            if c.part(technique) is not None})
+
+    return make_config
+
+
 REGISTRY: dict[str, Technique] = {}
 
 

@@ -34,7 +34,7 @@ rounding of the per-token step, which `fxcompress.export` checks).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -59,10 +59,12 @@ from fxcompress.passes.svd.decompose import shrinkage, shrunk
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
 from fxcompress.technique import (
+    PartsConfig,
     ProposeContext,
     Technique,
     Trainable,
     checked_field,
+    parts_config,
     register,
 )
 
@@ -222,19 +224,6 @@ def notes(choice, calib) -> list[str]:
 
 
 # --- the pass -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class IntxConfig:
-    """Which layers get group-wise low-bit weights, and their integers and scales."""
-
-    parts: dict[str, IntxPart] = field(default_factory=dict)
-
-
-def make_config(chosen: list[Candidate]) -> IntxConfig:
-    """The pass config for the chosen candidates (any that carry intx)."""
-    return IntxConfig({c.layer.name: c.part("intx") for c in chosen
-                       if c.part("intx") is not None})
-
-
 def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: str, part: IntxPart) -> None:
     g = gm.graph
     lo, hi = qrange(part.bits)
@@ -303,7 +292,7 @@ def _rewrite_embedding(gm: fx.GraphModule, node: fx.Node, layer: str, part: Intx
     g.erase_node(node)
 
 
-def intx_pass(gm: fx.GraphModule, config: IntxConfig) -> PassResult:
+def intx_pass(gm: fx.GraphModule, config: PartsConfig) -> PassResult:
     """Store the weight of each configured linear as group-wise integers and scales, with the
     input quantized per token."""
     modified = False
@@ -347,6 +336,6 @@ def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Can
 
 
 TECHNIQUE = register(Technique(
-    "intx", order=88, propose=propose, make_config=make_config, apply=intx_pass,
+    "intx", order=88, propose=propose, make_config=parts_config("intx"), apply=intx_pass,
     trainable=Trainable(_init, _write), notes=notes, formats={"intx": _fake_of}, final=True,
     settings=IntxSettings()))

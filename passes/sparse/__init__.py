@@ -27,7 +27,7 @@ every sparse layer is costed as stored sparse and decoded to dense.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -47,10 +47,12 @@ from fxcompress.passes.svd.decompose import shrinkage, shrunk
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
 from fxcompress.technique import (
+    PartsConfig,
     ProposeContext,
     Technique,
     Trainable,
     checked_field,
+    parts_config,
     register,
     straight_through,
 )
@@ -291,19 +293,6 @@ def notes(choice, calib) -> list[str]:
 
 
 # --- the pass -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SparseConfig:
-    """Which layers are stored sparse, and their masks and values."""
-
-    parts: dict[str, SparsePart] = field(default_factory=dict)
-
-
-def make_config(chosen: list[Candidate]) -> SparseConfig:
-    """The pass config for the chosen candidates (any that carry sparse)."""
-    return SparseConfig({c.layer.name: c.part("sparse") for c in chosen
-                         if c.part("sparse") is not None})
-
-
 def pack_fields(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned `bits`-bit fields (bits dividing 8), low fields first, as bytes."""
     per = 8 // bits
@@ -411,7 +400,7 @@ def _place_by_gaps(gm, node, layer, part: SparsePart, vals: fx.Node) -> fx.Node:
         return call(g, aten.slice.Tensor, (dense, 0, 0, n), layer=layer)
 
 
-def sparse_pass(gm: fx.GraphModule, config: SparseConfig) -> PassResult:
+def sparse_pass(gm: fx.GraphModule, config: PartsConfig) -> PassResult:
     """Store the weight of each configured linear / conv2d as mask bits and kept values,
     decoded before the op."""
     modified = False
@@ -462,6 +451,6 @@ def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Can
 
 
 TECHNIQUE = register(Technique(
-    "sparse", order=85, propose=propose, make_config=make_config, apply=sparse_pass,
+    "sparse", order=85, propose=propose, make_config=parts_config("sparse"), apply=sparse_pass,
     trainable=Trainable(_init, _write), notes=notes, formats={"sparse": _fake_of}, final=True,
     settings=SparseSettings()))

@@ -225,6 +225,61 @@ def test_pt2_stores_the_4bit_codes_two_per_byte_and_the_report_counts_that_file(
     assert 0 < res.size_bytes - rep.serialized_bytes_after < 16_000
 
 
+def _outlier_calib(n=10, seed=0, rows=160):
+    """Inputs whose columns differ in scale by up to 30x (activation outliers, as in LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    col = torch.logspace(0, 1.5, 256)[torch.randperm(256, generator=torch.Generator()
+                                                      .manual_seed(1))]
+    return [(torch.randn(rows, 256, generator=g) * col,) for _ in range(n)]
+
+
+def test_awq_scaling_where_it_lowers_the_error_and_every_format_runs_it(tmp_path):
+    pytest.importorskip("executorch.runtime")
+    pytest.importorskip("onnxruntime")
+    model = MLP().eval()
+    cal = _outlier_calib()
+    kw = dict(profile="mobile-arm", techniques=["intx"], calibration=cal, tolerance=10.0)
+    gm = fxcompress.compile(model, cal[0], **kw)
+    plain = fxcompress.compile(model, cal[0], overrides={"*": {"intx": {"scaling": "none"}}},
+                               **kw)
+    rep, rep0 = gm.meta["fxcompress_report"], plain.meta["fxcompress_report"]
+    # fc1 sees the outlier columns: AWQ scales it; the layers after see relu outputs
+    fc1 = next(la for la in rep.layers if la.name == "fc1")
+    assert fc1.params.get("scaling") == "awq"
+    assert not any(la.params.get("scaling") for la in rep0.layers)
+    fc1_0 = next(la for la in rep0.layers if la.name == "fc1")
+    assert fc1.error < fc1_0.error and rep.error < rep0.error  # measured, not just estimated
+    assert any("AWQ's input scaling on" in n for n in rep.notes)
+    # the built graph divides the input by s, then quantizes per token, against the scaled
+    # weight: what was simulated
+    x = _outlier_calib(1, seed=5, rows=16)[0][0]
+    h = x
+    for i, name in enumerate(("fc1", "fc2", "fc3")):
+        inv = getattr(gm, f"{name}_intx_input_scale", None)
+        hin = h if inv is None else h * inv
+        h = torch.nn.functional.linear(PerTokenInt8()(hin),
+                                       dequantize(getattr(gm, f"{name}_intx_weight"),
+                                                  getattr(gm, f"{name}_intx_scale"), 32),
+                                       getattr(model, name).bias)
+        h = torch.relu(h) if i < 2 else h
+    with torch.no_grad():
+        assert torch.allclose(gm(x), h, atol=1e-5, rtol=1e-5)
+    # its bytes: 4-bit codes, a bf16 scale per 32, the fp32 input scale, the bias
+    assert fc1.bytes_after == 512 * 256 // 2 + 512 * 8 * 2 + 256 * 4 + 512 * 4
+    # recovery trains the scaled weight and keeps the scaling
+    rec = fxcompress.compile(model, cal[0], recover=fxcompress.Recover(steps=100, lr=3e-4,
+                                                                       stages=0), **kw)
+    assert torch.equal(rec.fc1_intx_input_scale, gm.fc1_intx_input_scale)
+    assert int(rec.fc1_intx_weight.abs().max()) <= 8
+    assert rec.meta["fxcompress_report"].error < rep.error
+    for fmt in ("pte", "onnx", "pt2"):
+        res = fxcompress.export(gm, cal[0], tmp_path / f"m.{fmt}")
+        assert res.check_error < 0.05, fmt
+        if fmt == "pte":
+            assert res.delegated_ops.get("aten.linear.default") == 3
+            assert not any("linear" in k for k in res.undelegated_ops)
+
+
 class Lookup(torch.nn.Module):
     """An embedding table alone (its output is its rows)."""
 

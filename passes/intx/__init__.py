@@ -5,7 +5,11 @@ Each weight row is cut into groups of `group_size` input columns (the profile's 
 group_size`), each group stored as signed `bits`-bit integers with one scale (`quant.py`). The
 integers are chosen with error compensation on the layer's own input Hessian from calibration
 (GPTQ: each column's rounding error is moved onto the columns not yet rounded), or rounded to
-nearest (`rounding="rtn"`, the cheap form, and what is left without calibration data).
+nearest (`rounding="rtn"`, the cheap form, and what is left without calibration data). Where
+it lowers the layer's output error through that Hessian, a linear's input columns are first
+scaled as AWQ scales them (Lin et al. 2024; `scaling="awq"`, the default): the weight's columns
+multiplied by s = rms(x)^alpha, the input divided by s before it is quantized (one multiply in
+the graph, an (in,) tensor stored), alpha from a grid by the error of rounding to nearest.
 
 How the graph holds it (`[intx] activations = "dynamic"`, the form ExecuTorch's XNNPACK
 delegate runs as its qd8 x qb4w GEMM on phones): the input is quantized per token, dynamically
@@ -46,6 +50,8 @@ from fxcompress.passes.intx.quant import (
     ACT_QMAX,
     ACT_QMIN,
     PerTokenInt8,
+    ScaledPerTokenInt8,
+    awq_scale,
     check_groups,
     dequantize,
     fake_quantize,
@@ -71,6 +77,7 @@ from fxcompress.technique import (
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
 ROUNDINGS = ("gptq", "rtn")
+SCALINGS = ("awq", "none")
 #: Calibration rows (tokens, examples) per input column below which rounding is to nearest even
 #: where "gptq" is asked: compensation fitted to a second moment from fewer rows moves error
 #: into directions those rows never took. A 1024-input layer from 32 rows: 0.009 error on the
@@ -86,10 +93,15 @@ class IntxSettings:
     #: calibration data, or with fewer than `GPTQ_ROWS_PER_COLUMN` rows per input column);
     #: "rtn": round to nearest
     rounding: str = "gptq"
+    #: "awq": each linear's input columns scaled by AWQ's s (the weight's by 1 / s) where that
+    #: lowers the layer's output error on its calibration inputs; "none": never
+    scaling: str = "awq"
 
     def __post_init__(self):
         checked_field(self.rounding, "rounding", str, lambda v: v in ROUNDINGS,
                       f"one of {', '.join(ROUNDINGS)}")
+        checked_field(self.scaling, "scaling", str, lambda v: v in SCALINGS,
+                      f"one of {', '.join(SCALINGS)}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,14 @@ class IntxPart:
     scale: torch.Tensor  # fp32 (out, in / group_size)
     scale_dtype: str = "fp32"  # the precision the target keeps scales in ("bf16" | "fp32")
     rounding: str = "gptq"
+    # AWQ: the input is multiplied by this per column (1 / s) before it is quantized, and q,
+    # scale hold the weight's columns multiplied by s; None: no scaling
+    inv_scale: torch.Tensor | None = None
+
+    def effective(self) -> torch.Tensor:
+        """The weight the layer computes with, in its input's units."""
+        w = dequantize(self.q, self.scale, self.group_size)
+        return w if self.inv_scale is None else w * self.inv_scale
 
 
 def _stored_bytes(part: IntxPart, op: str = "linear") -> int:
@@ -109,7 +129,8 @@ def _stored_bytes(part: IntxPart, op: str = "linear") -> int:
     2-, 4- or 8-bit containers the graph unpacks) and the scales."""
     per_scale = 2 if part.scale_dtype == "bf16" else 4
     bits = container_bits(part.bits) if op == "embedding" else part.bits
-    return (part.q.numel() * bits + 7) // 8 + part.scale.numel() * per_scale
+    extra = 0 if part.inv_scale is None else part.inv_scale.numel() * 4
+    return (part.q.numel() * bits + 7) // 8 + part.scale.numel() * per_scale + extra
 
 
 def _decode_ops(bits: int) -> int:
@@ -121,22 +142,42 @@ def _decode_ops(bits: int) -> int:
 
 
 def _step(s: Step, part: IntxPart) -> Step:
-    w = dequantize(part.q, part.scale, part.group_size)
+    w = part.effective()
     if s.op == "embedding":
         return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part, s.op),
                        extra_ops=_decode_ops(part.bits))
-    return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part),
-                   input_quant=PerTokenInt8())
+    if part.inv_scale is None:
+        return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part),
+                       input_quant=PerTokenInt8())
+    return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part), extra_ops=1,
+                   input_quant=ScaledPerTokenInt8(part.inv_scale))
 
 
 def _part(weight: torch.Tensor, hessian: torch.Tensor | None, importance: torch.Tensor | None,
-          bits: int, group: int, scale_dtype: str, rounding: str) -> IntxPart:
+          bits: int, group: int, scale_dtype: str, rounding: str, scaling: str = "none"
+          ) -> IntxPart:
     if rounding == "gptq" and hessian is not None:
         q, s = gptq(weight, hessian, bits, group, scale_dtype)
     else:
         rounding = "rtn"
         q, s = rtn(weight, bits, group, scale_dtype, importance)
-    return IntxPart(bits, group, q, s, scale_dtype, rounding)
+    part = IntxPart(bits, group, q, s, scale_dtype, rounding)
+    if scaling != "awq" or hessian is None:
+        return part
+    awq = awq_scale(weight, hessian, bits, group, scale_dtype)
+    if awq is None:
+        return part
+    ws = weight * awq
+    hs = hessian / torch.outer(awq.double(), awq.double())
+    if rounding == "gptq":
+        q, s = gptq(ws, hs, bits, group, scale_dtype)
+    else:
+        q, s = rtn(ws, bits, group, scale_dtype, hs.diagonal().float().clamp_min(0))
+    scaled = replace(part, q=q, scale=s, inv_scale=(1 / awq).float())
+    if hessian_error(weight, scaled.effective(), hessian) \
+            < hessian_error(weight, part.effective(), hessian):
+        return scaled  # AWQ's scaling where it lowers the error, as measured through H
+    return part
 
 
 def _hessian(stats) -> torch.Tensor | None:
@@ -171,11 +212,14 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     hessian = _hessian(ctx.stats) if cov is not None \
         and ctx.stats.rows >= GPTQ_ROWS_PER_COLUMN * step.weight.shape[1] else None
     cands = []
+    scaling = ctx.knobs("intx").scaling
     for bits in sorted(p.intx_bits):
         part = _part(step.weight, hessian, importance, bits, p.intx_group_size,
-                     p.intx_scale_dtype, rounding)
+                     p.intx_scale_dtype, rounding, scaling)
         params = {"bits": bits, "group": p.intx_group_size, "rounding": part.rounding,
                   "activations": "int8 dynamic"}
+        if part.inv_scale is not None:
+            params["scaling"] = "awq"
         cands.append(Candidate("intx", layer, params, (_step(step, part),),
                                parts={"intx": part}))
     return cands, None
@@ -218,7 +262,9 @@ def notes(choice, calib) -> list[str]:
     if not ratios:
         return []
     ratios.sort()
-    return [f"intx: error-compensated rounding left {len(ratios)} layer(s) with "
+    awq = sum(c.part("intx").inv_scale is not None for c in mine)
+    with_awq = f" (AWQ's input scaling on {awq} of them)" if awq else ""
+    return [f"intx: error-compensated rounding{with_awq} left {len(ratios)} layer(s) with "
             f"{ratios[len(ratios) // 2]:.2f}x (median; {ratios[0]:.2f}-{ratios[-1]:.2f}) the "
             "output error of rounding to nearest, on the calibration inputs"]
 
@@ -232,6 +278,10 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: str, part: IntxPart) -> N
     zn = add_buffer(gm, f"{layer}.intx_zero_point", torch.zeros_like(part.q[:, ::part.group_size]),
                     node)
     x = node.args[0]
+    if part.inv_scale is not None:  # AWQ: the input divided by s, per column
+        inv = add_buffer(gm, f"{layer}.intx_input_scale", part.inv_scale, node)
+        with g.inserting_before(node):
+            x = call(g, aten.mul.Tensor, (x, inv), layer=layer)
     with g.inserting_before(node):
         cq = call(g, qd.choose_qparams_per_token_asymmetric.default, (x, torch.int8),
                   layer=layer)
@@ -321,6 +371,9 @@ def intx_pass(gm: fx.GraphModule, config: PartsConfig) -> PassResult:
 # --- recovery -------------------------------------------------------------------------------
 def _fake_of(c: Candidate):
     part = c.part("intx")
+    if part.inv_scale is not None:  # the weight's columns scaled by s = 1 / inv before rounding
+        inv = part.inv_scale
+        return lambda w: fake_quantize(w / inv, part.scale, part.bits) * inv
     return lambda w: fake_quantize(w, part.scale, part.bits)
 
 
@@ -330,7 +383,8 @@ def _init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
 
 def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
     part = c.part("intx")
-    part = replace(part, q=round_to_scales(latents[0], part.scale, part.bits))
+    w = latents[0] if part.inv_scale is None else latents[0] / part.inv_scale
+    part = replace(part, q=round_to_scales(w, part.scale, part.bits))
     return replace(c, steps=(_step(c.steps[0], part),), parts={**c.parts, "intx": part},
                    params={**c.params, "rounding": f"{part.rounding}, trained"})
 

@@ -167,3 +167,44 @@ class PerTokenInt8:
         s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
         q = qd.quantize_per_token(x, s, z, ACT_QMIN, ACT_QMAX, torch.int8)
         return qd.dequantize_per_token(q, s, z, ACT_QMIN, ACT_QMAX, torch.int8, x.dtype)
+
+
+@dataclass(frozen=True)
+class ScaledPerTokenInt8:
+    """`PerTokenInt8` of the input multiplied per column by `inv_scale` (AWQ's scaling, the
+    weight's columns multiplied by its inverse), expressed back in the input's own units: the
+    runtime's q(x / s) against the scaled weight equals q(x / s) * s against the weight's
+    effective columns (plain data: a candidate's steps pickle)."""
+
+    inv_scale: torch.Tensor  # (in,) float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x` as the scaled input is quantized."""
+        return PerTokenInt8()(x * self.inv_scale) / self.inv_scale
+
+
+#: AWQ's exponents tried for the input-column scale s_j = rms_j^alpha (0: no scaling)
+AWQ_ALPHAS = tuple(i / 10 for i in range(1, 11))
+
+
+def awq_scale(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
+              scale_dtype: str) -> torch.Tensor | None:
+    """AWQ's per-input-column scale (Lin et al. 2024) for `w` (out, in) on its input second
+    moment: s = rms^alpha normalised so that max(s) min(s) = 1, alpha the grid point whose
+    rounding to nearest of w * s, brought back by 1 / s, has the least error through
+    `hessian`; None where no alpha beats no scaling."""
+    d = hessian.diagonal().double().clamp_min(0)
+    if not bool((d > 0).all()):
+        return None  # an input column that is always zero: nothing to scale it by
+    rms = d.sqrt()
+    best = hessian_error(w, dequantize(*rtn(w, bits, group, scale_dtype, d.float()), group),
+                         hessian)
+    scale = None
+    for alpha in AWQ_ALPHAS:
+        s = rms ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        q, sc = rtn((w.double() * s).float(), bits, group, scale_dtype, (d / s ** 2).float())
+        err = hessian_error(w, (dequantize(q, sc, group).double() / s).float(), hessian)
+        if err < best:
+            best, scale = err, s.float()
+    return scale

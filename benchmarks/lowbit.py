@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks.* as a script
 
 import fxcompress  # noqa: E402
-from benchmarks import conditions, publish  # noqa: E402
+from benchmarks import code_revision, conditions, publish  # noqa: E402
 from benchmarks import pretrained as pre  # noqa: E402
 from benchmarks.models import load_pretrained, text_data  # noqa: E402
 from fxcompress.acceptance import Acceptance  # noqa: E402
@@ -114,6 +114,7 @@ class Row:
     compile_s: float = 0.0
     bits: dict = field(default_factory=dict)  # applied rewrite -> layers
     latency: float | None = None  # .pte batch-1 time / fp32 .pte's (MiniLM)
+    rev: str = field(default_factory=code_revision)  # the commit it ran at ("": not recorded)
 
 
 def _applied(gm) -> dict:
@@ -351,15 +352,15 @@ def render(results: dict[str, list[Row]], seconds: float, cond: str, pt2: dict |
         fp32 = rows[0].size
         lines += [f"## {name}", "",
                   f"| row | .pte bytes | × fp32 | {HEADERS[name]} | error | layers | "
-                  "compile s | batch-1 latency × fp32 |",
-                  "|---" * (7 + HEADERS[name].count("|") + 1) + "|"]
+                  "compile s | batch-1 latency × fp32 | commit |",
+                  "|---" * (8 + HEADERS[name].count("|") + 1) + "|"]
         for r in rows:
             bits = ", ".join(f"{k} {v}" for k, v in sorted(r.bits.items()))
             lat = "" if r.latency is None else f"{r.latency:.3f}"
             err = "" if r.error is None else f"{r.error:.4f}"
             lines.append(f"| {r.method} | {r.size:,} | {r.size / fp32:.3f} | "
                          f"{_metric_cells(name, r.metrics)} | {err} | {bits} | "
-                         f"{r.compile_s:.1f} | {lat} |")
+                         f"{r.compile_s:.1f} | {lat} | {r.rev or 'not recorded'} |")
         lines.append("")
     return lines + (render_pt2(pt2["rows"], pt2["conditions"]) if pt2 else [])
 

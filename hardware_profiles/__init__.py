@@ -248,7 +248,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
              "dynamic_grouped_conv": (bool, False)},
     "share": {"bits": (list, False), "lut_int8": (bool, False)},
     "intx": {"bits": (list, False), "group_size": (int, False), "activations": (str, False),
-             "scale_dtype": (str, False), "ops": (list, False)},
+             "scale_dtype": (str, False), "ops": (list, False), "symmetric": (bool, False)},
     "sparsity": {"patterns": (list, False), "levels": (list, False), "value_bits": (list, False),
                  "speedup": (dict, False)},
     "binary": {"activations": (bool, False), "ops": (list, False)},
@@ -457,6 +457,11 @@ def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
     if "int8" not in peak:
         raise _err(source, "throughput.int8", "is missing although intx is in techniques",
                    "give the int8 throughput its dynamic int8 activations compute at")
+    if not flat.get("intx.symmetric", True):
+        raise _err(source, "intx.symmetric", "is false",
+                   "set it true: asymmetric group-wise codes (a zero point per group) are not "
+                   "built; the runtime fxcompress writes them for (XNNPACK's qb4w kernel) reads "
+                   "no zero points")
     ops = tuple(flat.get("intx.ops", ["linear"]))
     for op in ops:
         if op == "conv2d":

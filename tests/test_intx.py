@@ -342,7 +342,8 @@ def test_profile_intx_section_is_checked():
     for field, value, match in (("bits", [8], "widths from 2 to 7"),
                                 ("activations", "none", "only \"dynamic\""),
                                 ("ops", ["linear", "conv2d"], "intx.ops"),
-                                ("scale_dtype", "fp8", "intx.scale_dtype")):
+                                ("scale_dtype", "fp8", "intx.scale_dtype"),
+                                ("symmetric", False, "intx.symmetric")):
         bad = {**raw, "intx": {**raw["intx"], field: value}}
         with pytest.raises(FxCompressError, match=match):
             Profile.from_dict(bad, "test")

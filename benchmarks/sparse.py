@@ -102,9 +102,9 @@ def docs_rows() -> list[dict]:
     return rows
 
 
-def minilm_rows() -> list[dict]:
-    """MiniLM on apple-ane at tolerance 0.2, with and without sparse."""
-    case = lowbit.case_of("minilm")
+def planner_rows(name: str, tolerance: float) -> list[dict]:
+    """Model `name` on apple-ane (objective size) at `tolerance`, with and without sparse."""
+    case = lowbit.case_of(name)
     with torch.no_grad():
         ref = case.outputs(case.model)
     rows = []
@@ -112,32 +112,7 @@ def minilm_rows() -> list[dict]:
                               ("apple-ane (with sparse)", None)):
         t0 = time.perf_counter()
         gm = fxcompress.compile(case.model, case.example, profile="apple-ane",
-                                calibration=case.calib, tolerance=MINILM_TOL, seed=0,
-                                techniques=techniques)
-        secs = time.perf_counter() - t0
-        with torch.no_grad():
-            out = case.outputs(gm)
-        size, ratio = _sizes(gm)
-        row = {"row": label, "bytes": size, "ratio": ratio, **case.metric(out, ref),
-               "error": float(gm.meta["fxcompress_report"].error), "layers": _kinds(gm),
-               "compile_s": secs}
-        print(row, flush=True)
-        rows.append(row)
-    return rows
-
-
-def docs_ane_rows() -> list[dict]:
-    """The docs language model on apple-ane (objective size) at its benchmark tolerance, with
-    and without sparse."""
-    case = lowbit.case_of("docs_lm")
-    with torch.no_grad():
-        ref = case.outputs(case.model)
-    rows = []
-    for label, techniques in (("apple-ane without sparse", WITHOUT),
-                              ("apple-ane (with sparse)", None)):
-        t0 = time.perf_counter()
-        gm = fxcompress.compile(case.model, case.example, profile="apple-ane",
-                                calibration=case.calib, tolerance=DOCS_TOL, seed=0,
+                                calibration=case.calib, tolerance=tolerance, seed=0,
                                 techniques=techniques)
         secs = time.perf_counter() - t0
         with torch.no_grad():
@@ -250,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(2)
         torch.manual_seed(0)
-        run = {"docs_lm": docs_rows, "docs_ane": docs_ane_rows, "minilm": minilm_rows,
-               "digits": digits_rows}
+        run = {"docs_lm": docs_rows, "docs_ane": lambda: planner_rows("docs_lm", DOCS_TOL),
+               "minilm": lambda: planner_rows("minilm", MINILM_TOL), "digits": digits_rows}
         for part in args.parts:
             cond, rev = conditions(), code_revision()
             saved["parts"][part] = {"rows": run[part](), "cond": cond, "rev": rev}

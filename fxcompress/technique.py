@@ -49,7 +49,7 @@ from torch import fx
 from fxcompress.calibration import LayerStats
 from fxcompress.candidates import Candidate, Shapes
 from fxcompress.errors import FxCompressError
-from fxcompress.graph import Layer, get_attr
+from fxcompress.graph import LAYER_META, Layer, get_attr, op_type
 from fxcompress.hardware_profiles import Profile
 
 
@@ -190,6 +190,34 @@ def parts_config(technique: str) -> Callable[[list[Candidate]], PartsConfig]:
                             if c.part(technique) is not None})
 
     return make_config
+
+
+def configured_layers(gm: fx.GraphModule, config: PartsConfig, ops: tuple[str, ...]
+                      ) -> list[tuple[fx.Node, str, Any]]:
+    """(node, layer, part) of each op of type in `ops` whose layer `config` holds a part for,
+    in graph order (a snapshot: the pass may rewrite the graph as it goes)."""
+    found = []
+    for node in list(gm.graph.nodes):
+        layer = node.meta.get(LAYER_META)
+        part = config.parts.get(layer)
+        if part is not None and op_type(node) in ops:
+            found.append((node, layer, part))
+    return found
+
+
+def weight_as_planned(gm: fx.GraphModule, node: fx.Node, layer: str, shape: tuple,
+                      technique: str) -> bool:
+    """Whether `node`'s weight (its second argument) is still a stored tensor, of the `shape`
+    the technique planned for (ValueError where it is another); False where an earlier
+    rewrite already computes it."""
+    w_node = node.args[1]
+    if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+        return False
+    have = tuple(get_attr(gm, w_node.target).shape)
+    if have != tuple(shape):
+        raise ValueError(f"{technique}: {layer}'s weight is {have} in the graph but "
+                         f"{tuple(shape)} in the config")
+    return True
 
 
 REGISTRY: dict[str, Technique] = {}

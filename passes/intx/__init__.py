@@ -45,7 +45,7 @@ from torch import fx
 
 from fxcompress.candidates import Candidate, Step
 from fxcompress.export.nbits import container_bits, pack
-from fxcompress.graph import LAYER_META, add_buffer, drop_unused_attrs, get_attr, op_type
+from fxcompress.graph import add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes.intx.quant import (
     ACT_QMAX,
     ACT_QMIN,
@@ -70,8 +70,10 @@ from fxcompress.technique import (
     Technique,
     Trainable,
     checked_field,
+    configured_layers,
     parts_config,
     register,
+    weight_as_planned,
 )
 
 qd = torch.ops.quantized_decomposed
@@ -346,21 +348,13 @@ def intx_pass(gm: fx.GraphModule, config: PartsConfig) -> PassResult:
     """Store the weight of each configured linear as group-wise integers and scales, with the
     input quantized per token."""
     modified = False
-    for node in list(gm.graph.nodes):
-        layer = node.meta.get(LAYER_META)
-        part = config.parts.get(layer)
-        if part is None or op_type(node) not in ("linear", "embedding"):
-            continue
+    for node, layer, part in configured_layers(gm, config, ("linear", "embedding")):
         if op_type(node) == "embedding":
             _rewrite_embedding(gm, node, layer, part)
             modified = True
             continue
-        w_node = node.args[1]
-        if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
-            continue  # already rewritten
-        if tuple(get_attr(gm, w_node.target).shape) != tuple(part.q.shape):
-            raise ValueError(f"intx: {layer}'s weight is {tuple(w_node.meta['val'].shape)} in "
-                             f"the graph but {tuple(part.q.shape)} in the config")
+        if not weight_as_planned(gm, node, layer, part.q.shape, "intx"):
+            continue
         _rewrite(gm, node, layer, part)
         modified = True
     if modified:

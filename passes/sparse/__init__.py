@@ -33,14 +33,7 @@ import torch
 from torch import fx
 
 from fxcompress.candidates import Candidate, Step
-from fxcompress.graph import (
-    LAYER_META,
-    _fake_like,
-    add_buffer,
-    drop_unused_attrs,
-    get_attr,
-    op_type,
-)
+from fxcompress.graph import _fake_like, add_buffer, drop_unused_attrs
 from fxcompress.passes.share.cluster import kmeans_1d
 from fxcompress.passes.sparse import masks
 from fxcompress.passes.svd.decompose import shrinkage, shrunk
@@ -52,9 +45,11 @@ from fxcompress.technique import (
     Technique,
     Trainable,
     checked_field,
+    configured_layers,
     parts_config,
     register,
     straight_through,
+    weight_as_planned,
 )
 
 aten = torch.ops.aten
@@ -404,17 +399,9 @@ def sparse_pass(gm: fx.GraphModule, config: PartsConfig) -> PassResult:
     """Store the weight of each configured linear / conv2d as mask bits and kept values,
     decoded before the op."""
     modified = False
-    for node in list(gm.graph.nodes):
-        layer = node.meta.get(LAYER_META)
-        part = config.parts.get(layer)
-        if part is None or op_type(node) not in ("linear", "conv2d"):
+    for node, layer, part in configured_layers(gm, config, ("linear", "conv2d")):
+        if not weight_as_planned(gm, node, layer, part.kept.shape, "sparse"):
             continue
-        w_node = node.args[1]
-        if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
-            continue  # already rewritten
-        if tuple(get_attr(gm, w_node.target).shape) != tuple(part.kept.shape):
-            raise ValueError(f"sparse: {layer}'s weight is {tuple(w_node.meta['val'].shape)} "
-                             f"in the graph but {tuple(part.kept.shape)} in the config")
         args = list(node.args)
         args[1] = _decode(gm, node, layer, part)
         node.args = tuple(args)

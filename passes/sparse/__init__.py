@@ -14,14 +14,17 @@ lacks what it needs falls back down that list, and the report names the method e
 Kept values on a palette are k-means centroids of the kept weights (weighted by E[x^2] of their
 inputs, share's clustering), assigned with the pruning error compensated where SparseGPT ran.
 
-How the graph holds it: the mask as bits (eight a byte, in the weight's flat order), the kept
-values in that order (float32, or palette indices packed 8 / bits a byte plus the palette),
-and before the op a decode that every runtime runs (shifts and masks unpack the bits, a
-cumulative sum numbers the kept positions, a gather places the values, a multiply by the mask
-zeroes the rest). The serialized program shrinks by what is stored; the decode runs at every
-call. No runtime here reads a native sparse form (the profiles' ``speedup`` entries record what
-their sparse kernels measured: nvidia-gpu's 2:4 fp16 matmul ran at 0.73x the dense speed), so
-every sparse layer is costed as stored sparse and decoded to dense.
+How the graph holds it: the kept values in the weight's flat order (float32, or palette
+indices packed 8 / bits a byte plus the palette), and where they go, whichever is smaller: the
+mask as bits (eight a byte), or the gaps between kept positions in 1-, 2-, 4- or 8-bit fields
+(`gap_fields`; at 90 % zeroed, 4-bit gaps take half a bit a weight). Before the op, a decode of
+core ATen ops that every runtime here runs (floor division and remainder unpack the fields; a
+cumulative sum numbers the kept positions and a gather places the values, times the mask; or
+a cumulative sum of the gaps gives the positions and a scatter places the values there). The
+serialized program shrinks by what is stored; the decode runs at every call. No runtime here
+reads a native sparse form (the profiles' ``speedup`` entries record what their sparse kernels
+measured: nvidia-gpu's 2:4 fp16 matmul ran at 0.73x the dense speed), so every sparse layer is
+costed as stored sparse and decoded to dense.
 """
 
 from __future__ import annotations
@@ -283,7 +286,7 @@ def notes(choice, calib) -> list[str]:
     if not mine:
         return []
     methods = sorted({c.part("sparse").method for c in mine})
-    return [f"sparse: {len(mine)} layer(s) stored sparse (mask bits, kept values), masks by "
+    return [f"sparse: {len(mine)} layer(s) stored sparse (positions, kept values), masks by "
             f"{', '.join(methods)}; decoded to dense before the op at every call"]
 
 

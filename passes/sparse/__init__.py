@@ -375,6 +375,8 @@ def _place_by_gaps(gm, node, layer, part: SparsePart, vals: fx.Node) -> fx.Node:
     g = gm.graph
     n, b = part.kept.numel(), part.gap_bits
     fields = gap_fields(part.kept, b)
+    # the last byte filled with long-gap fields (which place nothing), not zeros (which would)
+    fields = torch.cat([fields, fields.new_full(((-len(fields)) % (8 // b),), (1 << b) - 1)])
     fn = add_buffer(gm, f"{layer}.sparse_gaps", pack_fields(fields, b), node)
     f = _unpack(gm, node, fn, b, len(fields), layer)
     with g.inserting_before(node):

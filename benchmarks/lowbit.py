@@ -300,7 +300,7 @@ def pt2_rows(name: str) -> list[dict]:
                                     objective="size", seed=0, techniques=["intx"], **kw)
             res = fxcompress.export(gm, case.example, Path(d, "m.pt2"))
             out.append({"method": method, "bytes": res.size_bytes, "fp32": fp32,
-                        "check_error": res.check_error})
+                        "check_error": res.check_error, "rev": code_revision()})
             print(f"  {name} {method}: .pt2 {res.size_bytes} B, fp32 {fp32} B", flush=True)
     return out
 
@@ -312,11 +312,13 @@ def render_pt2(pt2: dict[str, list[dict]], cond: str) -> list[str]:
              "unpacked in the program (the compiled model itself holds a byte a code, the form "
              "XNNPACK's partitioner takes). \"check\": the loaded file's relative difference "
              "from the compiled model on the example inputs.", "",
-             "| model | row | .pt2 bytes | × fp32 .pt2 | check |", "|---|---|---|---|---|"]
+             "| model | row | .pt2 bytes | × fp32 .pt2 | check | commit |",
+             "|---|---|---|---|---|---|"]
     for name, rows in pt2.items():
         for r in rows:
             lines.append(f"| {name} | {r['method']} | {r['bytes']:,} | "
-                         f"{r['bytes'] / r['fp32']:.3f} | {r['check_error']:.1e} |")
+                         f"{r['bytes'] / r['fp32']:.3f} | {r['check_error']:.1e} | "
+                         f"{r.get('rev') or 'not recorded'} |")
     return lines + [""]
 
 

@@ -55,7 +55,11 @@ INT8_REPRESENTATIONS = ("qdq", "int_mm", "dequant")
 # activations, and falls back to a reference kernel 4000x slower for signed ones (measured).
 INT8_ACTIVATION_DTYPES = ("int8", "uint8")
 OP_TYPES = ("linear", "conv2d", "embedding")
-EXPORT_FORMATS = (".pt2", ".pte", ".onnx")
+EXPORT_FORMATS = (".pt2", ".pte", ".onnx", ".mlpackage")
+#: The writers of each format: the first is the default; a profile's ``[backend] writer`` picks
+#: another for its own `export_format` (the toolchain of its target reads that flavour).
+WRITERS = {".pt2": ("torch.export",), ".pte": ("executorch", "cortex-m"),
+           ".onnx": ("onnxruntime", "qonnx", "tensorrt"), ".mlpackage": ("coreml",)}
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class Profile:
     # whether the runtime has dynamically quantized grouped / depthwise convolutions (XNNPACK
     # has none: such a conv stays weight-only int8 under dynamic activations)
     int8_dynamic_grouped_conv: bool = False
+    # the writer of `export_format` this target's toolchain reads (see WRITERS), e.g. "qonnx"
+    # for FINN's ONNX dialect; the format's default writer where the profile names none
+    writer: str = ""
     # whether the target decodes palettes whose entries are int8 with a scale per table
     # (`[share] lut_int8`); None: where the profile runs int8
     share_lut_int8: bool | None = None
@@ -218,7 +225,7 @@ class Profile:
             "int8_representation": self.int8_representation,
             "int8_activation_dtype": self.int8_activation_dtype,
             "int8_weight_bits": self.int8_weight_bits, "isa": list(self.isa),
-            "fuses_elementwise": self.fuses_elementwise,
+            "fuses_elementwise": self.fuses_elementwise, "writer": self.writer,
             "intx_bits": list(self.intx_bits), "intx_group_size": self.intx_group_size,
             "sparsity_patterns": list(self.sparsity_patterns),
             "sparsity_levels": list(self.sparsity_levels),
@@ -235,7 +242,8 @@ class Profile:
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "": {"name": (str, True), "description": (str, True)},
     "backend": {"runtime": (str, True), "export_format": (str, True), "delegate": (str, False),
-                "compute_dtype": (str, True), "fuses_elementwise": (bool, False)},
+                "compute_dtype": (str, True), "fuses_elementwise": (bool, False),
+                "writer": (str, False)},
     "planner": {"objective": (str, True), "techniques": (list, True), "alignment": (int, True)},
     "throughput": {"fp32": ((int, float), True), "fp16": ((int, float), False),
                    "int8": ((int, float), False), "binary": ((int, float), False),
@@ -425,6 +433,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         binary_ops=binary_ops,
         share_lut_int8=flat.get("share.lut_int8"),
         int8_dynamic_grouped_conv=bool(flat.get("int8.dynamic_grouped_conv", False)),
+        writer=_writer(source, flat),
         share_bits=share_bits,
         binary_activations=binary_act,
         weight_budget_bytes=flat.get("memory.weight_budget_bytes"),
@@ -436,6 +445,12 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         **intx,
         **sparsity,
     )
+
+
+def _writer(source: str, flat: dict[str, Any]) -> str:
+    fmt = flat["backend.export_format"]
+    allowed = WRITERS.get(fmt, ())
+    return _one_of(source, "backend.writer", flat.get("backend.writer", allowed[0]), allowed)
 
 
 def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],

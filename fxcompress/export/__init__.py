@@ -88,7 +88,7 @@ from fxcompress.capture import batch_dims as _batch_dims
 from fxcompress.capture import clones as _clones
 from fxcompress.capture import widen_batch as _widen
 from fxcompress.errors import FxCompressError, InternalError
-from fxcompress.hardware_profiles import EXPORT_FORMATS, Profile, load_profile
+from fxcompress.hardware_profiles import EXPORT_FORMATS, WRITERS, Profile, load_profile
 from fxcompress.loading import REPORT_FILE, load_program, read_report  # noqa: F401 (re-exported)
 from fxcompress.report import REPORT_KEY
 
@@ -137,6 +137,10 @@ class ExportResult:
     delegated_ops: dict[str, int] = field(default_factory=dict)  # .pte: ops the delegate took
     undelegated_ops: dict[str, int] = field(default_factory=dict)  # .pte: ops left portable
     dynamic_batch: bool = False  # whether the file accepts any batch size
+    writer: str = ""  # the flavour written (hardware_profiles.WRITERS), e.g. "qonnx"
+    # what the writer measured in the file beyond its size, e.g. a Core ML package's bytes per
+    # weight storage, an MCU program's planned activation memory
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data."""
@@ -144,7 +148,8 @@ class ExportResult:
                 "check_error": self.check_error, "runtime": self.runtime,
                 "delegate": self.delegate, "delegated_ops": dict(self.delegated_ops),
                 "undelegated_ops": dict(self.undelegated_ops),
-                "dynamic_batch": self.dynamic_batch}
+                "dynamic_batch": self.dynamic_batch, "writer": self.writer,
+                "details": dict(self.details)}
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -211,19 +216,35 @@ def _export(gm, example_inputs: tuple, path: Path, fmt: str, profile, tol,
             raise _inputs_do_not_fit(gm, example_inputs, e) from e
     if tol is None:
         tol = default_check_tolerance(gm)
-    if fmt == ".pte":
-        prof = _resolve_profile(profile, report)
-        preflight(path, prof)
+    prof = _resolve_profile(profile, report) if fmt == ".pte" else \
+        _optional_profile(profile, report)
+    writer = writer_for(fmt, prof)
+    preflight(path, prof)
     # ExecuTorch plans memory for fixed shapes: a .pte is exported for the example shapes
     dynamic = False if fmt == ".pte" else bool(getattr(report, "dynamic_batch", True))
 
     def write(program: ExportedProgram | None) -> ExportResult:
-        if fmt == ".pt2":
-            return pt2.write_pt2(gm, example_inputs, path, report, expected, tol, program)
-        if fmt == ".onnx":
-            return onnx_format.write_onnx(gm, example_inputs, path, report, expected, tol,
-                                          onnx_int8, program)
-        return pte.write_pte(gm, example_inputs, path, prof, expected, tol, program)
+        args = (gm, example_inputs, path, report, expected, tol)
+        if writer == "coreml":
+            from fxcompress.export import coreml
+            result = coreml.write_mlpackage(*args, prof, program)
+        elif writer == "qonnx":
+            from fxcompress.export import qonnx
+            result = qonnx.write_qonnx(*args, prof, program)
+        elif writer == "tensorrt":
+            from fxcompress.export import tensorrt
+            result = tensorrt.write_tensorrt_onnx(*args, prof, program)
+        elif writer == "cortex-m":
+            from fxcompress.export import cortex_m
+            result = cortex_m.write_cortex_m(*args, prof, program)
+        elif fmt == ".pt2":
+            result = pt2.write_pt2(*args, program)
+        elif fmt == ".onnx":
+            result = onnx_format.write_onnx(*args, onnx_int8, program)
+        else:
+            result = pte.write_pte(gm, example_inputs, path, prof, expected, tol, program)
+        result.writer = writer
+        return result
 
     program = _reusable_program(gm, example_inputs, dynamic)
     if program is None:
@@ -312,7 +333,7 @@ def check_output_path(path: str | Path) -> None:
     if not parent.is_dir():
         raise FxCompressError(f"{str(parent)!r} is a file, not a folder, so {str(path)!r} "
                               "cannot be written; write to a path inside an existing folder")
-    if path.is_dir():
+    if path.is_dir() and path.suffix.lower() != ".mlpackage":  # a package is a folder
         raise FxCompressError(f"{str(path)!r} is a folder; give a file name, e.g. "
                               f"{str(path / ('model' + (path.suffix or '.pt2')))!r}")
     problem = None
@@ -349,6 +370,13 @@ def preflight(path: str | Path, profile: str | Path | Profile | None = None) -> 
             delegate = load_profile(profile).delegate
             pte.partitioner_class(delegate)
             pte.check_runtime_backend(delegate)
+    elif fmt == ".mlpackage":
+        _require("coremltools", "writing an .mlpackage", "pip install 'fxcompress[coreml]'")
+    prof = None if profile is None else load_profile(profile)
+    if writer_for(fmt, prof) == "qonnx":
+        install = "pip install 'fxcompress[qonnx]'"
+        for module in ("onnx", "onnxscript", "onnxruntime", "qonnx"):
+            _require(module, "writing a QONNX .onnx", install)
 
 
 def _report_of(gm) -> Any:
@@ -360,6 +388,28 @@ def _report_json(report) -> str | None:
     if report is None:
         return None
     return json.dumps(report.to_dict() if hasattr(report, "to_dict") else report)
+
+
+def writer_for(fmt: str, prof: Profile | None) -> str:
+    """The writer of format `fmt` (a suffix) for target `prof`: the profile's own ``[backend]
+    writer`` where `fmt` is its `export_format`, else the format's default (`WRITERS`)."""
+    if prof is not None and prof.export_format == fmt and prof.writer:
+        return prof.writer
+    return WRITERS[fmt][0]
+
+
+def _optional_profile(profile, report) -> Profile | None:
+    """`profile` loaded, or the one the report names; None where neither is known or the
+    report's cannot be loaded (the format's default writer needs none)."""
+    if profile is not None:
+        return load_profile(profile)
+    name = getattr(report, "profile", None)
+    if name is None:
+        return None
+    try:
+        return load_profile(name)
+    except FxCompressError:
+        return None
 
 
 def _resolve_profile(profile, report) -> Profile:
@@ -541,6 +591,10 @@ def _staged(path: Path, extra_suffixes: tuple[str, ...] = ()) -> Iterator[Path]:
                 comp = tmpdir / (path.name + suf)
                 if comp.exists():
                     os.replace(comp, path.parent / (path.name + suf))
+            if staged.is_dir() and path.is_dir():
+                # a package replaces the previous one: moved aside into the staging folder
+                # (removed with it), so the new one can take its name
+                os.replace(path, tmpdir / (".previous-" + path.name))
             os.replace(staged, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -579,6 +633,8 @@ def _require(module: str, what: str, install: str):
 def file_size(path: str | Path) -> int:
     """Bytes on disk of an exported file; an `.onnx` file's external data files included."""
     path = Path(path)
+    if path.is_dir():  # a package (.mlpackage): every file in it
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     size = path.stat().st_size
     if path.suffix.lower() == ".onnx":
         size += sum(p.stat().st_size for p in onnx_format.external_files(path))

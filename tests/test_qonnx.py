@@ -138,6 +138,15 @@ def test_digits_cnn_binary_and_int8_as_qonnx(binary_cnn, digits, digits_cnn, tmp
     for n in q["BipolarQuant_activations"]:
         assert mw.get_initializer(n.input[1]) == 1.0  # FINN's only bipolar activation scale
 
+    # qonnx's datatype inference (what FINN's front end starts from) sees integer activations
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+
+    typed = mw.transform(InferDataTypes())
+    assert {typed.get_tensor_datatype(n.output[0]).name
+            for n in q["Quant_activations"]} == {"INT8"}
+    assert {typed.get_tensor_datatype(n.output[0]).name
+            for n in q["BipolarQuant_activations"]} == {"BIPOLAR"}
+
     # the file round-trips through ModelWrapper and computes the compiled model on other data
     with torch.no_grad():
         assert relative_error(_run(path, x_test[:8]), gm(x_test[:8])) <= 1e-6

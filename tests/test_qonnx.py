@@ -20,23 +20,10 @@ from qonnx.custom_op.general.intquant import int_quant  # noqa: E402
 
 from fxcompress.export import qonnx as qw  # noqa: E402
 from fxcompress.export import relative_error  # noqa: E402
+from tests.test_binary import MLP  # noqa: E402
 
 DOMAIN = "qonnx.custom_op.general"
 qd = torch.ops.quantized_decomposed
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, sizes=(64, 96, 80, 10)):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b)
-                                          for a, b in zip(sizes, sizes[1:], strict=False))
-
-    def forward(self, x):
-        for i, lay in enumerate(self.layers):
-            x = lay(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
 
 
 def _run(path, x: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,6 @@ file moved into place.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from collections import Counter
 from pathlib import Path
@@ -480,7 +479,7 @@ def write_qonnx(gm: torch.nn.Module, example_inputs: tuple, path: Path, report, 
     rj = _report_json(report)
     if rj is not None:
         onnx_program.model.metadata_props[REPORT_FILE] = rj
-    model = cleanup_model(ModelWrapper(copy.deepcopy(onnx_program.model_proto)))
+    model = cleanup_model(ModelWrapper(onnx_program.model_proto))
     flat = [x.numpy() for x in _clones(example_inputs) if isinstance(x, torch.Tensor)]
     with _staged(path) as tmp:
         model.save(str(tmp))

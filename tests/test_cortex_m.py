@@ -1,0 +1,203 @@
+"""The Cortex-M writer (mcu-int8): int8 layers' biases stored as CMSIS-NN adds them, the
+memory plan and kernel calls read from a written program, the user's mistakes refused before
+anything is written, and, where ExecuTorch's Cortex-M backend imports, the .pte itself:
+cortex_m ops in it, its check within the int8 tolerance, its arena and weight bytes those of the
+program's plan."""
+
+import dataclasses
+import functools
+import importlib
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress import FxCompressError, load_profile
+
+pytest.importorskip("executorch.exir", reason="the Cortex-M writer needs ExecuTorch")
+
+from fxcompress.errors import InternalError  # noqa: E402
+from fxcompress.export import (  # noqa: E402
+    cortex_m,
+    default_check_tolerance,
+    to_exported_program,
+)
+from fxcompress.export.pte import lower_to_pte  # noqa: E402
+
+qd = torch.ops.quantized_decomposed
+
+
+def _flow_imports() -> bool:
+    try:
+        importlib.import_module("executorch.backends.cortex_m.passes.cortex_m_pass_manager")
+    except ImportError:
+        return False
+    return True
+
+
+FLOW = _flow_imports()
+needs_flow = pytest.mark.skipif(
+    not FLOW, reason=f"ExecuTorch's Cortex-M backend does not import here ({cortex_m.INSTALL})")
+
+
+def _cortex_m_profile():
+    return dataclasses.replace(load_profile("mcu-int8"), export_format=".pte",
+                               writer="cortex-m")
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A tiny MLP compiled for mcu-int8 (static int8 on both linears), and its inputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10)).eval()
+    batches = [(torch.randn(16, 32),) for _ in range(8)]
+    x = torch.randn(1, 32)
+    gm = fxcompress.compile(model, (x,), profile="mcu-int8", calibration=batches,
+                            tolerance=0.2, holdout=0)
+    return gm, x
+
+
+@pytest.fixture(scope="module")
+def digits_mcu(digits_cnn, digits):
+    batches, x_cal, _, _ = digits
+    gm = fxcompress.compile(digits_cnn, (x_cal[:1],), profile="mcu-int8", calibration=batches,
+                            tolerance=0.05)
+    return gm, x_cal[:1]
+
+
+def _tensor(gm, target: str) -> torch.Tensor:
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def _int8_layers(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+            and getattr(n.args[1], "target", None) == qd.dequantize_per_channel.default]
+
+
+def test_int32_biases_are_the_float_biases_at_the_accumulator_scale(mlp):
+    gm, x = mlp
+    before = gm.code
+    g2, n = cortex_m.int32_biases(gm)
+    assert gm.code == before  # the compiled model is left as it is
+    layers = _int8_layers(g2)
+    assert n == len(layers) == 2
+    for node in layers:
+        bias_dq = node.args[2]
+        assert bias_dq.target == qd.dequantize_per_channel.default
+        q, scale = (_tensor(g2, a.target) for a in bias_dq.args[:2])
+        assert q.dtype == torch.int32 and bias_dq.args[6] == torch.int32
+        s_in = float(node.args[0].args[1])
+        s_w = _tensor(g2, node.args[1].args[1].target)
+        torch.testing.assert_close(scale, (s_in * s_w.double()).float())
+        # each bias within half a step of its float value
+        float_bias = next(_tensor(gm, m.args[2].target) for m in _int8_layers(gm)
+                          if m.name == node.name)
+        assert float((q.double() * scale.double() - float_bias.double()).abs().max()) \
+            <= float(scale.max()) / 2 + 1e-12
+    with torch.no_grad():
+        xs = torch.randn(64, 32)
+        y, y2 = gm(xs), g2(xs)
+    assert float((y2 - y).norm() / y.norm()) < 0.02
+
+
+def test_read_plan_gives_the_programs_arena_constants_and_kernels(mlp):
+    gm, x = mlp
+    ep, _ = to_exported_program(gm, (x,), dynamic_batch=False)
+    data = lower_to_pte(ep, None)
+    plan = cortex_m.read_plan(data)
+    exir = importlib.import_module("executorch.exir")
+    manager = exir.to_edge_transform_and_lower(ep).to_executorch()
+    sizes = manager.executorch_program.execution_plan[0].non_const_buffer_sizes
+    assert plan.activation_bytes == sum(sizes) > 0
+    # every tensor the graph reads is a constant of the program: int8 weights, fp32 scales,
+    # int64 zero points, fp32 biases
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    expected = sum(_tensor(gm, t).numel() * _tensor(gm, t).element_size() for t in read)
+    assert plan.weight_bytes == expected
+    assert expected < 0.3 * (32 * 64 + 64 * 10) * 4  # int8 weights: about a quarter of fp32
+    assert plan.constant_data_bytes >= plan.weight_bytes
+    assert plan.ops["quantized_decomposed::quantize_per_tensor.out"] == 4
+    assert plan.count("cortex_m") == {}
+    assert sum(plan.others("cortex_m").values()) == sum(plan.ops.values())
+
+
+@pytest.mark.skipif(FLOW, reason="the Cortex-M backend imports here")
+def test_without_the_cortex_m_backend_nothing_is_written_and_the_fix_is_named(mlp, tmp_path):
+    gm, x = mlp
+    out = tmp_path / "m.pte"
+    with pytest.raises(FxCompressError, match="tosa-tools==2026.5.0"):
+        fxcompress.export(gm, (x,), out, profile=_cortex_m_profile())
+    with pytest.raises(FxCompressError, match="Cortex-M backend"):
+        cortex_m.preflight()
+    assert cortex_m.INSTALL in cortex_m.runtime_note()
+    with pytest.raises(FxCompressError, match="tosa-tools"):  # the original model alike
+        fxcompress.export(torch.nn.Linear(8, 4).eval(), (torch.randn(1, 8),), out,
+                          profile=_cortex_m_profile())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _check_written(result, gm, x, tol_default=True):
+    assert result.writer == "cortex-m" and result.format == ".pte"
+    assert result.path.stat().st_size == result.size_bytes
+    plan = cortex_m.read_plan(result.path.read_bytes())
+    d = result.details
+    assert d["cortex_m_ops"] == plan.count("cortex_m")
+    assert d["portable_ops"] == plan.others("cortex_m")
+    kernels = sum(n for op, n in d["cortex_m_ops"].items()
+                  if "quantized_linear" in op or "quantized_conv2d" in op)
+    assert kernels == len(_int8_layers(gm))
+    assert d["activation_bytes"] == plan.activation_bytes > 0
+    assert d["weight_bytes"] == plan.weight_bytes > 0
+    assert d["activation_budget_bytes"] == 262144 and d["weight_budget_bytes"] == 524288
+    assert d["fits"] == (d["activation_fits"] and d["weight_fits"])
+    assert result.runtime in ("executorch", cortex_m.REFERENCE_RUNTIME)
+    return plan
+
+
+@needs_flow
+def test_tiny_mlp_becomes_cmsis_nn_linears(mlp, tmp_path):
+    gm, x = mlp
+    result = fxcompress.export(gm, (x,), tmp_path / "mlp.pte", profile=_cortex_m_profile())
+    plan = _check_written(result, gm, x)
+    assert result.check_error <= default_check_tolerance(gm)
+    assert not any("addmm" in op or "linear" in op for op in plan.others("cortex_m"))
+    # int8 weights: a quarter of the fp32 weights' bytes, plus per-channel scales and biases
+    fp32 = (32 * 64 + 64 * 10) * 4
+    assert plan.weight_bytes < 0.5 * fp32
+    assert result.details["fits"] is True
+
+
+@needs_flow
+def test_digits_cnn_becomes_cmsis_nn_convolutions(digits_mcu, tmp_path):
+    gm, x = digits_mcu
+    result = fxcompress.export(gm, (x,), tmp_path / "digits.pte", profile=_cortex_m_profile())
+    _check_written(result, gm, x)
+    assert result.check_error <= default_check_tolerance(gm)
+    assert any("quantized_conv2d" in op for op in result.details["cortex_m_ops"])
+
+
+@needs_flow
+def test_the_original_float_model_is_written_on_portable_kernels(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10)).eval()
+    result = fxcompress.export(model, (torch.randn(1, 32),), tmp_path / "fp32.pte",
+                               profile=_cortex_m_profile())
+    assert result.details["cortex_m_ops"] == {} and result.details["int8_activations"] is False
+    assert result.check_error <= 1e-3
+    assert result.details["weight_bytes"] == (32 * 64 + 64 + 64 * 10 + 10) * 4
+
+
+@needs_flow
+def test_a_failed_check_writes_nothing(mlp, tmp_path, monkeypatch):
+    gm, x = mlp
+    out = tmp_path / "mlp.pte"
+    real = cortex_m._compare
+    # a file whose outputs are off by one everywhere, as a lost scale would make them
+    monkeypatch.setattr(cortex_m, "_compare",
+                        lambda got, expected, *a: real(got, expected + 1.0, *a))
+    with pytest.raises(InternalError, match="disagrees"):
+        fxcompress.export(gm, (x,), out, profile=_cortex_m_profile())
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,10 @@ byte, and unpacked in the program (`nbits.packed_graph`)."""
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -52,11 +56,62 @@ def write_pt2(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, 
     rj = _report_json(report)
     if rj is not None:
         extra[REPORT_FILE] = rj
+    for node in ep.graph.nodes:  # provenance naming Python object ids: differs per process
+        node.meta.pop("from_node", None)
     with _staged(path) as tmp:
         torch.export.save(ep, tmp, extra_files=extra)
+        pin_serialization_id(tmp)
         loaded = load_program(tmp)
         with torch.no_grad():
             got = loaded.module()(*_clones(inputs))
         err = _compare(got, expected, tol, ".pt2", "torch.export")
         size = tmp.stat().st_size
     return ExportResult(path, ".pt2", size, err, "torch.export", dynamic_batch=dynamic)
+
+
+_ID_RECORD = ".data/serialization_id"
+
+
+def pin_serialization_id(path: Path) -> None:
+    """Replace the random id torch's archive writer stores in `path` (``.data/serialization_id``,
+    drawn anew on every save) with digits derived from the archive's other records, in place:
+    the same length, its CRC-32 updated in the data descriptor and the central directory. The
+    same program then gives the same bytes, as a resumed block-by-block compile must."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        target = next((i for i in infos if i.filename.endswith(_ID_RECORD)), None)
+        if target is None or target.compress_type != zipfile.ZIP_STORED:
+            return
+        h = hashlib.sha256()
+        for i in infos:
+            if i is not target:
+                h.update(i.filename.encode() + struct.pack("<IQ", i.CRC, i.file_size))
+        digits = str(int(h.hexdigest(), 16))
+        new = (digits * (1 + target.file_size // len(digits)))[:target.file_size].encode()
+        crc = zlib.crc32(new)
+        start_dir = z.start_dir
+    with open(path, "r+b") as f:
+        f.seek(target.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        data_at = target.header_offset + 30 + name_len + extra_len
+        f.seek(data_at)
+        f.write(new)
+        if target.flag_bits & 0x08:  # a data descriptor follows: [signature] crc sizes
+            sig = f.read(4)
+            f.seek(data_at + len(new) + (4 if sig == b"PK\x07\x08" else 0))
+        else:
+            f.seek(target.header_offset + 14)
+        f.write(struct.pack("<I", crc))
+        f.seek(start_dir)  # the central directory: walk to the record's entry
+        while True:
+            entry = f.read(46)
+            if len(entry) < 46 or entry[:4] != b"PK\x01\x02":
+                raise OSError(f"{path}: central directory entry of {_ID_RECORD} not found")
+            n, m, k = struct.unpack("<HHH", entry[28:34])
+            name = f.read(n).decode("utf-8", "replace")
+            if name == target.filename:
+                f.seek(-(46 + n) + 16, 1)
+                f.write(struct.pack("<I", crc))
+                return
+            f.seek(m + k, 1)

@@ -1,0 +1,434 @@
+"""Block-by-block compilation of a model whose weights need not fit in memory:
+`compile_blocks(checkpoint_folder, out_folder, calibration=..., profile=...)`.
+
+A decoder language model saved as a Hugging Face ``safetensors`` checkpoint (`checkpoint`,
+read lazily) is cut into its blocks (`decoder`: the embedding, each decoder layer, the final
+norm with the LM head). Each block in turn:
+
+1. gets its weights alone from the shards (the fp32 model is never whole in memory);
+2. is compiled by `fxcompress.compile` for the profile, calibrated on the outputs of the blocks
+   already compressed (sequential, so each block's rewrites, GPTQ's error compensation among
+   them, see the inputs it will get; the compile's tolerance is judged on those inputs);
+3. runs its calibration batches: the compressed block gives the next block's calibration
+   inputs, the fp32 block the reference stream the end-to-end error is measured against;
+4. is written as a `.pt2` (`fxcompress.export`: packed low-bit codes, checked, atomic), then
+   its streams and the run's state, each written to a temporary name and renamed; and freed.
+
+The result is a folder: ``<block>.pt2`` per block (``embed.pt2``, ``layer.<i>.pt2``,
+``head.pt2``), ``manifest.json`` (the blocks in order, each file's bytes and SHA-256) and
+``report.json`` (every block's compile report and the end-to-end figures). `load_blocks` loads
+it as one module (token ids -> logits) and checks every file against the manifest. One program
+per block, not one program with external weights: each ``.pt2`` is what `torch.export.load`
+and ExecuTorch's lowering take as is.
+
+The tolerance is a budget spread over the blocks: each of the n blocks gets tolerance / n as its
+own relative output error (on its output, the residual stream). Relative errors of blocks in
+sequence add to first order (the next block sees its input off by that much, and residual
+blocks pass it on with gain close to 1), so their sum bounds the end-to-end error to first
+order; the end-to-end relative error of the logits against the fp32 stream is measured on the
+calibration data at the end and reported, with a note where it exceeds the tolerance.
+
+A run is resumable: the work folder (``<out>/.work``) holds the state (which blocks are done,
+with their files' digests) and the two streams entering the next block. A run killed at any
+point restarts at the first block not recorded as done, and, with the same inputs, seed and
+thread count (recorded in the state and reused), writes the same bytes as a run never
+interrupted. Before any work the memory and disk the run needs are estimated from the
+checkpoint's headers and the calibration data and refused with `FxCompressError` when they
+exceed what the machine has (`MEMORY_FACTOR`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxcompress.blocks.checkpoint import Checkpoint
+from fxcompress.blocks.decoder import DecoderFamily
+from fxcompress.errors import FxCompressError
+from fxcompress.report import REPORT_KEY
+
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+WORK = ".work"
+FORMAT = "fxcompress-blocks/1"
+#: peak memory of one block's compile, as a multiple of its fp32 weight bytes (the weights,
+#: the compiled copy, candidates measured one layer at a time, the export's program), measured
+#: on Llama blocks (benchmarks/blocks.py) and rounded up
+MEMORY_FACTOR = 4.0
+
+
+@dataclass
+class BlockRecord:
+    """One compiled block as written."""
+
+    name: str  # "embed", "layer.<i>", "head"
+    file: str  # its .pt2, relative to the output folder
+    bytes: int  # bytes of the file
+    sha256: str  # digest of the file
+    fp32_bytes: int  # bytes of its weights in the checkpoint
+    error: float  # the block's measured relative output error (its compile's report)
+    applied: dict[str, int]  # techniques applied -> layers
+    seconds: float  # compile and write time
+    check_error: float = 0.0  # the .pt2 run in torch.export against the compiled block
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class BlocksResult:
+    """What `compile_blocks` wrote."""
+
+    folder: Path
+    blocks: list[BlockRecord]
+    error: float  # end-to-end relative error of the logits vs the fp32 stream (calibration)
+    tolerance: float
+    fp32_bytes: int  # the checkpoint's weight bytes
+    bytes: int  # the blocks' files
+    seconds: float  # wall time of this call (a resumed run counts only what it did)
+    resumed_at: int  # index of the first block this call compiled (0: a fresh run)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return {"folder": str(self.folder), "blocks": [b.to_dict() for b in self.blocks],
+                "error": self.error, "tolerance": self.tolerance,
+                "fp32_bytes": self.fp32_bytes, "bytes": self.bytes, "seconds": self.seconds,
+                "resumed_at": self.resumed_at, "notes": list(self.notes)}
+
+
+# --- small helpers ----------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1, sort_keys=True)))
+
+
+def _save_stream(path: Path, comp: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"c{i}": t.contiguous() for i, t in enumerate(comp)}
+    tensors.update({f"r{i}": t.contiguous() for i, t in enumerate(ref)})
+    _write_atomic(path, lambda p: save_file(tensors, str(p)))
+
+
+def _load_stream(path: Path, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return [t[f"c{i}"] for i in range(n)], [t[f"r{i}"] for i in range(n)]
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def _calibration(calibration, vocab: int) -> list[torch.Tensor]:
+    if calibration is None:
+        raise FxCompressError("compile_blocks needs calibration: a list of token-id tensors of "
+                              "shape (batch, seq), e.g. [tokenizer(texts).input_ids]")
+    out = []
+    for i, b in enumerate(calibration):
+        x = b[0] if isinstance(b, tuple | list) and len(b) == 1 else b
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (
+                torch.int64, torch.int32) or x.numel() == 0:
+            raise FxCompressError(f"calibration batch {i} is not a non-empty 2-D tensor of "
+                                  "token ids (int64, shape (batch, seq)); pass token ids")
+        if int(x.min()) < 0 or int(x.max()) >= vocab:
+            raise FxCompressError(f"calibration batch {i} has token ids outside the model's "
+                                  f"vocabulary (0..{vocab - 1}); tokenize with its tokenizer")
+        out.append(x.to(torch.int64))
+    if not out:
+        raise FxCompressError("calibration is empty; pass at least one batch of token ids")
+    return out
+
+
+def _block_overrides(overrides: Mapping[str, Mapping] | None, name: str) -> dict | None:
+    """The `compile(overrides=...)` of block `name`: the entries of `overrides` whose block
+    pattern (fnmatch over block names) matches, later keys winning."""
+    if overrides is None:
+        return None
+    merged: dict = {}
+    for pattern, value in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            merged.update(value)
+    return merged or None
+
+
+def _applied(report) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for la in report.layers:
+        if la.applied != "none":
+            key = la.applied.split("(")[0]
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+# --- the run ----------------------------------------------------------------------------------
+def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iterable,
+                   profile: str = "mobile-arm", tolerance: float = 0.05,
+                   techniques: Iterable[str] | None = None,
+                   overrides: Mapping[str, Mapping] | None = None, seed: int = 0,
+                   sequential: bool = True, progress: Callable[[str], None] | None = None,
+                   memory_limit: int | None = None) -> BlocksResult:
+    """Compile the decoder model saved in `checkpoint` (a folder of ``config.json`` and
+    ``safetensors`` shards) block by block for `profile` into the folder `out`.
+
+    `calibration`: batches of token ids (int64 tensors of shape (batch, seq)); every block is
+    calibrated on them as they come out of the blocks before it, compressed. `tolerance`: the
+    end-to-end relative output error (logits) allowed, spread evenly over the blocks.
+    `techniques`, `seed`: as for `fxcompress.compile`. `overrides`: ``{block pattern:
+    compile-overrides}``, e.g. ``{"layer.*": {"*": {"intx": {"rounding": "rtn"}}}}``, where a
+    block pattern (fnmatch) matches ``embed``, ``layer.<i>`` or ``head``. `sequential`
+    (default): each block is fitted on the outputs of the compressed blocks before it; False:
+    on the original model's activations, as `fxcompress.compile` of the whole model fits every
+    layer (the same plan then gives the same model). `progress` gets one
+    line per block with an estimate of the time left. `memory_limit`: bytes the run may use
+    (default: the machine's available memory).
+
+    Resumes a run killed in `out` (same arguments); refuses a folder holding another run's
+    work. Returns a `BlocksResult`; the folder loads with `load_blocks`."""
+    t_start = time.perf_counter()
+    tol = float(tolerance)
+    if not (math.isfinite(tol) and tol > 0):
+        raise FxCompressError(f"tolerance {tolerance!r} must be a finite number > 0 (the "
+                              "end-to-end relative output error allowed), e.g. 0.05")
+    ckpt = Checkpoint(checkpoint)
+    family = DecoderFamily(ckpt)
+    batches = _calibration(calibration, int(family.config.vocab_size))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK
+    work.mkdir(exist_ok=True)
+    threads = int(os.environ.get("FXCOMPRESS_THREADS") or 0) or torch.get_num_threads()
+    names = family.names
+    per_block = tol / len(names)
+
+    key = hashlib.sha256(json.dumps({
+        "format": FORMAT, "checkpoint": ckpt.fingerprint(), "profile": str(profile),
+        "tolerance": tol, "techniques": None if techniques is None else sorted(techniques),
+        "overrides": overrides, "seed": seed, "sequential": bool(sequential)},
+        sort_keys=True, default=str).encode())
+    for b in batches:
+        key.update(repr(tuple(b.shape)).encode())
+        key.update(b.numpy().tobytes())
+    fingerprint = key.hexdigest()
+    state_path = work / "state.json"
+    state = {"fingerprint": fingerprint, "threads": threads, "done": []}
+    if state_path.exists():
+        try:
+            old = json.loads(state_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        if old.get("fingerprint") != fingerprint:
+            raise FxCompressError(f"{str(out)!r} holds the work of a compile with other inputs "
+                                  "(checkpoint, calibration, profile, tolerance, techniques, "
+                                  "overrides or seed); write to an empty folder, or delete "
+                                  f"{str(work)!r} to start over there")
+        state = old
+        threads = int(state["threads"])
+    done = [BlockRecord(**r) for r in state["done"]]
+    for rec in done:  # what the state says was written must still be there, unchanged
+        p = out / rec.file
+        if not p.is_file() or _sha256(p) != rec.sha256:
+            raise FxCompressError(f"{str(p)!r} was changed or removed since it was written; "
+                                  f"delete {str(work)!r} to compile from the start")
+    _check_resources(family, batches, out, len(done), memory_limit)
+
+    say = progress or (lambda line: None)
+    n = len(batches)
+    if done:
+        comp, ref = _load_stream(work / f"stream.{len(done)}.safetensors", n)
+    else:
+        comp, ref = list(batches), list(batches)
+    started = len(done)
+    prev_env = os.environ.get("FXCOMPRESS_THREADS")
+    os.environ["FXCOMPRESS_THREADS"] = str(threads)
+    try:
+        for i in range(started, len(names)):
+            t0 = time.perf_counter()
+            rec, comp, ref = _compile_block(family, names[i], comp, ref, out, profile,
+                                            per_block, techniques,
+                                            _block_overrides(overrides, names[i]), seed,
+                                            sequential)
+            rec.seconds = time.perf_counter() - t0
+            if i + 1 < len(names):
+                _save_stream(work / f"stream.{i + 1}.safetensors", comp, ref)
+            done.append(rec)
+            state["done"] = [r.to_dict() for r in done]
+            _write_json(state_path, state)
+            with contextlib.suppress(FileNotFoundError):
+                (work / f"stream.{i}.safetensors").unlink()
+            spent = time.perf_counter() - t_start
+            left = spent / (i + 1 - started) * (len(names) - i - 1)
+            say(f"block {i + 1}/{len(names)} {names[i]}: {rec.seconds:.1f} s, error "
+                f"{rec.error:.4g}, {rec.bytes:,} B of {rec.fp32_bytes:,} fp32; about "
+                f"{left:.0f} s left")
+            gc.collect()
+    finally:
+        if prev_env is None:
+            os.environ.pop("FXCOMPRESS_THREADS", None)
+        else:
+            os.environ["FXCOMPRESS_THREADS"] = prev_env
+    error = _relative(comp, ref)
+    result = BlocksResult(out, done, error, tol, ckpt.nbytes(), sum(r.bytes for r in done),
+                          time.perf_counter() - t_start, started)
+    if error > tol:
+        result.notes.append(
+            f"the end-to-end error on the calibration data, {error:.4g}, exceeds the tolerance "
+            f"{tol:g}: the blocks' errors compounded beyond their first-order sum; compile "
+            "again with a smaller tolerance")
+    manifest = {"format": FORMAT, "model_type": family.config.model_type,
+                "vocab_size": int(family.config.vocab_size),
+                "blocks": [{"name": r.name, "file": r.file, "bytes": r.bytes,
+                            "sha256": r.sha256} for r in done]}
+    from fxcompress.loading import read_report
+
+    reports = {r.name: read_report(out / r.file) for r in done}  # each .pt2 carries its own
+    _write_json(out / REPORT, result.to_dict() | {"folder": None, "seconds": None,
+                                                  "block_reports": reports})
+    _write_json(out / MANIFEST, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    num = sum(float((g - w).double().pow(2).sum()) for g, w in zip(got, want, strict=True))
+    den = sum(float(w.double().pow(2).sum()) for w in want)
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _compile_block(family: DecoderFamily, name: str, comp: list[torch.Tensor],
+                   ref: list[torch.Tensor], out: Path, profile, tol: float, techniques,
+                   overrides, seed: int, sequential: bool) -> tuple[BlockRecord, list, list]:
+    import fxcompress
+
+    block = family.block(name)
+    fit = comp if sequential else ref
+    example = (fit[0],)
+    g = fxcompress.compile(block, example, profile=profile, calibration=[(x,) for x in fit],
+                           tolerance=tol, techniques=techniques, overrides=overrides, seed=seed)
+    report = g.meta["fxcompress_report"]
+    with torch.no_grad():
+        next_comp = [g(x) for x in comp]
+        next_ref = [block(x) for x in ref]
+    path = out / f"{name}.pt2"
+    # the file carries the report without its wall times (report.json has them): the same
+    # inputs write the same bytes, resumed or not
+    g.meta[REPORT_KEY] = dataclasses.replace(report, compile_seconds=0.0, phase_seconds={})
+    written = fxcompress.export(g, example, path)
+    rec = BlockRecord(name, path.name, path.stat().st_size, _sha256(path),
+                      family.weight_bytes(name), float(report.error), _applied(report), 0.0,
+                      written.check_error)
+    del g, block
+    return rec, next_comp, next_ref
+
+
+def _check_resources(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
+                     start: int, memory_limit: int | None) -> None:
+    """Refuse, before any work, a run that cannot fit in memory or on disk."""
+    hidden = int(family.config.hidden_size)
+    vocab = int(family.config.vocab_size)
+    tokens = sum(b.numel() for b in batches)
+    stream = 2 * tokens * hidden * 4  # the compressed and the fp32 stream, fp32
+    logits = 2 * tokens * vocab * 4  # the head's outputs, both streams
+    largest = max(family.weight_bytes(n) for n in family.names[start:])
+    need = int(MEMORY_FACTOR * largest + 3 * stream + logits)
+    have = _available_memory() if memory_limit is None else int(memory_limit)
+    if need > have:
+        raise FxCompressError(
+            f"compiling this checkpoint block by block needs about {need / 2**30:.2f} GiB of "
+            f"memory (its largest block's weights, {largest / 2**30:.2f} GiB, x{MEMORY_FACTOR:g} "
+            f"while it compiles, plus the calibration streams), and "
+            f"{have / 2**30:.2f} GiB is available; use fewer or shorter calibration batches, "
+            "or a machine with more memory")
+    rest = sum(family.weight_bytes(n) for n in family.names[start:])
+    disk = rest + 2 * stream
+    free = shutil.disk_usage(out).free
+    if disk > free:
+        raise FxCompressError(
+            f"the output folder {str(out)!r} needs up to {disk / 2**30:.2f} GiB (the blocks "
+            f"left, as large as their fp32 weights if nothing compresses, and the streams) and "
+            f"its disk has {free / 2**30:.2f} GiB free; free space or write elsewhere")
+
+
+# --- loading ----------------------------------------------------------------------------------
+class BlocksModel(torch.nn.Module):
+    """The compiled blocks of a `compile_blocks` folder chained: token ids -> logits."""
+
+    def __init__(self, blocks: list[torch.nn.Module], names: list[str]) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.names = list(names)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits for token ids `ids` (batch, seq)."""
+        h = ids
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+def load_blocks(folder: str | Path) -> BlocksModel:
+    """The model `compile_blocks` wrote to `folder`, every file checked against the manifest
+    (bytes and SHA-256) and loaded with `fxcompress.loading.load_program` (tensors and the
+    graph only, nothing unpickled)."""
+    from fxcompress.loading import load_program
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = manifest["blocks"] if manifest["format"] == FORMAT else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TypeError(MANIFEST)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise FxCompressError(f"{str(folder)!r} has no complete {MANIFEST} of compile_blocks "
+                              "output; pass the folder a finished compile_blocks wrote, or "
+                              "run compile_blocks again to finish it") from None
+    blocks, names = [], []
+    for e in entries:
+        p = folder / str(e.get("file", ""))
+        if Path(str(e.get("file", ""))).name != e.get("file") or not p.is_file() \
+                or p.stat().st_size != e.get("bytes") or _sha256(p) != e.get("sha256"):
+            raise FxCompressError(f"{str(p)!r} is missing or differs from what {MANIFEST} "
+                                  "records; copy the whole folder again, or compile again")
+        blocks.append(load_program(p).module())
+        names.append(str(e["name"]))
+    return BlocksModel(blocks, names)

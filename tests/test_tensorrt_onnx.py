@@ -101,7 +101,7 @@ def test_the_mlp_is_fp16_with_int8_dequantize_and_its_2_4_weight_listed(mlp_file
     # fc1: 2:4 listed, along the Gemm's reduction axis, and holds it
     meta = {p.key: p.value for p in m.metadata_props}
     sparse = json.loads(meta[tensorrt.META_SPARSE])
-    assert [v["layer"] for v in sparse.values()] == ["fc1"]
+    assert [(k, v["layer"]) for k, v in sparse.items()] == [("fc1.weight", "fc1")]
     (name, info), = sparse.items()
     w = onnx.numpy_helper.to_array(inits[name])
     assert w.dtype.name == "float16" and info["op"] == "Gemm"
@@ -203,3 +203,21 @@ def test_a_model_that_overflows_fp16_is_refused_and_nothing_written(tmp_path):
     torch.nn.init.constant_(model[0].weight, 30.0)
     r = fxcompress.export(model, (x / 10,), path, profile="nvidia-gpu")
     assert r.writer == "tensorrt" and r.check_error <= r.details["check_bound"]
+
+
+def test_a_profile_computing_in_fp32_gets_fp32_weights_and_the_fp32_check(mlp_file, tmp_path):
+    import dataclasses
+
+    gm, cal, _, _ = mlp_file
+    prof = dataclasses.replace(fxcompress.load_profile("nvidia-gpu"), compute_dtype="fp32")
+    r = fxcompress.export(gm, cal[0], tmp_path / "fp32.onnx", profile=prof)
+    assert r.writer == "tensorrt" and r.details["check_bound"] == 1e-3
+    assert r.check_error < 1e-5  # the same arithmetic as the compiled model, in fp32
+    m = onnx.load(str(tmp_path / "fp32.onnx"))
+    kinds = {t.data_type for t in m.graph.initializer} - {onnx.TensorProto.INT8,
+                                                          onnx.TensorProto.INT64}
+    assert kinds == {onnx.TensorProto.FLOAT}
+    assert not _by_type(m, "Cast") and len(_by_type(m, "DequantizeLinear")) == 1
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta[tensorrt.META_BUILDER_FLAGS] == "SPARSE_WEIGHTS"  # fp32: TensorRT's default
+    assert r.details["fp32_initializer_bytes"] == 4 * (128 * 64 + 128 + 64 + 10 * 64 + 10 + 64)

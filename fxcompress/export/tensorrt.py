@@ -5,13 +5,19 @@ What makes it TensorRT's rather than ONNX Runtime's, done on a copy of the compi
 (`tensorrt_graph`) before it is exported:
 
 - **Precision**: the profile's compute dtype. For fp16 (nvidia-gpu) every float weight and every
-  computation is fp16 (TensorRT builds fp16 kernels from an fp16 graph without a builder flag);
-  inputs and outputs keep the model's dtype, with a Cast to fp16 after each float input and
-  back before each output, so the file is called exactly as the compiled model is.
+  computation is fp16 (a strongly typed TensorRT network follows these types; a weakly typed
+  one picks fp16 kernels with the FP16 builder flag the metadata names); inputs and outputs
+  keep the model's dtype, with a Cast to fp16 after each float input and back before each
+  output, so the file is called exactly as the compiled model is. Float numbers in the graph
+  beyond fp16's range are clamped to its largest (a mask bias of ``finfo(float32).min`` would
+  be -inf, and 0 x -inf is NaN). Sums keep the fp32 accumulation torch gives fp16 sums (the
+  exporter's casts around ReduceSum); `ExportResult.details` counts those fp32 tensors.
 - **int8 weights** (the ``dequant`` representation: ``q.to(float) * scale``) become
   ``DequantizeLinear`` of the int8 initializer with its per-output-channel fp16 scale and a
   zero point of 0: the symmetric weight-only DQ TensorRT 10 reads (explicit quantization;
   IDequantizeLayer takes only zero zero-points), feeding the Conv / Gemm / MatMul in fp16.
+  The exporter writes DequantizeLinear with an fp32 scale and a Cast after it; the scale is
+  stored fp16 (opset 19 allows it) and the Cast dropped (`_dequantize_in`).
 - **Decoded forms**: weights the graph computes from stored constants (sparse positions and
   kept values, palettes and their indices) are folded into plain initializers: TensorRT has
   no kernel for them, and would run the decode at every call. A 2:4 sparse weight is thus
@@ -28,17 +34,20 @@ What makes it TensorRT's rather than ONNX Runtime's, done on a copy of the compi
   (`TENSORRT_MAX_OPSET`, `TENSORRT_MAX_IR_VERSION`); the batch dynamic where the compiled model's
   is.
 
-How it is checked before it is moved into place: the file is run in ONNX Runtime
-(CPUExecutionProvider here; TensorRT itself does not run on this host) on the example inputs and
-compared with the compiled model within the fp16 bound (`fp16_check_tolerance`: the check
-tolerance, or `FP16_NOISE_FACTOR` x the error fp16 storage itself causes on this model, measured
-by running the compiled model with every tensor rounded to fp16); then its structure: every
-float initializer and constant is of the compute dtype, every weight listed as 2:4 holds the
-pattern along its axis, the opset and IR version are ones TensorRT reads.
+How it is checked before it is moved into place: the file is run in ONNX Runtime's
+CPUExecutionProvider without its int8 fusions (`_run_fp16_arithmetic`; TensorRT itself, and
+ONNX Runtime's CUDA / TensorRT providers, need an NVIDIA GPU this check does not have) on the
+example inputs and compared with the compiled model within the fp16 bound
+(`fp16_check_tolerance`: the check tolerance, or `FP16_NOISE_FACTOR` x the error fp16 storage
+itself causes on this model, measured by running the compiled model with every tensor rounded
+to fp16); then its structure (`check_structure`): every float initializer and constant is of
+the compute dtype, every weight listed as 2:4 holds the pattern along its axis, the opset and
+IR version are ones TensorRT reads, and the ONNX checker passes it (with shape inference).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import operator
@@ -76,14 +85,15 @@ TENSORRT_MAX_OPSET = 20
 TENSORRT_MAX_IR_VERSION = 10
 #: fp16's unit roundoff: round to nearest changes a value by at most this fraction of it.
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
-#: The fp16 file is allowed this many times the error fp16 storage causes on the model
-#: (`fp16_rounding_error`), where that is more than the check tolerance. The file rounds at
-#: the same tensors, but its runtime's kernels round differently inside (fp16 accumulation in
-#: some, ops fused or decomposed by the exporter, batch norm folded into the convolution
-#: weights before they are rounded): the same size of noise, drawn again. Measured ratio of the
-#: ONNX Runtime file's error to the emulated one: 0.8-1.6 (tiny MLP, digits CNN, text
-#: transformer; benchmarks/formats.py); a wrong lowering (a lost scale, a dropped op, a
-#: misplaced weight) is off by the size of the output, 1e2-1e3 x the bound.
+#: The fp16 file may differ from the compiled model by this many times the error fp16 storage
+#: itself causes on the model (`fp16_rounding_error`), where that is more than the check
+#: tolerance. The file rounds the same tensors, but its runtime's kernels round differently
+#: inside (fp16 accumulation in some, ops fused or decomposed by the exporter, batch norm folded
+#: into the convolution weights before they are rounded): noise of the same size, drawn again.
+#: Measured ratio of the ONNX Runtime file's error to the emulated one: 0.64-1.93 over 10
+#: compiles (tiny MLP, digits CNN, text transformer; with and without int8 and 2:4 layers), so 4
+#: is twice the largest; the bound came to 1.8e-3-3.5e-3 there. A wrong lowering (a lost scale,
+#: a dropped op, a misplaced weight) is off by the size of the output, some 300x that.
 FP16_NOISE_FACTOR = 4.0
 
 META_PRECISION = "tensorrt.precision"  # "fp16" or "fp32": what the weights and compute are
@@ -128,7 +138,9 @@ def write_tensorrt_onnx(gm: torch.nn.Module, example_inputs: tuple, path: Path, 
         model = ir.load(plain)
         dropped = _dequantize_in(model, dtype)
         sparse = _mark_2_4(model, sparse_layers)
-        flags = [precision.upper()] + (["SPARSE_WEIGHTS"] if sparse else [])
+        # fp32 is TensorRT's default (no flag); fp16 kernels need FP16 in a weakly typed network
+        flags = (["FP16"] if dtype == torch.float16 else []) \
+            + (["SPARSE_WEIGHTS"] if sparse else [])
         model.metadata_props[META_PRECISION] = precision
         model.metadata_props[META_BUILDER_FLAGS] = ",".join(flags)
         model.metadata_props[META_SPARSE] = json.dumps(sparse, sort_keys=True)
@@ -214,10 +226,7 @@ def tensorrt_graph(gm: torch.nn.Module, dtype: torch.dtype = torch.float16,
     computed from constants folded into a plain buffer, and floats in `dtype` with casts at the
     inputs and outputs. Returns it and, for each of `sparse_layers` whose weight was folded,
     that weight (in `dtype`)."""
-    import copy
-
-    out = copy.deepcopy(gm)
-    out.meta.pop("fxcompress_program", None)
+    out = copy.deepcopy(gm)  # a deep copy carries no stored program (`StoredProgram`)
     _weight_only_to_dq(out)
     folded = _fold_constants(out)
     sparse = {layer: w for layer, w in folded.items() if layer in set(sparse_layers)}
@@ -237,12 +246,12 @@ def _weight_only_to_dq(gm: fx.GraphModule) -> None:
     for node in list(g.nodes):
         if node.target != aten.mul.Tensor or len(node.args) != 2:
             continue
-        conv, scale = node.args
-        if not (isinstance(conv, fx.Node) and conv.target == aten._to_copy.default
-                and conv.kwargs.get("dtype") == torch.float32 and len(conv.users) == 1
-                and _is_attr(conv.args[0]) and _is_attr(scale)):
+        convert, scale = node.args
+        if not (isinstance(convert, fx.Node) and convert.target == aten._to_copy.default
+                and convert.kwargs.get("dtype") == torch.float32 and len(convert.users) == 1
+                and _is_attr(convert.args[0]) and _is_attr(scale)):
             continue
-        q, s = get_attr(gm, conv.args[0].target), get_attr(gm, scale.target)
+        q, s = get_attr(gm, convert.args[0].target), get_attr(gm, scale.target)
         if q.dtype != torch.int8 or not s.is_floating_point() or s.dim() != q.dim() \
                 or s.shape[0] != q.shape[0] or s.numel() != q.shape[0]:
             continue
@@ -252,12 +261,12 @@ def _weight_only_to_dq(gm: fx.GraphModule) -> None:
                         node)
         with g.inserting_before(node):
             dq = g.call_function(qd.dequantize_per_channel.default,
-                                 (conv.args[0], sn, zn, 0, -128, 127, torch.int8),
+                                 (convert.args[0], sn, zn, 0, -128, 127, torch.int8),
                                  {"out_dtype": torch.float32})
         dq.meta.update(node.meta)
         node.replace_all_uses_with(dq)
         g.erase_node(node)
-        g.erase_node(conv)
+        g.erase_node(convert)
 
 
 def _is_attr(node: Any) -> bool:
@@ -267,28 +276,34 @@ def _is_attr(node: Any) -> bool:
 def _fold_constants(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Replace every tensor the graph computes from its buffers alone (a decode) by a buffer
     holding it; dequantization is kept (TensorRT runs it on the int8 weight). Returns the
-    folded weights by the layer their nodes belong to."""
+    folded weights by the layer their nodes belong to. A decode's intermediate tensors are
+    dropped once every op reading them has run."""
     g = gm.graph
     values: dict[fx.Node, Any] = {}
-    for node in g.nodes:
+    waiting = {n: len(n.users) for n in g.nodes}
+    folded: dict[fx.Node, torch.Tensor] = {}
+    for node in list(g.nodes):
+        inputs = node.all_input_nodes
         if node.op == "get_attr":
             values[node] = get_attr(gm, node.target)
         elif node.op == "call_function" and node.target != qd.dequantize_per_channel.default \
-                and all(a in values for a in node.all_input_nodes) \
-                and _pure(node):
+                and all(a in values for a in inputs) and _pure(node):
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
             values[node] = node.target(*args, **kwargs)
-    folded: dict[str, torch.Tensor] = {}
-    for node, value in values.items():
-        if node.op == "get_attr" or not node.all_input_nodes or not isinstance(
-                value, torch.Tensor) or all(u in values for u in node.users):
-            continue
+        else:  # computed at run time: what it reads from a decode becomes a buffer
+            folded.update((a, values[a]) for a in inputs if a in values and a.all_input_nodes
+                          and a.op != "get_attr" and isinstance(values[a], torch.Tensor))
+        for a in inputs:
+            waiting[a] -= 1
+            if not waiting[a]:
+                values.pop(a, None)
+    by_layer: dict[str, torch.Tensor] = {}
+    for node, value in folded.items():
         layer = node.meta.get(LAYER_META) or "constant"
-        buf = add_buffer(gm, f"{layer}.folded", value, node)
-        node.replace_all_uses_with(buf)
-        folded[layer] = value
+        node.replace_all_uses_with(add_buffer(gm, f"{layer}.decoded", value, node))
+        by_layer[layer] = value
     g.eliminate_dead_code()
-    return folded
+    return by_layer
 
 
 def _pure(node: fx.Node) -> bool:
@@ -384,6 +399,12 @@ def _dequantize_in(model, dtype: torch.dtype) -> int:
     for node in list(graph):
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
+        out = node.outputs[0]
+        casts = [u.node for u in out.uses()]
+        if out.is_graph_output() or not casts or any(
+                c.op_type != "Cast" or c.attributes.get_int("to") != int(want)
+                or c.outputs[0].is_graph_output() for c in casts):
+            continue  # not the exporter's pattern: left as it is (the structure check decides)
         scale = node.inputs[1]
         producer = scale.producer()
         if producer is not None and producer.op_type == "Cast" \
@@ -392,20 +413,16 @@ def _dequantize_in(model, dtype: torch.dtype) -> int:
         if scale.const_value is None:
             continue
         value = scale.const_value.numpy().astype(np_dtype)
-        new = ir.Value(name=f"{scale.name}_{np.dtype(np_dtype).name}", shape=scale.shape,
-                       type=ir.TensorType(want), const_value=ir.tensor(value))
+        new = ir.Value(name=_free_name(graph, f"{node.inputs[0].name}.scale"),
+                       shape=scale.shape, type=ir.TensorType(want),
+                       const_value=ir.tensor(value))
         graph.initializers[new.name] = new
         node.replace_input_with(1, new)
-        out = node.outputs[0]
         out.dtype = want
-        for use in list(out.uses()):
-            user = use.node
-            if user.op_type == "Cast" and user.attributes.get_int("to") == int(want):
-                ir.convenience.replace_all_uses_with(user.outputs[0], out)
-                if user.outputs[0].is_graph_output():
-                    continue  # an output keeps its name: leave the (no-op) cast there
-                graph.remove(user, safe=True)
-                dropped += 1
+        for cast in casts:
+            ir.convenience.replace_all_uses_with(cast.outputs[0], out)
+            graph.remove(cast, safe=True)
+            dropped += 1
     _drop_dead(model)
     return dropped
 
@@ -471,12 +488,28 @@ def _mark_2_4(model, sparse_layers: dict[str, torch.Tensor]) -> dict[str, dict]:
         return {}
     wanted = {layer: w.detach().cpu().numpy() for layer, w in sparse_layers.items()}
     found: dict[str, dict] = {}
-    for name, op, axis in _weights_read(model.graph):
+    for name, op, axis in list(_weights_read(model.graph)):
+        if name not in model.graph.initializers:
+            continue  # read by two ops: renamed at the first
         arr = model.graph.initializers[name].const_value.numpy()
         layer = next((la for la, w in wanted.items() if _same_weight(arr, w)), None)
         if layer is not None and holds_2_4(arr, axis):
-            found[name] = {"layer": layer, "op": op, "axis": int(axis)}
+            # named for its layer, as TensorRT's refitter and a reader of the metadata see it
+            value = model.graph.initializers[name]
+            value.name = _free_name(model.graph, f"{layer}.weight")
+            found[value.name] = {"layer": layer, "op": op, "axis": int(axis)}
     return found
+
+
+def _free_name(graph, want: str) -> str:
+    """`want`, or `want` with a number added where a value of the graph has that name."""
+    taken = {*graph.initializers, *(v.name for v in graph.inputs),
+             *(v.name for n in graph for v in n.outputs)}
+    name, i = want, 0
+    while name in taken:
+        i += 1
+        name = f"{want}_{i}"
+    return name
 
 
 def _same_weight(arr, w) -> bool:

@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 TORCH := torch==2.13.0
-LOCK_EXTRAS := test,executorch,onnx,coreml,qonnx,bench,demo
+LOCK_EXTRAS := test,executorch,onnx,coreml,qonnx,ray,bench,demo
 
 .PHONY: demo test bench lint lock clean
 
@@ -21,7 +21,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml $(LOCK)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c $(LOCK) -e '.[test,executorch,onnx,coreml,qonnx]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[test,executorch,onnx,coreml,qonnx,ray]'
 	touch $(STAMP)
 
 $(LOCK):

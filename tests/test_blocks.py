@@ -195,3 +195,32 @@ def test_tampered_output_is_refused(llama, tmp_path):
         load_blocks(out)
     with pytest.raises(FxCompressError, match="no complete"):
         load_blocks(tmp_path)
+
+
+def test_ray_executor_gives_the_local_bytes(llama, tmp_path, monkeypatch):
+    """Independent blocks (sequential=False) on a local Ray cluster of two workers: the same
+    plan and the same files as the local executor."""
+    pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    folder, _ = llama
+    monkeypatch.setenv("FXCOMPRESS_THREADS", "1")
+    kw = dict(calibration=_calibration(), profile="mobile-arm", tolerance=0.2,
+              techniques=["intx", "int8"], sequential=False)
+    local = compile_blocks(folder, tmp_path / "local", **kw)
+    lines = []
+    remote = compile_blocks(folder, tmp_path / "ray", executor="ray", progress=lines.append,
+                            **kw)
+    assert remote.executor == "ray" and local.executor == "local" and len(lines) == 4
+    assert [(b.name, b.applied, b.sha256) for b in remote.blocks] == \
+        [(b.name, b.applied, b.sha256) for b in local.blocks]
+    assert remote.error == local.error
+    for name in ("embed.pt2", "layer.0.pt2", "layer.1.pt2", "head.pt2", MANIFEST):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
+
+
+def test_ray_needs_independent_blocks(llama, tmp_path):
+    folder, _ = llama
+    with pytest.raises(FxCompressError, match="sequential=False"):
+        compile_blocks(folder, tmp_path / "o", calibration=_calibration(), executor="ray")
+    with pytest.raises(FxCompressError, match="unknown"):
+        compile_blocks(folder, tmp_path / "o", calibration=_calibration(), sequential=False,
+                       executor="dask")

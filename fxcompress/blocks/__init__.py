@@ -58,6 +58,7 @@ import torch
 
 from fxcompress.blocks.checkpoint import Checkpoint
 from fxcompress.blocks.decoder import DecoderFamily
+from fxcompress.blocks.executor import LocalExecutor, make_executor
 from fxcompress.errors import FxCompressError
 from fxcompress.report import REPORT_KEY
 
@@ -101,7 +102,9 @@ class BlocksResult:
     fp32_bytes: int  # the checkpoint's weight bytes
     bytes: int  # the blocks' files
     seconds: float  # wall time of this call (a resumed run counts only what it did)
-    resumed_at: int  # index of the first block this call compiled (0: a fresh run)
+    resumed_at: int  # blocks already done when this call started (0: a fresh run)
+    executor: str = "local"  # where independent blocks ran: "local" or "ray"
+    threads: int = 1  # threads of each block's compile (an input, like the seed)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +112,8 @@ class BlocksResult:
         return {"folder": str(self.folder), "blocks": [b.to_dict() for b in self.blocks],
                 "error": self.error, "tolerance": self.tolerance,
                 "fp32_bytes": self.fp32_bytes, "bytes": self.bytes, "seconds": self.seconds,
-                "resumed_at": self.resumed_at, "notes": list(self.notes)}
+                "resumed_at": self.resumed_at, "executor": self.executor,
+                "threads": self.threads, "notes": list(self.notes)}
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def _load_stream(path: Path, n: int) -> tuple[list[torch.Tensor], list[torch.Ten
     from safetensors.torch import load_file
 
     t = load_file(str(path))
-    return [t[f"c{i}"] for i in range(n)], [t[f"r{i}"] for i in range(n)]
+    return [t[f"c{i}"] for i in range(n)], [t[f"r{i}"] for i in range(n) if f"r{i}" in t]
 
 
 def _available_memory() -> int:
@@ -207,7 +211,8 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
                    techniques: Iterable[str] | None = None,
                    overrides: Mapping[str, Mapping] | None = None, seed: int = 0,
                    sequential: bool = True, progress: Callable[[str], None] | None = None,
-                   memory_limit: int | None = None) -> BlocksResult:
+                   memory_limit: int | None = None, executor: str = "local",
+                   address: str | None = None) -> BlocksResult:
     """Compile the decoder model saved in `checkpoint` (a folder of ``config.json`` and
     ``safetensors`` shards) block by block for `profile` into the folder `out`.
 
@@ -219,9 +224,14 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
     block pattern (fnmatch) matches ``embed``, ``layer.<i>`` or ``head``. `sequential`
     (default): each block is fitted on the outputs of the compressed blocks before it; False:
     on the original model's activations, as `fxcompress.compile` of the whole model fits every
-    layer (the same plan then gives the same model). `progress` gets one
-    line per block with an estimate of the time left. `memory_limit`: bytes the run may use
-    (default: the machine's available memory).
+    layer (the same plan then gives the same model), and the blocks are independent.
+    `executor`: ``"local"`` (default) or ``"ray"``, which compiles independent blocks
+    (``sequential=False``) as Ray tasks on a cluster started on this machine, or on the one at
+    `address` / ``FXCOMPRESS_RAY_ADDRESS`` (`fxcompress.blocks.executor`); a Ray run uses one
+    thread per task unless ``FXCOMPRESS_THREADS`` says otherwise, and gives the same plan and
+    bytes as a local run with that many threads. `progress` gets one line per block with an
+    estimate of the time left. `memory_limit`: bytes the run may use (default: the machine's
+    available memory).
 
     Resumes a run killed in `out` (same arguments); refuses a folder holding another run's
     work. Returns a `BlocksResult`; the folder loads with `load_blocks`."""
@@ -237,9 +247,13 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
     out.mkdir(parents=True, exist_ok=True)
     work = out / WORK
     work.mkdir(exist_ok=True)
-    threads = int(os.environ.get("FXCOMPRESS_THREADS") or 0) or torch.get_num_threads()
-    names = family.names
-    per_block = tol / len(names)
+    if executor == "ray" and sequential:
+        raise FxCompressError("executor='ray' spreads independent blocks over workers, and with "
+                              "sequential=True each block waits for the one before it; pass "
+                              "sequential=False (each block fitted on the original model's "
+                              "activations) or keep executor='local'")
+    threads = int(os.environ.get("FXCOMPRESS_THREADS") or 0) or (
+        1 if executor == "ray" else torch.get_num_threads())
 
     key = hashlib.sha256(json.dumps({
         "format": FORMAT, "checkpoint": ckpt.fingerprint(), "profile": str(profile),
@@ -270,46 +284,37 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
         if not p.is_file() or _sha256(p) != rec.sha256:
             raise FxCompressError(f"{str(p)!r} was changed or removed since it was written; "
                                   f"delete {str(work)!r} to compile from the start")
-    _check_resources(family, batches, out, len(done), memory_limit)
+    pool = make_executor(executor, address, threads) if not sequential else LocalExecutor()
+    try:
+        _check_resources(family, batches, out, len(done), memory_limit, pool.workers)
+        return _finish(family, ckpt, batches, out, done, state, progress, t_start, pool,
+                       sequential, tol, Job(str(ckpt.folder), str(out), profile,
+                                            tol / len(family.names), techniques, overrides,
+                                            seed, threads))
+    finally:
+        pool.close()
 
+
+def _finish(family: DecoderFamily, ckpt: Checkpoint, batches: list[torch.Tensor], out: Path,
+            done: list[BlockRecord], state: dict, progress, t_start: float, pool,
+            sequential: bool, tol: float, job: Job) -> BlocksResult:
+    names = family.names
     say = progress or (lambda line: None)
-    n = len(batches)
-    if done:
-        comp, ref = _load_stream(work / f"stream.{len(done)}.safetensors", n)
-    else:
-        comp, ref = list(batches), list(batches)
     started = len(done)
     prev_env = os.environ.get("FXCOMPRESS_THREADS")
-    os.environ["FXCOMPRESS_THREADS"] = str(threads)
+    os.environ["FXCOMPRESS_THREADS"] = str(job.threads)
     try:
-        for i in range(started, len(names)):
-            t0 = time.perf_counter()
-            rec, comp, ref = _compile_block(family, names[i], comp, ref, out, profile,
-                                            per_block, techniques,
-                                            _block_overrides(overrides, names[i]), seed,
-                                            sequential)
-            rec.seconds = time.perf_counter() - t0
-            if i + 1 < len(names):
-                _save_stream(work / f"stream.{i + 1}.safetensors", comp, ref)
-            done.append(rec)
-            state["done"] = [r.to_dict() for r in done]
-            _write_json(state_path, state)
-            with contextlib.suppress(FileNotFoundError):
-                (work / f"stream.{i}.safetensors").unlink()
-            spent = time.perf_counter() - t_start
-            left = spent / (i + 1 - started) * (len(names) - i - 1)
-            say(f"block {i + 1}/{len(names)} {names[i]}: {rec.seconds:.1f} s, error "
-                f"{rec.error:.4g}, {rec.bytes:,} B of {rec.fp32_bytes:,} fp32; about "
-                f"{left:.0f} s left")
-            gc.collect()
+        run = _run_chain if sequential else _run_independent
+        comp, ref = run(family, batches, out, done, state, say, t_start, pool, job)
     finally:
         if prev_env is None:
             os.environ.pop("FXCOMPRESS_THREADS", None)
         else:
             os.environ["FXCOMPRESS_THREADS"] = prev_env
     error = _relative(comp, ref)
+    done.sort(key=lambda r: names.index(r.name))
     result = BlocksResult(out, done, error, tol, ckpt.nbytes(), sum(r.bytes for r in done),
-                          time.perf_counter() - t_start, started)
+                          time.perf_counter() - t_start, started, pool.name, job.threads)
     if error > tol:
         result.notes.append(
             f"the end-to-end error on the calibration data, {error:.4g}, exceeds the tolerance "
@@ -325,7 +330,7 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
     _write_json(out / REPORT, result.to_dict() | {"folder": None, "seconds": None,
                                                   "block_reports": reports})
     _write_json(out / MANIFEST, manifest)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out / WORK, ignore_errors=True)
     return result
 
 
@@ -335,34 +340,137 @@ def _relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def _compile_block(family: DecoderFamily, name: str, comp: list[torch.Tensor],
-                   ref: list[torch.Tensor], out: Path, profile, tol: float, techniques,
-                   overrides, seed: int, sequential: bool) -> tuple[BlockRecord, list, list]:
+@dataclass(frozen=True)
+class Job:
+    """What every block's compile shares (plain data: it travels to Ray workers)."""
+
+    checkpoint: str
+    out: str
+    profile: Any
+    tolerance: float  # per block
+    techniques: Any
+    overrides: Any  # the compile_blocks overrides, by block pattern
+    seed: int
+    threads: int
+
+
+def _record_done(rec: BlockRecord, done: list[BlockRecord], state: dict, work: Path,
+                 say: Callable[[str], None], total: int, started: int, t_start: float) -> None:
+    done.append(rec)
+    state["done"] = [r.to_dict() for r in done]
+    _write_json(work / "state.json", state)
+    finished = len(done) - started
+    left = (time.perf_counter() - t_start) / finished * (total - len(done))
+    say(f"block {len(done)}/{total} {rec.name}: {rec.seconds:.1f} s, error {rec.error:.4g}, "
+        f"{rec.bytes:,} B of {rec.fp32_bytes:,} fp32; about {left:.0f} s left")
+
+
+def _run_chain(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
+               done: list[BlockRecord], state: dict, say, t_start: float, executor, job: Job):
+    """Sequential: block i is fitted on the compressed outputs of blocks < i, so the blocks
+    run one after another (in this process, whatever the executor)."""
+    work = out / WORK
+    names = family.names
+    n = len(batches)
+    start = len(done)
+    if start:
+        comp, ref = _load_stream(work / f"stream.{start}.safetensors", n)
+    else:
+        comp, ref = list(batches), list(batches)
+    for i in range(start, len(names)):
+        t0 = time.perf_counter()
+        block = family.block(names[i])
+        rec, g = _compile_block(block, names[i], comp, job, family.weight_bytes(names[i]))
+        with torch.no_grad():
+            comp = [g(x) for x in comp]
+            ref = [block(x) for x in ref]
+        del g, block
+        rec.seconds = time.perf_counter() - t0
+        if i + 1 < len(names):
+            _save_stream(work / f"stream.{i + 1}.safetensors", comp, ref)
+        _record_done(rec, done, state, work, say, len(names), start, t_start)
+        with contextlib.suppress(FileNotFoundError):
+            (work / f"stream.{i}.safetensors").unlink()
+        gc.collect()
+    return comp, ref
+
+
+def _run_independent(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
+                     done: list[BlockRecord], state: dict, say, t_start: float, executor,
+                     job: Job):
+    """Each block fitted on the original model's activations: one fp32 pass writes every
+    block's input stream, then the blocks compile independently (on the executor's workers,
+    in any order), then the compressed chain runs once for the end-to-end error."""
+    work = out / WORK
+    names = family.names
+    n = len(batches)
+    ref = list(batches)
+    for i, name in enumerate(names):  # the fp32 pass, one block in memory at a time
+        path = work / f"fp32.{i}.safetensors"
+        if not path.exists():
+            _save_stream(path, ref, [])
+        if i + 1 < len(names) and (work / f"fp32.{i + 1}.safetensors").exists():
+            ref = _load_stream(work / f"fp32.{i + 1}.safetensors", n)[0]
+            continue
+        block = family.block(name)
+        with torch.no_grad():
+            ref = [block(x) for x in ref]
+        del block
+    names_done = {r.name for r in done}
+    todo = [(i, name) for i, name in enumerate(names) if name not in names_done]
+    start = len(done)
+    tasks = [(job, name, family.weight_bytes(name), str(work / f"fp32.{i}.safetensors"), n)
+             for i, name in todo]
+    for rec in executor.map_unordered(_block_task, tasks):
+        _record_done(BlockRecord(**rec), done, state, work, say, len(names), start, t_start)
+    from fxcompress.loading import load_program
+
+    comp = list(batches)
+    for name in names:  # the compressed chain, from the files written
+        module = load_program(out / f"{name}.pt2").module()
+        with torch.no_grad():
+            comp = [module(x) for x in comp]
+        del module
+    return comp, ref
+
+
+def _block_task(job: Job, name: str, fp32_bytes: int, stream: str, n: int) -> dict:
+    """Compile block `name` on the fp32 stream saved at `stream` and write it: the unit of
+    work of `_run_independent`, run in this process or on a Ray worker."""
+    os.environ["FXCOMPRESS_THREADS"] = str(job.threads)
+    t0 = time.perf_counter()
+    family = DecoderFamily(Checkpoint(job.checkpoint))
+    block = family.block(name)
+    inputs = _load_stream(Path(stream), n)[0]
+    rec, _ = _compile_block(block, name, inputs, job, fp32_bytes)
+    rec.seconds = time.perf_counter() - t0
+    return rec.to_dict()
+
+
+def _compile_block(block: torch.nn.Module, name: str, fit: list[torch.Tensor], job: Job,
+                   fp32_bytes: int) -> tuple[BlockRecord, torch.nn.Module]:
+    """`block` compiled on inputs `fit` and written as ``<name>.pt2``."""
     import fxcompress
 
-    block = family.block(name)
-    fit = comp if sequential else ref
     example = (fit[0],)
-    g = fxcompress.compile(block, example, profile=profile, calibration=[(x,) for x in fit],
-                           tolerance=tol, techniques=techniques, overrides=overrides, seed=seed)
-    report = g.meta["fxcompress_report"]
-    with torch.no_grad():
-        next_comp = [g(x) for x in comp]
-        next_ref = [block(x) for x in ref]
-    path = out / f"{name}.pt2"
+    g = fxcompress.compile(block, example, profile=job.profile,
+                           calibration=[(x,) for x in fit], tolerance=job.tolerance,
+                           techniques=job.techniques,
+                           overrides=_block_overrides(job.overrides, name), seed=job.seed)
+    report = g.meta[REPORT_KEY]
+    path = Path(job.out) / f"{name}.pt2"
     # the file carries the report without its wall times (report.json has them): the same
     # inputs write the same bytes, resumed or not
     g.meta[REPORT_KEY] = dataclasses.replace(report, compile_seconds=0.0, phase_seconds={})
     written = fxcompress.export(g, example, path)
-    rec = BlockRecord(name, path.name, path.stat().st_size, _sha256(path),
-                      family.weight_bytes(name), float(report.error), _applied(report), 0.0,
-                      written.check_error)
-    del g, block
-    return rec, next_comp, next_ref
+    g.meta[REPORT_KEY] = report
+    rec = BlockRecord(name, path.name, path.stat().st_size, _sha256(path), fp32_bytes,
+                      float(report.error), _applied(report), 0.0, written.check_error)
+    return rec, g
 
 
 def _check_resources(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
-                     start: int, memory_limit: int | None) -> None:
+                     start: int, memory_limit: int | None, workers: int = 1) -> None:
     """Refuse, before any work, a run that cannot fit in memory or on disk."""
     hidden = int(family.config.hidden_size)
     vocab = int(family.config.vocab_size)
@@ -370,13 +478,14 @@ def _check_resources(family: DecoderFamily, batches: list[torch.Tensor], out: Pa
     stream = 2 * tokens * hidden * 4  # the compressed and the fp32 stream, fp32
     logits = 2 * tokens * vocab * 4  # the head's outputs, both streams
     largest = max(family.weight_bytes(n) for n in family.names[start:])
-    need = int(MEMORY_FACTOR * largest + 3 * stream + logits)
+    need = int(workers * MEMORY_FACTOR * largest + 3 * stream + logits)
     have = _available_memory() if memory_limit is None else int(memory_limit)
     if need > have:
         raise FxCompressError(
             f"compiling this checkpoint block by block needs about {need / 2**30:.2f} GiB of "
             f"memory (its largest block's weights, {largest / 2**30:.2f} GiB, x{MEMORY_FACTOR:g} "
-            f"while it compiles, plus the calibration streams), and "
+            f"while it compiles, on {workers} worker(s) of this machine, plus the calibration "
+            "streams), and "
             f"{have / 2**30:.2f} GiB is available; use fewer or shorter calibration batches, "
             "or a machine with more memory")
     rest = sum(family.weight_bytes(n) for n in family.names[start:])

@@ -633,7 +633,7 @@ def _storage_bytes(weights: list[StoredWeight], sizes: dict[str, int], prog) -> 
     return out
 
 
-def _model_inputs(spec, program: ExportedProgram, inputs: tuple) -> dict[str, np.ndarray]:
+def _model_inputs(spec, inputs: tuple) -> dict[str, np.ndarray]:
     names = [i.name for i in spec.description.input]
     flat = [x for x in _clones(inputs) if isinstance(x, torch.Tensor)]
     if len(names) != len(flat):
@@ -678,7 +678,7 @@ def write_mlpackage(gm: torch.nn.Module, example_inputs: tuple, path: Path, repo
             raise InternalError(f"the palettized weights take {lut_pkg} bytes in the package, "
                                 f"more than {LUT_BYTES_SLACK:g} x the {lut_fxc} fxcompress "
                                 "stores; nothing was written. Please report this")
-        feeds = _model_inputs(spec, ep, example_inputs)
+        feeds = _model_inputs(spec, example_inputs)
         got = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in run_program(prog,
                                                                                       feeds)]
         runtime = "coremltools MIL (value inference + torch for conv / pool / batch norm)"

@@ -10,9 +10,30 @@ The suffix of the path picks the format, each written by its own module:
 - ``.onnx`` (`fxcompress.export.onnx`): the dynamo ONNX exporter. int8 held as
   ``quantized_decomposed`` Q/DQ ops becomes QuantizeLinear / DequantizeLinear, the pattern ONNX
   Runtime fuses into int8 kernels; the report is kept in the model's metadata.
+- ``.mlpackage`` (`fxcompress.export.coreml`, apple-ane): a Core ML ML Program through
+  coremltools, fp16 compute, palettes as Core ML's own lookup tables (fxcompress's indices and
+  tables, ``constexpr_lut_to_dense``), int8 as ``constexpr_blockwise_shift_scale``, sparse
+  weights as ``constexpr_sparse_to_dense``; a folder, replaced whole.
+
+A profile's ``[backend] writer`` picks another flavour of its own `export_format`
+(`writer_for`; `hardware_profiles.WRITERS`):
+
+- ``qonnx`` (`fxcompress.export.qonnx`, fpga-binary): QONNX, FINN's input: binary weights and
+  activations as ``BipolarQuant``, int8 as ``Quant`` nodes (float weights, widths declared by
+  the quantizers), static batch, cleaned by qonnx and checked in qonnx's own executor;
+- ``tensorrt`` (`fxcompress.export.tensorrt`, nvidia-gpu): ONNX for TensorRT: fp16 weights and
+  compute, int8 weight-only as DequantizeLinear, decodes folded into weights, 2:4 weights
+  listed in the metadata (``tensorrt.sparse_2_4``, with the builder flags), checked in ONNX
+  Runtime within a bound derived from fp16 rounding, then structurally;
+- ``cortex-m`` (`fxcompress.export.cortex_m`, mcu-int8): a ``.pte`` through ExecuTorch's
+  Cortex-M flow, int8 layers as CMSIS-NN ``cortex_m::`` ops, the planned activation arena and
+  the weight bytes read from the file against the profile's budgets.
 
 Every file is written to a temporary name beside the target (`_staged`), loaded back in its own
-runtime (torch.export / the ExecuTorch runtime / ONNX Runtime) and run on the example inputs;
+runtime (torch.export / the ExecuTorch runtime / ONNX Runtime / qonnx's executor), or where the
+runtime cannot run here in the most faithful executor that can (a Core ML package: coremltools'
+op-by-op evaluation; a Cortex-M program: ExecuTorch's reference kernels), and run on the example
+inputs;
 only when its outputs agree with the compiled model (`_compare`) is it moved into place, so a
 failed export never leaves a partial or wrong file behind.
 
@@ -129,7 +150,7 @@ class ExportResult:
     """What `export` wrote."""
 
     path: Path  # the file written
-    format: str  # ".pt2", ".pte" or ".onnx"
+    format: str  # ".pt2", ".pte", ".onnx" or ".mlpackage"
     size_bytes: int  # bytes on disk, an .onnx file's external data included
     check_error: float  # relative output error of the file's runtime vs the compiled model
     runtime: str  # what ran the check: "torch.export", "executorch", "onnxruntime"
@@ -157,7 +178,8 @@ def export(gm: fx.GraphModule | torch.nn.Module, example_inputs: tuple, path: st
            profile: str | Path | Profile | None = None,
            check_tolerance: float | None = None, onnx_int8: str = "portable") -> ExportResult:
     """Write `gm` (usually the result of `fxcompress.compile`) to `path`; its suffix picks the
-    format (``.pt2``, ``.pte``, ``.onnx``).
+    format (``.pt2``, ``.pte``, ``.onnx``, ``.mlpackage``), and the profile's ``[backend]
+    writer`` the flavour of its own format (QONNX, TensorRT ONNX, Cortex-M ``.pte``).
 
     `profile` names the target whose delegate a ``.pte`` is lowered with; by default the one in
     ``gm.meta["fxcompress_report"]``. The file is run in its runtime on `example_inputs` and

@@ -76,30 +76,47 @@ def _int8_layers(gm) -> list:
             and getattr(n.args[1], "target", None) == qd.dequantize_per_channel.default]
 
 
-def test_int32_biases_are_the_float_biases_at_the_accumulator_scale(mlp):
+def _convs(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target == torch.ops.aten.conv2d.default]
+
+
+def test_cmsis_form_stores_int32_biases_and_runs_linears_as_1x1_convolutions(mlp):
     gm, x = mlp
     before = gm.code
-    g2, n = cortex_m.int32_biases(gm)
+    g2, changes = cortex_m.cmsis_form(gm, (x,))
     assert gm.code == before  # the compiled model is left as it is
-    layers = _int8_layers(g2)
-    assert n == len(layers) == 2
-    for node in layers:
-        bias_dq = node.args[2]
+    assert changes == {"int32_biases": 2, "linears_as_1x1_conv": 2}
+    # no linear left: each is a 1x1 convolution
+    assert not any(n.target == torch.ops.aten.linear.default for n in g2.graph.nodes)
+    convs = _convs(g2)
+    assert len(convs) == 2
+    for conv, lin in zip(convs, _int8_layers(gm), strict=True):
+        # the same int8 weights and per-channel scales, as [out, in, 1, 1]
+        w_dq, w_dq0 = conv.args[1], lin.args[1]
+        w, w0 = _tensor(g2, w_dq.args[0].target), _tensor(gm, w_dq0.args[0].target)
+        assert w.dtype == torch.int8 and w.shape == (*w0.shape, 1, 1)
+        assert torch.equal(w.flatten(1), w0)
+        assert torch.equal(_tensor(g2, w_dq.args[1].target), _tensor(gm, w_dq0.args[1].target))
+        # the bias as int32 at s_in x s_w[c], within half a step of the float bias
+        bias_dq = conv.args[2]
         assert bias_dq.target == qd.dequantize_per_channel.default
         q, scale = (_tensor(g2, a.target) for a in bias_dq.args[:2])
         assert q.dtype == torch.int32 and bias_dq.args[6] == torch.int32
-        s_in = float(node.args[0].args[1])
-        s_w = _tensor(g2, node.args[1].args[1].target)
-        torch.testing.assert_close(scale, (s_in * s_w.double()).float())
-        # each bias within half a step of its float value
-        float_bias = next(_tensor(gm, m.args[2].target) for m in _int8_layers(gm)
-                          if m.name == node.name)
+        s_in = float(lin.args[0].args[1])
+        torch.testing.assert_close(scale, (s_in * _tensor(gm, w_dq0.args[1].target).double())
+                                   .float())
+        float_bias = _tensor(gm, lin.args[2].target)
         assert float((q.double() * scale.double() - float_bias.double()).abs().max()) \
             <= float(scale.max()) / 2 + 1e-12
+    # the float biases and 2-D weights are gone from the module: not exported twice
+    names = {n for n, _ in g2.named_buffers()}
+    assert not any(n.endswith("bias") or n.endswith("int8_weight") for n in names)
     with torch.no_grad():
         xs = torch.randn(64, 32)
-        y, y2 = gm(xs), g2(xs)
-    assert float((y2 - y).norm() / y.norm()) < 0.02
+        g3, _ = cortex_m.cmsis_form(gm, (xs,))
+        y, y3 = gm(xs), g3(xs)
+    assert float((y3 - y).norm() / y.norm()) < 0.01
 
 
 def test_read_plan_gives_the_programs_arena_constants_and_kernels(mlp):
@@ -138,44 +155,87 @@ def test_without_the_cortex_m_backend_nothing_is_written_and_the_fix_is_named(ml
     assert list(tmp_path.iterdir()) == []
 
 
-def _check_written(result, gm, x, tol_default=True):
+def _check_written(result, gm):
     assert result.writer == "cortex-m" and result.format == ".pte"
     assert result.path.stat().st_size == result.size_bytes
     plan = cortex_m.read_plan(result.path.read_bytes())
     d = result.details
     assert d["cortex_m_ops"] == plan.count("cortex_m")
     assert d["portable_ops"] == plan.others("cortex_m")
+    # every int8 layer of the compiled model is a CMSIS-NN kernel call in the file
+    layers = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+        and getattr(n.args[1], "target", None) == qd.dequantize_per_channel.default)
     kernels = sum(n for op, n in d["cortex_m_ops"].items()
-                  if "quantized_linear" in op or "quantized_conv2d" in op)
-    assert kernels == len(_int8_layers(gm))
+                  if "quantized_linear" in op or "conv2d" in op)
+    assert kernels == layers == d["int8_layers"] > 0
+    assert not any("linear" in op or "addmm" in op or "convolution" in op
+                   for op in d["portable_ops"])
+    assert plan.layout_errors == []  # NHWC where the kernels read and write
     assert d["activation_bytes"] == plan.activation_bytes > 0
     assert d["weight_bytes"] == plan.weight_bytes > 0
     assert d["activation_budget_bytes"] == 262144 and d["weight_budget_bytes"] == 524288
     assert d["fits"] == (d["activation_fits"] and d["weight_fits"])
     assert result.runtime in ("executorch", cortex_m.REFERENCE_RUNTIME)
+    assert result.check_error <= default_check_tolerance(gm)
     return plan
 
 
 @needs_flow
-def test_tiny_mlp_becomes_cmsis_nn_linears(mlp, tmp_path):
+def test_tiny_mlp_becomes_cmsis_nn_kernels_with_the_relu_fused(mlp, tmp_path):
     gm, x = mlp
     result = fxcompress.export(gm, (x,), tmp_path / "mlp.pte", profile=_cortex_m_profile())
-    plan = _check_written(result, gm, x)
-    assert result.check_error <= default_check_tolerance(gm)
-    assert not any("addmm" in op or "linear" in op for op in plan.others("cortex_m"))
-    # int8 weights: a quarter of the fp32 weights' bytes, plus per-channel scales and biases
-    fp32 = (32 * 64 + 64 * 10) * 4
-    assert plan.weight_bytes < 0.5 * fp32
-    assert result.details["fits"] is True
+    plan = _check_written(result, gm)
+    d = result.details
+    assert d["cortex_m_ops"]["cortex_m::quantized_conv2d.out"] == 2
+    # the ReLU is the first layer's output clamp, the int8 values never leave int8
+    assert not any("relu" in op for op in plan.ops)
+    assert plan.ops["cortex_m::quantize_per_tensor.out"] == 1
+    assert plan.ops["cortex_m::dequantize_per_tensor.out"] == 1
+    assert set(d["portable_ops"]) == {"dim_order_ops::_clone_dim_order.out"}
+    # the constants are the int8 weights once (the 2-D originals, float biases and scales
+    # gone), an int32 bias, requantization multiplier and shift per output channel
+    weights = [_tensor(gm, n.args[1].args[0].target) for n in _int8_layers(gm)]
+    assert all(w.dtype == torch.int8 for w in weights)
+    assert plan.weight_bytes == sum(w.numel() + 3 * 4 * w.shape[0] for w in weights)
+    assert d["fits"] is True
 
 
 @needs_flow
-def test_digits_cnn_becomes_cmsis_nn_convolutions(digits_mcu, tmp_path):
+def test_a_convolution_cmsis_nn_would_refuse_is_not_written(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxcompress.compile(model, (x,), profile="mcu-int8", tolerance=0.2, holdout=0,
+                            calibration=[(torch.randn(8, 3, 8, 8),) for _ in range(4)])
+    result = fxcompress.export(gm, (x,), tmp_path / "ok.pte", profile=_cortex_m_profile())
+    assert result.details["cortex_m_ops"]["cortex_m::quantized_conv2d.out"] == 2
+    assert cortex_m.read_plan(result.path.read_bytes()).layout_errors == []
+    # NCHW inputs, as a program exported without ExecuTorch's channels_last step: the
+    # kernels read the tensors as NHWC, so the file is refused before it is written
+    monkeypatch.setattr(cortex_m, "channels_last", lambda inputs: inputs)
+    with pytest.raises(InternalError, match="NHWC"):
+        fxcompress.export(gm, (x,), tmp_path / "nchw.pte", profile=_cortex_m_profile())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pte"]
+
+
+@needs_flow
+def test_digits_cnn_becomes_cmsis_nn_convolutions_in_a_small_arena(digits_mcu, tmp_path):
     gm, x = digits_mcu
     result = fxcompress.export(gm, (x,), tmp_path / "digits.pte", profile=_cortex_m_profile())
-    _check_written(result, gm, x)
-    assert result.check_error <= default_check_tolerance(gm)
-    assert any("quantized_conv2d" in op for op in result.details["cortex_m_ops"])
+    plan = _check_written(result, gm)
+    d = result.details
+    assert d["linears_as_1x1_conv"] == 2 and d["int32_biases"] == 5
+    # the float batch norms stay float, on portable kernels
+    assert plan.ops["aten::_native_batch_norm_legit_no_training.out"] == 3
+    # int8 activations in the arena: the portable int8 program dequantizes every weight into
+    # it (megabytes); this one holds the activations and CMSIS-NN's scratch
+    ep, _ = to_exported_program(gm, (x,), dynamic_batch=False)
+    portable = cortex_m.read_plan(lower_to_pte(ep, None))
+    assert d["activation_bytes"] * 20 < portable.activation_bytes
+    assert d["weight_bytes"] < portable.weight_bytes
+    assert d["fits"] is True
 
 
 @needs_flow

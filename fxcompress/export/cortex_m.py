@@ -11,22 +11,40 @@ activations and the CMSIS-NN scratch buffers, the weights as constant data in th
 The lowering is ExecuTorch's own Cortex-M flow (``_to_edge_cortex_m`` in
 ``executorch/backends/arm/scripts/aot_arm_compiler.py``): 4-D inputs in channels_last (the
 CMSIS-NN kernels are NHWC), `to_edge_transform_and_lower` with `cortex_m_edge_compile_config`,
-`CortexMPassManager` for the target CPU (`TARGET_CPU`), `to_executorch`. One step before it is
-fxcompress's own: the compiled graph keeps a float bias beside each int8 layer, while CMSIS-NN
-adds an int32 bias in the accumulator's scale; each such bias is stored as int32 at scale
-s_in x s_w[c] behind a ``dequantize_per_channel``, the form torchao's ``convert_pt2e`` gives and
-the backend's passes fold (`int32_biases`).
+`CortexMPassManager` for the target CPU (`TARGET_CPU`), `to_executorch`. Three steps before it
+are fxcompress's own, because the compiled graph is not the one ExecuTorch's Cortex-M
+quantizer would have made (`cmsis_form`, `annotate_int8_layers`):
+
+- the compiled graph keeps a float bias beside each int8 layer, while CMSIS-NN adds an int32
+  bias in the accumulator's scale: each such bias is stored as int32 at scale s_in x s_w[c]
+  behind a ``dequantize_per_channel``, the form torchao's ``convert_pt2e`` gives;
+- its linears have per-channel int8 weights, and ``cortex_m::quantized_linear`` is CMSIS-NN's
+  per-tensor ``arm_fully_connected_s8`` (one requantization multiplier): each becomes a 1x1
+  ``cortex_m::quantized_conv2d`` over its rows, which takes one multiplier per channel and
+  runs as CMSIS-NN's 1x1 convolution, the same integer arithmetic (two small NHWC copies of
+  the row vector around it);
+- the backend's passes only fold the Q/DQ of nodes its quantizer marked
+  (``ArmAnnotationInfo``): the static int8 layers are marked, and so is a ReLU right behind
+  one when its quantize has its zero point at its minimum, which ExecuTorch's
+  ``ActivationFusionPass`` then folds into the layer's output clamp: the layer requantizes
+  once, to the ReLU's scale, where the compiled graph rounds at the layer's scale first (at
+  most a step apart; the check measures it). Nothing else is marked, so a float batch norm
+  or max-pool between int8 layers stays float, on portable kernels, with the
+  ``cortex_m::dequantize_per_tensor`` / ``quantize_per_tensor`` around it.
 
 How it is checked: ExecuTorch's runtime on x86 (the pybindings) registers no ``cortex_m``
 kernel (they are CMSIS-NN built for the device; ExecuTorch's own tests run them on the
 Corstone FVP). Where the runtime here registers every operator the file calls, the file is run
 there; otherwise the program the file was serialized from (the edge program after the Cortex-M
-passes) runs in Python with the ``cortex_m`` ops' reference implementations
+passes, before ``to_executorch`` turns its ops into out-variants, which only the device
+implements) runs in Python with the ``cortex_m`` ops' reference implementations
 (``executorch/backends/cortex_m/ops/operators.py``: integer accumulation and CMSIS-NN's
-fixed-point requantization). `ExportResult.runtime` says which. Either way the written file is
-read back and its memory plan and ops are measured from it (`read_plan`): the planned arena
-(``non_const_buffer_sizes``), the constant (weight) bytes, the ``cortex_m`` ops and those left to
-portable kernels, compared with the profile's budgets in `ExportResult.details`. A program over
+fixed-point requantization; the way ExecuTorch's own ``CortexMTester.test_dialect`` checks
+them). `ExportResult.runtime` says which. Either way the written file is read back and
+measured (`read_plan`): the planned arena (``non_const_buffer_sizes``), the constant (weight)
+bytes, the ``cortex_m`` ops and those left to portable kernels, compared with the profile's
+budgets in `ExportResult.details`; and every ``cortex_m`` convolution's input and output must
+be NHWC in the file, as the kernels check on the device (else nothing is written). A program over
 a budget is still written, with ``fits: False`` in the details: the budgets are the
 profile's reading of one board, and the measured figures are what a user needs to pick a larger
 one; the planner already refuses plans whose weights exceed the weight budget.
@@ -36,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +63,10 @@ from typing import Any
 import torch
 from torch import fx
 from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.fx.passes.shape_prop import ShapeProp
 
-from fxcompress.errors import FxCompressError, upstream_failure
+from fxcompress.errors import FxCompressError, InternalError, upstream_failure
 from fxcompress.export import (
     ExportResult,
     _clones,
@@ -67,6 +88,8 @@ TARGET_CPU = "cortex-m7"
 INSTALL = "pip install tosa-tools==2026.5.0"
 #: `ExportResult.runtime` of a check run in Python on the cortex_m reference kernels.
 REFERENCE_RUNTIME = "cortex_m reference kernels (python)"
+#: The dim order of an NHWC (channels_last) 4-D tensor, which CMSIS-NN's convolutions read.
+NHWC = [0, 2, 3, 1]
 
 _qd = torch.ops.quantized_decomposed
 _INT32 = torch.iinfo(torch.int32)
@@ -113,40 +136,167 @@ def runtime_note() -> str | None:
     return None
 
 
-def int32_biases(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of `gm` in which the float bias of every static int8 layer (a conv / linear whose
-    input comes through ``dequantize_per_tensor`` and whose weight through
-    ``dequantize_per_channel``) is stored as int32 at scale s_in x s_w[c] and dequantized per
-    channel, as CMSIS-NN adds it in the accumulator; and how many biases were converted. `gm`
-    is left as it is."""
+_Q = _qd.quantize_per_tensor.default
+_DQ = _qd.dequantize_per_tensor.default
+_DQC = _qd.dequantize_per_channel.default
+_aten = torch.ops.aten
+
+
+def _is(node: Any, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _only_user(node: fx.Node | None) -> fx.Node | None:
+    users = list(node.users) if node is not None else []
+    return users[0] if len(users) == 1 else None
+
+
+def _layer_output(node: fx.Node) -> fx.Node | None:
+    """The output ``quantize_per_tensor`` of `node` where it is a static int8 convolution or
+    linear (input through ``dequantize_per_tensor``, weight through a dequantize, bias absent
+    or through a dequantize, its one user a quantize); else None. Works on a compiled graph
+    and on the exported program of one alike."""
+    if node.op != "call_function" or node.target not in (*CONV_OPS, *LINEAR_OPS):
+        return None
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not (_is(x, _DQ) and _is(w, _DQ, _DQC)):
+        return None
+    if bias is not None and not (_is(bias, _DQ, _DQC) or
+                                 (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return None
+    q = _only_user(node)
+    return q if _is(q, _Q) else None
+
+
+def _fused_relu(q: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(relu, its quantize)`` where the int8 layer whose output quantize is `q` is followed
+    by a ReLU that CMSIS-NN applies as the layer's output clamp (``q -> dequantize -> relu ->
+    quantize``, that quantize's zero point its minimum, so 0 is the lowest value it holds:
+    what ExecuTorch's ``ActivationFusionPass`` accepts); else None."""
+    dq = _only_user(q)
+    relu = _only_user(dq) if _is(dq, _DQ) else None
+    q2 = _only_user(relu) if _is(relu, _aten.relu.default) else None
+    if _is(q2, _Q) and len(q2.args) >= 4 and q2.args[2] == q2.args[3]:
+        return relu, q2
+    return None
+
+
+def cmsis_form(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphModule, dict]:
+    """A copy of `gm` whose static int8 layers have the form CMSIS-NN's kernels compute, and
+    what was changed (counts by kind). `gm` is left as it is.
+
+    - Each layer's float bias is stored as int32 at scale s_in x s_w[c] behind a
+      ``dequantize_per_channel`` (CMSIS-NN adds it in the int32 accumulator; the form
+      torchao's ``convert_pt2e`` gives), within half a step of the float bias.
+    - Each linear with per-channel int8 weights becomes a 1x1 convolution over its rows
+      (``[rows, K] -> [rows, K, 1, 1]`` in channels_last, which is the same bytes): ExecuTorch's
+      ``cortex_m::quantized_linear`` takes one requantization multiplier per layer (it is
+      CMSIS-NN's per-tensor ``arm_fully_connected_s8``), while ``cortex_m::quantized_conv2d``
+      takes one per output channel and CMSIS-NN runs a 1x1 convolution as the per-channel
+      matrix product it is (``arm_convolve_1x1_s8_fast``). The int8 weights and scales are
+      the same numbers, so the arithmetic is the compiled model's."""
     gm = copy.deepcopy(gm)
-    converted = 0
+    ShapeProp(gm).propagate(*_clones(example_inputs))
+    stats = {"int32_biases": 0, "linears_as_1x1_conv": 0}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (*CONV_OPS, *LINEAR_OPS):
+        if _layer_output(node) is None:
             continue
-        x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else None
-        if not (isinstance(x, fx.Node) and x.target == _qd.dequantize_per_tensor.default
-                and isinstance(w, fx.Node) and w.target == _qd.dequantize_per_channel.default
-                and isinstance(bias, fx.Node) and bias.op == "get_attr"):
-            continue
-        b = _attr(gm, bias.target)
-        s_w = _attr(gm, w.args[1].target)
-        scale = (float(x.args[1]) * s_w.double()).to(torch.float32)
-        q = torch.round(b.double() / scale.double()).clamp(_INT32.min, _INT32.max)
-        qn = add_buffer(gm, f"{bias.target}.int32", q.to(torch.int32), node)
-        sn = add_buffer(gm, f"{bias.target}.int32_scale", scale, node)
-        zn = add_buffer(gm, f"{bias.target}.int32_zero_point",
-                        torch.zeros(scale.numel(), dtype=torch.int64), node)
-        with gm.graph.inserting_before(node):
-            dq = gm.graph.call_function(_qd.dequantize_per_channel.default,
-                                        (qn, sn, zn, 0, _INT32.min, _INT32.max, torch.int32))
-        node.args = (*node.args[:2], dq, *node.args[3:])
-        converted += 1
-    if converted:
+        stats["int32_biases"] += _int32_bias(gm, node)
+        if node.target in LINEAR_OPS and _is(node.args[1], _DQC):
+            _linear_as_conv(gm, node)
+            stats["linears_as_1x1_conv"] += 1
+    if any(stats.values()):
         gm.graph.eliminate_dead_code()
+        _drop_unread_tensors(gm)
         gm.recompile()
-    return gm, converted
+    return gm, stats
+
+
+def _int32_bias(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Store the float bias of int8 layer `node` as int32 (see `cmsis_form`); 1 if it did."""
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not (_is(w, _DQC) and isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return 0
+    b = _attr(gm, bias.target)
+    s_w = _attr(gm, w.args[1].target)
+    scale = (float(x.args[1]) * s_w.double()).to(torch.float32)
+    q = torch.round(b.double() / scale.double()).clamp(_INT32.min, _INT32.max)
+    qn = add_buffer(gm, f"{bias.target}.int32", q.to(torch.int32), node)
+    sn = add_buffer(gm, f"{bias.target}.int32_scale", scale, node)
+    zn = add_buffer(gm, f"{bias.target}.int32_zero_point",
+                    torch.zeros(scale.numel(), dtype=torch.int64), node)
+    with gm.graph.inserting_before(node):
+        dq = gm.graph.call_function(_DQC, (qn, sn, zn, 0, _INT32.min, _INT32.max, torch.int32))
+    node.args = (*node.args[:2], dq, *node.args[3:])
+    return 1
+
+
+def _linear_as_conv(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace int8 linear `node` by a 1x1 convolution over its rows (see `cmsis_form`)."""
+    g = gm.graph
+    x_dq, w_dq = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    w = _attr(gm, w_dq.args[0].target)
+    out_ch, k = w.shape
+    lead = list(x_dq.meta["tensor_meta"].shape[:-1])
+    rows = math.prod(lead)
+    w4 = add_buffer(gm, f"{w_dq.args[0].target}_1x1", w.reshape(out_ch, k, 1, 1), node)
+    with g.inserting_before(node):
+        x4 = g.call_function(_aten.reshape.default, (x_dq.args[0], [rows, k, 1, 1]))
+        x4 = g.call_function(_aten.clone.default, (x4,),
+                             {"memory_format": torch.channels_last})
+        conv = g.call_function(_aten.conv2d.default, (
+            g.call_function(_DQ, (x4, *x_dq.args[1:])),
+            g.call_function(_DQC, (w4, *w_dq.args[1:])), bias))
+    q = _only_user(node)
+    q.replace_input_with(node, conv)
+    g.erase_node(node)
+    # back to the linear's shape after the layer's quantize, or after the ReLU CMSIS-NN fuses
+    # into it, so that the fusion sees the ReLU right behind the convolution
+    end = (_fused_relu(q) or (None, q))[1]
+    with g.inserting_after(end):
+        flat = g.call_function(_aten.clone.default, (end,),
+                               {"memory_format": torch.contiguous_format})
+    with g.inserting_after(flat):
+        y = g.call_function(_aten.reshape.default, (flat, [*lead, out_ch]))
+    end.replace_all_uses_with(y, delete_user_cb=lambda user: user is not flat)
+
+
+def _drop_unread_tensors(gm: fx.GraphModule) -> None:
+    """Remove the buffers and parameters no node reads (the float biases and 2-D weights the
+    int32 biases and 1x1 convolutions replaced), so that they are not exported."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [n for n, _ in (*gm.named_buffers(), *gm.named_parameters())]
+    for name in names:
+        if name in read:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._buffers.pop(attr, None)
+        owner._parameters.pop(attr, None)
+
+
+def annotate_int8_layers(ep: ExportedProgram) -> int:
+    """Mark the static int8 layers of `ep` (and the ReLUs fused into them) as quantized, as
+    ExecuTorch's Arm / Cortex-M quantizer does (``ArmAnnotationInfo``): only marked nodes take
+    their Q/DQ parameters in ``FoldAndAnnotateQParamsPass`` and become ``cortex_m`` ops; the
+    rest (a float batch norm, a max-pool of float values) stays on portable kernels. Returns
+    how many layers were marked."""
+    info = importlib.import_module("executorch.backends.arm.common.annotation_meta")
+    mark = info.ArmAnnotationInfo(quantized=True)
+    key = info.ArmAnnotationInfo.CUSTOM_META_KEY
+    layers = 0
+    for node in ep.graph.nodes:
+        q = _layer_output(node)
+        if q is None:
+            continue
+        fused = _fused_relu(q)
+        for n in (node, *(fused[:1] if fused else ())):
+            n.meta.setdefault("custom", {})[key] = dict(mark)
+        layers += 1
+    return layers
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -171,18 +321,53 @@ def lower_cortex_m(ep: ExportedProgram, cpu: str = TARGET_CPU):
                     "pip install 'fxcompress[executorch]'")
     try:
         target = flow["target"].CortexMTargetConfig.from_target_string(cpu)
+        annotate_int8_layers(ep)
         edge = exir.to_edge_transform_and_lower(
             ep, compile_config=flow["config"].cortex_m_edge_compile_config())
         manager = flow["passes"].CortexMPassManager(edge.exported_program(),
                                                     target_config=target)
         # the flow ExecuTorch's Arm compiler uses: the passes rewrite the edge program in place
         # of a partitioner, and the manager's program replaces the forward method
-        edge._edge_programs["forward"] = manager.transform()
+        edge._edge_programs["forward"] = _drop_unread_constants(manager.transform())
     except FxCompressError:
         raise
     except Exception as e:
         raise upstream_failure("ExecuTorch's Cortex-M lowering", ".pte", e) from e
     return edge
+
+
+def _drop_unread_constants(ep: ExportedProgram) -> ExportedProgram:
+    """`ep` without the constants no node reads any more: the OIHW weights the Cortex-M passes
+    replaced by NHWC copies, the scales they turned into requantization multipliers. Else
+    the file would carry both (ExecuTorch's ``remove_unused_parameters_pass`` removes only
+    parameters, and the compiled model's int8 weights are buffers)."""
+    kinds = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    signature = copy.deepcopy(ep.graph_signature)
+    for spec in list(signature.input_specs):
+        node = nodes.get(spec.arg.name)
+        if spec.kind not in kinds or node is None or node.users or spec.target in mutated:
+            continue
+        signature.input_specs.remove(spec)
+        ep.state_dict.pop(spec.target, None)
+        ep.constants.pop(spec.target, None)
+        ep.graph.erase_node(node)
+    ep._graph_signature = signature
+    ep.graph_module.recompile()
+    return ep
+
+
+def _run_reference(edge, inputs: tuple):
+    """Outputs of `edge`'s forward program (after the Cortex-M passes, before serialization)
+    on `inputs`, the ``cortex_m`` ops run by their reference implementations."""
+    # registers the reference (CompositeExplicitAutograd) kernels of the cortex_m ops
+    importlib.import_module("executorch.backends.cortex_m.ops.operators")
+    try:
+        with torch.no_grad():
+            return edge.exported_program().module()(*_clones(inputs))
+    except Exception as e:
+        raise upstream_failure("the cortex_m reference kernels", ".pte", e) from e
 
 
 def _serialize(edge) -> bytes:
@@ -202,6 +387,8 @@ class PlannedProgram:
     weight_bytes: int  # bytes of the distinct constant tensors the program reads
     constant_data_bytes: int  # the file's constant data, alignment padding included
     ops: Counter = field(default_factory=Counter)  # kernel calls by "namespace::op.overload"
+    # convolution tensors whose layout CMSIS-NN's kernels refuse (see `read_plan`)
+    layout_errors: list[str] = field(default_factory=list)
 
     def count(self, namespace: str) -> dict[str, int]:
         """The kernel calls of ops in `namespace` (e.g. ``"cortex_m"``), by op."""
@@ -214,7 +401,10 @@ class PlannedProgram:
 
 def read_plan(data: bytes) -> PlannedProgram:
     """Memory plan, constant bytes and kernel calls of the ``forward`` method of the
-    serialized ExecuTorch program `data` (the bytes of a ``.pte``)."""
+    serialized ExecuTorch program `data` (the bytes of a ``.pte``), and the tensors of its
+    ``cortex_m`` convolutions that are not NHWC (dim_order 0, 2, 3, 1) though they have more
+    than one channel: the kernels refuse those on the device (``quantized_conv2d_out``
+    checks it; one channel is NHWC whatever the order says)."""
     ser = importlib.import_module("executorch.exir._serialize._program")
     schema = importlib.import_module("executorch.exir.schema")
     program = ser.deserialize_pte_binary(data).program
@@ -233,16 +423,25 @@ def read_plan(data: bytes) -> PlannedProgram:
             constants[t.data_buffer_idx] = max(constants.get(t.data_buffer_idx, 0),
                                                numel * sizes[t.scalar_type])
     ops: Counter = Counter()
+    layout_errors = []
     for chain in plan.chains:
         for ins in chain.instructions:
-            if isinstance(ins.instr_args, schema.KernelCall):
-                op = plan.operators[ins.instr_args.op_index]
-                ops[f"{op.name}.{op.overload}" if op.overload else op.name] += 1
+            if not isinstance(ins.instr_args, schema.KernelCall):
+                continue
+            op = plan.operators[ins.instr_args.op_index]
+            ops[f"{op.name}.{op.overload}" if op.overload else op.name] += 1
+            if op.name.startswith("cortex_m::") and "conv" in op.name:
+                args = ins.instr_args.args  # the input first, the out tensor last
+                for role, idx in (("input", args[0]), ("output", args[-1])):
+                    t = plan.values[idx].val
+                    if int(t.sizes[1]) > 1 and list(t.dim_order) != NHWC:
+                        layout_errors.append(f"{op.name} {role} {list(t.sizes)} has dim_order "
+                                             f"{list(t.dim_order)}, not NHWC {NHWC}")
     return PlannedProgram(
         activation_bytes=int(sum(plan.non_const_buffer_sizes)),
         weight_bytes=sum(constants.values()),
         constant_data_bytes=sum(len(b.storage) for b in program.constant_buffer),
-        ops=ops)
+        ops=ops, layout_errors=layout_errors)
 
 
 def _registered_here(ops: Counter) -> bool:
@@ -263,28 +462,34 @@ def write_cortex_m(gm: torch.nn.Module, example_inputs: tuple, path: Path, repor
     `TARGET_CPU`) at `path`, checked against `expected` (its outputs on `example_inputs`)
     within `tol`. A model without int8 layers (the original, for a baseline) is written too,
     all on portable kernels (``cortex_m_ops`` empty). `program` (the program compile kept) is
-    not used: the layers' biases are rewritten to int32 first and the program is exported
-    afresh. `ExportResult.details` holds
-    the planned activation arena and weight bytes read from the file, `prof`'s budgets and
-    whether they fit, and the ``cortex_m`` ops against those left to portable kernels."""
-    del report, program  # the program is exported afresh from the int32-bias graph
+    not used: the graph is put in CMSIS-NN's form first (`cmsis_form`) and exported afresh.
+    `ExportResult.details` holds the planned activation arena and weight bytes read from the
+    file, `prof`'s budgets and whether they fit, the ``cortex_m`` ops against those left to
+    portable kernels, and how many int8 layers there were and what `cmsis_form` changed."""
+    del report, program  # the program is exported afresh from the graph in CMSIS-NN's form
     _flow()
     inputs = channels_last(_clones(example_inputs))
-    graph, biases = int32_biases(gm) if isinstance(gm, fx.GraphModule) else (gm, 0)
+    graph, changes = (cmsis_form(gm, inputs) if isinstance(gm, fx.GraphModule)
+                      else (gm, {"int32_biases": 0, "linears_as_1x1_conv": 0}))
     ep, _ = to_exported_program(graph, inputs, dynamic_batch=False)
+    layers = sum(_layer_output(n) is not None for n in ep.graph.nodes)
     edge = lower_cortex_m(ep)
+    # the program after the Cortex-M passes, run with the cortex_m ops' reference kernels
+    # before serialization turns them into out-variants, which have no kernel but the device's
+    reference = _run_reference(edge, inputs)
     data = _serialize(edge)
     with _staged(path) as tmp:
         tmp.write_bytes(data)
         planned = read_plan(tmp.read_bytes())
+        if planned.layout_errors:
+            raise InternalError("the Cortex-M program would be refused by CMSIS-NN on the "
+                                "device: " + "; ".join(planned.layout_errors))
         if _registered_here(planned.ops):
             from fxcompress.export.pte import PteProgram
 
             got, runtime = PteProgram(tmp)(*inputs), "executorch"
         else:
-            with torch.no_grad():
-                got = edge.exported_program().module()(*_clones(inputs))
-            runtime = REFERENCE_RUNTIME
+            got, runtime = reference, REFERENCE_RUNTIME
         err = _compare(got, expected, tol, ".pte", runtime)
         size = tmp.stat().st_size
     kernels = planned.count("cortex_m")
@@ -304,7 +509,8 @@ def write_cortex_m(gm: torch.nn.Module, example_inputs: tuple, path: Path, repor
         "weight_fits": _fits(planned.constant_data_bytes, prof.weight_budget_bytes),
         "cortex_m_ops": kernels,
         "portable_ops": portable,
-        "int32_biases": biases,
+        "int8_layers": layers,
+        **changes,
         "int8_activations": has_quantized_activations(gm),
     }
     details["fits"] = details["activation_fits"] is not False \

@@ -307,10 +307,14 @@ def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
 
 
 def channels_last(inputs: tuple) -> tuple:
-    """`inputs` with every 4-D tensor in channels_last memory format: the CMSIS-NN kernels
-    read NHWC, and the program takes its inputs in the layout it was exported with."""
+    """`inputs` with every 4-D tensor of more than one channel in channels_last memory
+    format: the CMSIS-NN kernels read NHWC, and the program takes its inputs in the layout it
+    was exported with. One channel is NHWC in either layout, and is left contiguous: its
+    channels_last strides read as dim_order (0, 2, 1, 3) in ExecuTorch, which no kernel
+    accepts."""
     return tuple(t.to(memory_format=torch.channels_last)
-                 if isinstance(t, torch.Tensor) and t.dim() == 4 else t for t in inputs)
+                 if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > 1 else t
+                 for t in inputs)
 
 
 def lower_cortex_m(ep: ExportedProgram, cpu: str = TARGET_CPU):
@@ -401,10 +405,11 @@ class PlannedProgram:
 
 def read_plan(data: bytes) -> PlannedProgram:
     """Memory plan, constant bytes and kernel calls of the ``forward`` method of the
-    serialized ExecuTorch program `data` (the bytes of a ``.pte``), and the tensors of its
-    ``cortex_m`` convolutions that are not NHWC (dim_order 0, 2, 3, 1) though they have more
-    than one channel: the kernels refuse those on the device (``quantized_conv2d_out``
-    checks it; one channel is NHWC whatever the order says)."""
+    serialized ExecuTorch program `data` (the bytes of a ``.pte``), and the layouts its
+    kernels refuse: a 4-D tensor neither in the default dim order nor NHWC (0, 2, 3, 1), as
+    every kernel checks, or one a ``cortex_m`` convolution reads or writes that is not NHWC
+    though it has more than one channel (``quantized_conv2d_out`` checks it; one channel is
+    NHWC whatever the order says)."""
     ser = importlib.import_module("executorch.exir._serialize._program")
     schema = importlib.import_module("executorch.exir.schema")
     program = ser.deserialize_pte_binary(data).program
@@ -423,25 +428,42 @@ def read_plan(data: bytes) -> PlannedProgram:
             constants[t.data_buffer_idx] = max(constants.get(t.data_buffer_idx, 0),
                                                numel * sizes[t.scalar_type])
     ops: Counter = Counter()
-    layout_errors = []
+    layout_errors: list[str] = []
     for chain in plan.chains:
         for ins in chain.instructions:
             if not isinstance(ins.instr_args, schema.KernelCall):
                 continue
             op = plan.operators[ins.instr_args.op_index]
             ops[f"{op.name}.{op.overload}" if op.overload else op.name] += 1
-            if op.name.startswith("cortex_m::") and "conv" in op.name:
-                args = ins.instr_args.args  # the input first, the out tensor last
-                for role, idx in (("input", args[0]), ("output", args[-1])):
-                    t = plan.values[idx].val
-                    if int(t.sizes[1]) > 1 and list(t.dim_order) != NHWC:
-                        layout_errors.append(f"{op.name} {role} {list(t.sizes)} has dim_order "
-                                             f"{list(t.dim_order)}, not NHWC {NHWC}")
+            layout_errors += _layout_errors(op.name, [plan.values[i].val
+                                                      for i in ins.instr_args.args], schema)
     return PlannedProgram(
         activation_bytes=int(sum(plan.non_const_buffer_sizes)),
         weight_bytes=sum(constants.values()),
         constant_data_bytes=sum(len(b.storage) for b in program.constant_buffer),
         ops=ops, layout_errors=layout_errors)
+
+
+def _layout_errors(op: str, args: list, schema) -> list[str]:
+    """What the kernel of `op` refuses among its serialized `args`: a 4-D tensor neither in
+    the default dim order nor NHWC (except a constant a ``cortex_m`` kernel reads as raw
+    bytes, e.g. its OHWI weights), and for a ``cortex_m`` convolution an input or output of
+    more than one channel that is not NHWC."""
+    errors = []
+    tensors = [(i, t) for i, t in enumerate(args)
+               if isinstance(t, schema.Tensor) and len(t.sizes) == 4]
+    for i, t in tensors:
+        order = list(t.dim_order)
+        constant = t.data_buffer_idx > 0
+        if order not in ([0, 1, 2, 3], NHWC) and not (constant and op.startswith("cortex_m::")):
+            errors.append(f"{op} reads a tensor {list(t.sizes)} with dim_order {order}, "
+                          "neither the default nor NHWC")
+        in_out = i == 0 or i == len(args) - 1  # the input first, the out tensor last
+        if ("conv" in op and op.startswith("cortex_m::") and in_out and int(t.sizes[1]) > 1
+                and order != NHWC):
+            errors.append(f"{op} reads or writes {list(t.sizes)} with dim_order {order}, "
+                          f"not NHWC {NHWC}")
+    return errors
 
 
 def _registered_here(ops: Counter) -> bool:
@@ -496,7 +518,7 @@ def write_cortex_m(gm: torch.nn.Module, example_inputs: tuple, path: Path, repor
     portable = planned.others("cortex_m")
     details = {
         "target_cpu": TARGET_CPU,
-        "input_layout": "channels_last (NHWC) for 4-D inputs",
+        "input_layout": "channels_last (NHWC) for 4-D inputs of more than one channel",
         "check": ("the .pte in ExecuTorch's runtime here" if runtime == "executorch" else
                   "ExecuTorch's runtime here has no cortex_m kernels: the edge program the "
                   "file was serialized from, run with the cortex_m reference kernels"),

@@ -85,7 +85,9 @@ from fxcompress.hardware_profiles import Profile
 TARGET_CPU = "cortex-m7"
 #: What makes the Cortex-M flow importable where it is not: ExecuTorch's Cortex-M passes import
 #: its Arm backend, which imports ``tosa_serializer`` (executorch's ``ethos-u`` extra pins it).
-INSTALL = "pip install tosa-tools==2026.5.0"
+#: Without its dependencies: it pins numpy<2.2 and exact flatbuffers / jsonschema / ml-dtypes,
+#: which would move torch's; the part imported here works with the ones torch brings.
+INSTALL = "pip install --no-deps tosa-tools==2026.5.0"
 #: `ExportResult.runtime` of a check run in Python on the cortex_m reference kernels.
 REFERENCE_RUNTIME = "cortex_m reference kernels (python)"
 #: The dim order of an NHWC (channels_last) 4-D tensor, which CMSIS-NN's convolutions read.

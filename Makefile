@@ -11,6 +11,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 TORCH := torch==2.13.0
+# ExecuTorch's Cortex-M flow (mcu-int8's .pte) imports tosa-tools, whose exact pins (numpy<2.2,
+# ...) contradict torch's; installed without its dependencies, it runs with ours
+TOSA := tosa-tools==2026.5.0
 LOCK_EXTRAS := test,executorch,onnx,coreml,qonnx,ray,bench,demo
 
 .PHONY: demo test bench lint lock clean
@@ -22,6 +25,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml $(LOCK)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -c $(LOCK) -e '.[test,executorch,onnx,coreml,qonnx,ray]'
+	$(BIN)/pip install -q --no-deps $(TOSA)
 	touch $(STAMP)
 
 $(LOCK):

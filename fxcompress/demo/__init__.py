@@ -60,11 +60,19 @@ def pte_unavailable(profile: Profile) -> str | None:
         preflight(Path(tempfile.gettempdir()) / "fxcompress-demo.pte", profile)
     except FxCompressError as e:
         return str(e)
+    from fxcompress.export import writer_for
+
+    if writer_for(".pte", profile) == "cortex-m":  # CMSIS-NN kernels exist only on the device
+        from fxcompress.export import cortex_m
+
+        return cortex_m.runtime_note()
     return None
 
 
 def runtime_label(profile: Profile) -> str:
     """E.g. "ExecuTorch + XNNPACK"."""
+    if profile.writer == "cortex-m":
+        return "ExecuTorch Cortex-M (CMSIS-NN)"
     if profile.delegate is None:
         return "ExecuTorch portable kernels"
     return f"ExecuTorch + {_DELEGATE_NAMES.get(profile.delegate, profile.delegate)}"

@@ -399,6 +399,10 @@ def preflight(path: str | Path, profile: str | Path | Profile | None = None) -> 
         install = "pip install 'fxcompress[qonnx]'"
         for module in ("onnx", "onnxscript", "onnxruntime", "qonnx"):
             _require(module, "writing a QONNX .onnx", install)
+    if writer_for(fmt, prof) == "cortex-m":
+        from fxcompress.export import cortex_m
+
+        cortex_m.preflight()
 
 
 def _report_of(gm) -> Any:

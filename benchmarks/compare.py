@@ -45,6 +45,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
@@ -62,7 +63,12 @@ OUT_MD = ROOT / "BENCHMARKS.md"
 OUT_PNG = ROOT / "benchmarks" / "results" / "compare.png"
 OUT_JSON = ROOT / "benchmarks" / "results" / "compare.json"
 BATCH = 64
-PROFILES = ("x86-server", "mobile-arm", "apple-ane", "mcu-int8")
+PROFILES = ("x86-server", "mobile-arm", "apple-ane", "mcu-int8", "nvidia-gpu", "fpga-binary")
+#: profiles that also get a "+ recover" row
+RECOVER_PROFILES = ("x86-server", "mobile-arm", "apple-ane", "mcu-int8")
+#: the format column of a profile's own file where its writer is not the format's default one
+WRITER_FORMATS = {"tensorrt": ".onnx (TensorRT)", "qonnx": ".onnx (QONNX)",
+                  "coreml": ".mlpackage", "cortex-m": ".pte (Cortex-M)"}
 #: profiles whose targets also run the `.onnx` file in ONNX Runtime: an extra row each
 ONNX_PROFILES = ("x86-server",)
 #: Accuracy budget (percentage points on the calibration split) given to every lossy method
@@ -319,6 +325,43 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                    runtime="onnxruntime", compile_s=compile_s + time.perf_counter() - t0,
                    peer=False, note=note)
 
+    writer_base: dict[str, tuple[Any, Any]] = {}  # writer -> (ExportResult, ORT session)
+
+    def write_file(m: torch.nn.Module, prof, d: str):
+        res = fxcompress.export(m, (batch.clone(),), Path(d, "m" + prof.export_format),
+                                profile=prof.name)
+        # ONNX Runtime runs the TensorRT file here (on the CPU, not the target's engine)
+        return res, Onnx(res.path, res.size_bytes) if prof.writer == "tensorrt" else None
+
+    def fp32_writer_row(profile: str) -> Row:
+        prof = load_profile(profile)
+        with tempfile.TemporaryDirectory() as d:
+            res, session = write_file(model, prof, d)
+            writer_base[prof.writer] = (res, session)
+            return Row(name, f"fp32 → {WRITER_FORMATS[prof.writer]}",
+                       fmt=WRITER_FORMATS[prof.writer], size=res.size_bytes,
+                       accuracy=None if session is None
+                       else fixed_batch_accuracy(session, x_test, y_test),
+                       lowered_ratio=None if session is None else 1.0,
+                       runtime=session and "onnxruntime (CPU)", compile_s=0.0,
+                       note=f"check {res.check_error:.1e} in {res.runtime}")
+
+    def writer_row(method: str, g: torch.nn.Module, prof, compile_s: float, note: str) -> Row:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            res, session = write_file(g, prof, d)
+            row = Row(name, f"{method} → {WRITER_FORMATS[prof.writer]}",
+                      fmt=WRITER_FORMATS[prof.writer], size=res.size_bytes,
+                      compile_s=compile_s + time.perf_counter() - t0, peer=False,
+                      note=f"{note}; check {res.check_error:.1e} in {res.runtime}")
+            if session is not None and writer_base.get(prof.writer, (0, None))[1] is not None:
+                base = writer_base[prof.writer][1]
+                row.accuracy = fixed_batch_accuracy(session, x_test, y_test)
+                row.runtime = "onnxruntime (CPU)"
+                row.lowered_ratio = interleaved(lambda: base(batch), lambda: session(batch),
+                                                runs=runs).ratio
+        return row
+
     def fp32_row() -> Row:
         return Row(name, "fp32 eager (baseline)", accuracy=accuracy(model, x_test, y_test),
                    size=pt2_bytes(model, example), eager_ratio=1.0, compile_s=0.0, peer=True,
@@ -386,6 +429,8 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
                       size=pt2_bytes(g, example),
                       eager_ratio=interleaved(fp32, lambda: g(batch), runs=runs).ratio,
                       compile_s=t, peer=False, note=", ".join(applied) or "nothing applied")
+            if prof.writer in WRITER_FORMATS:
+                return [row, writer_row(method, g, prof, t, row.note)]
             if prof.export_format == ".pte":
                 with tempfile.TemporaryDirectory() as d:
                     t0 = time.perf_counter()
@@ -418,6 +463,9 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
     guarded("fp32 → XNNPACK .pte", fp32_pte_row)
     if base_onnx is not None:
         guarded("fp32 → .onnx", fp32_onnx_row)
+    for p in profiles:
+        if load_profile(p).writer in WRITER_FORMATS:
+            guarded(f"fp32 → {p}'s file", lambda p=p: fp32_writer_row(p))
     guarded("torchao int8 dyn (eager)", ao_row)
     if inductor:
         guarded("torchao int8 dyn + torch.compile", ao_compiled_row)
@@ -426,7 +474,7 @@ def bench_model(name: str, runs: int, profiles: tuple[str, ...], inductor: bool,
     for p in profiles:
         guarded(f"fxcompress {p}", fx_row(p))
     if recover:
-        for p in profiles:
+        for p in [p for p in profiles if p in RECOVER_PROFILES]:
             guarded(f"fxcompress {p} + recover", fx_row(p, recover=True))
     return rows
 

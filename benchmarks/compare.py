@@ -490,7 +490,7 @@ def verdicts(rows: list[Row]) -> list[str]:
     .pte rows)? One line per fxcompress row, saying by how much where it is not."""
     out = []
     for r in rows:
-        if r.peer or r.size is None:
+        if r.peer or r.size is None or r.accuracy is None:  # a file no runtime here runs
             continue
         peers = [p for p in rows if p.peer and p.model == r.model and p.size is not None
                  and p.accuracy is not None and not p.method.startswith("fp32")]
@@ -569,7 +569,14 @@ def write_markdown(rows: list[Row], runs: int, seconds: float, path: Path = OUT_
         "tried from 0.01 in steps of 0.01 to 0.05 then 0.05, no fine-tuning). \"+ recover\" rows: "
         "the same compile with `recover=`, label-free distillation from the original model on "
         "the training split's inputs (200 steps per stage, up to 3 stages extending the plan); "
-        "no peer row is fine-tuned. Compile: wall time to produce the row's model or file.",
+        "no peer row is fine-tuned. Compile: wall time to produce the row's model or file. "
+        "Rows \"→ .onnx (TensorRT)\", \"→ .onnx (QONNX)\", \"→ .mlpackage\", \"→ .pte "
+        "(Cortex-M)\": the profile's own file, written by its writer (size / fp32 against the "
+        "same writer's file of the fp32 model); the TensorRT file runs here in ONNX Runtime's "
+        "CPU provider (fp16 on a CPU: not the target's engine), the others have no runtime "
+        "here: the note gives the check `fxcompress.export` ran on one batch and what ran it "
+        "(qonnx's executor, coremltools, ExecuTorch's reference kernels for CMSIS-NN), and "
+        "they have no accuracy or latency; benchmarks/results/formats.md has them all.",
         "",
         *([] if complete else ["**Partial run**: it was interrupted; only the rows below "
                                "were measured.", ""]),

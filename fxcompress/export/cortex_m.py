@@ -76,7 +76,7 @@ from fxcompress.export import (
     has_quantized_activations,
     to_exported_program,
 )
-from fxcompress.graph import CONV_OPS, LINEAR_OPS, add_buffer
+from fxcompress.graph import CONV_OPS, LINEAR_OPS, add_buffer, drop_unused_attrs
 from fxcompress.hardware_profiles import Profile
 
 #: The CPU the program is lowered for (`CortexMTargetConfig.from_target_string`): mcu-int8's
@@ -209,8 +209,7 @@ def cmsis_form(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphModul
             _linear_as_conv(gm, node)
             stats["linears_as_1x1_conv"] += 1
     if any(stats.values()):
-        gm.graph.eliminate_dead_code()
-        _drop_unread_tensors(gm)
+        drop_unused_attrs(gm)  # the float biases and 2-D weights replaced above
         gm.recompile()
     return gm, stats
 
@@ -264,20 +263,6 @@ def _linear_as_conv(gm: fx.GraphModule, node: fx.Node) -> None:
     with g.inserting_after(flat):
         y = g.call_function(_aten.reshape.default, (flat, [*lead, out_ch]))
     end.replace_all_uses_with(y, delete_user_cb=lambda user: user is not flat)
-
-
-def _drop_unread_tensors(gm: fx.GraphModule) -> None:
-    """Remove the buffers and parameters no node reads (the float biases and 2-D weights the
-    int32 biases and 1x1 convolutions replaced), so that they are not exported."""
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    names = [n for n, _ in (*gm.named_buffers(), *gm.named_parameters())]
-    for name in names:
-        if name in read:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        owner._buffers.pop(attr, None)
-        owner._parameters.pop(attr, None)
 
 
 def annotate_int8_layers(ep: ExportedProgram) -> int:

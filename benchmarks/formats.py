@@ -44,6 +44,8 @@ MODELS = {"digits_cnn": digits_data, "text_transformer": text_data}
 #: accuracy budget in points of calibration-split accuracy, as in BENCHMARKS.md (compare.py)
 ACC_BUDGET = 0.0
 BATCH = 32
+#: a microcontroller runs one input at a time: its program (and the arena it plans) is batch 1
+BATCH_OF = {"mcu-int8": 1}
 
 
 def _details(details: dict) -> str:
@@ -74,7 +76,7 @@ def run_case(name: str, profile: str) -> dict:
     model = load_pretrained(name).eval()
     x_cal, y_cal = data("calib")
     x_test, y_test = data("test")
-    example = (x_cal[:BATCH].contiguous(),)
+    example = (x_cal[:BATCH_OF.get(profile, BATCH)].contiguous(),)
     calib = [(x_cal[i:i + 64],) for i in range(0, len(x_cal), 64)]
     prof = load_profile(profile)
     fmt = FORMAT.get(profile, prof.export_format)
@@ -103,9 +105,10 @@ def run_case(name: str, profile: str) -> dict:
            "accuracy": accuracy(g, x_test, y_test), "applied": applied,
            "compile_s": compile_s, "note": note}
     with tempfile.TemporaryDirectory() as d:
-        base = fxcompress.export(model, example, Path(d, "fp32" + fmt), profile=prof)
+        # the target's own profile: its writer, and its budgets in what the writer measures
+        base = fxcompress.export(model, example, Path(d, "fp32" + fmt), profile=profile)
         t0 = time.perf_counter()
-        res = fxcompress.export(g, example, Path(d, "compiled" + fmt), profile=prof)
+        res = fxcompress.export(g, example, Path(d, "compiled" + fmt), profile=profile)
         row.update(export_s=time.perf_counter() - t0, size=res.size_bytes,
                    fp32_size=base.size_bytes, check_error=res.check_error,
                    runtime=res.runtime, fp32_runtime=base.runtime,
@@ -128,7 +131,8 @@ def write_markdown(rows: list[dict], started: str) -> None:
         "`export_format` by its writer (x86-server: its `.onnx`, for ONNX Runtime). fp32: the "
         "original model written by the same writer. Check: the relative output error of the "
         "file, run in what the check column names, against the compiled model in PyTorch, on "
-        f"a batch of {BATCH} calibration examples; `export` refuses to write a file above its "
+        f"a batch of {BATCH} calibration examples (mcu-int8: 1, the batch its program is "
+        "planned for); `export` refuses to write a file above its "
         "check tolerance. Accuracy: the compiled model's test-split accuracy (eager).",
         "",
         "| model | profile | file | writer | bytes | fp32 bytes | size / fp32 | check error | "

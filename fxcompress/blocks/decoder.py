@@ -15,7 +15,8 @@ block's weights are ever in memory. Each block is a module with one tensor in an
 - ``head``: hidden states -> logits (batch, seq, vocab).
 
 Chained, they compute what the whole model's ``forward(ids).logits`` does (checked in the tests
-to float rounding).
+to float rounding), with the attention kernel ``from_pretrained`` loads by default (SDPA): the
+same arithmetic as a whole-model compile of the model as users load it, down to the last bit.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class DecoderFamily:
             raise FxCompressError(f"this Mistral config has a sliding window ({window}); the "
                                   "blocks compute full causal attention: set sliding_window to "
                                   "null in config.json if the sequences are no longer than it")
-        config._attn_implementation = "eager"
+        config._attn_implementation = "sdpa"  # as from_pretrained loads it by default
         config.use_cache = False
         self.config = config
         with torch.device("meta"):

@@ -60,6 +60,7 @@ from fxcompress.blocks.checkpoint import Checkpoint
 from fxcompress.blocks.decoder import DecoderFamily
 from fxcompress.blocks.executor import LocalExecutor, make_executor
 from fxcompress.errors import FxCompressError
+from fxcompress.export import relative_error
 from fxcompress.report import REPORT_KEY
 
 MANIFEST = "manifest.json"
@@ -313,7 +314,7 @@ def _finish(family: DecoderFamily, ckpt: Checkpoint, batches: list[torch.Tensor]
             os.environ.pop("FXCOMPRESS_THREADS", None)
         else:
             os.environ["FXCOMPRESS_THREADS"] = prev_env
-    error = _relative(comp, ref)
+    error = relative_error(comp, ref)
     done.sort(key=lambda r: names.index(r.name))
     result = BlocksResult(out, done, error, tol, ckpt.nbytes(), sum(r.bytes for r in done),
                           time.perf_counter() - t_start, started, pool.name, job.threads)
@@ -334,12 +335,6 @@ def _finish(family: DecoderFamily, ckpt: Checkpoint, batches: list[torch.Tensor]
     _write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / WORK, ignore_errors=True)
     return result
-
-
-def _relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    num = sum(float((g - w).double().pow(2).sum()) for g, w in zip(got, want, strict=True))
-    den = sum(float(w.double().pow(2).sum()) for w in want)
-    return math.sqrt(num / den) if den > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,21 @@ from fxcompress.graph import drop_unused_attrs, linear_from_matmul
 #: export holds this lock: in one process they run one at a time. Reentrant, so a compile
 #: that captures or exports inside it (or an `evaluate=` that exports) does not deadlock.
 EXPORT_LOCK = threading.RLock()
+_HANDED_OVER = threading.local()
+
+
+@contextlib.contextmanager
+def handed_over() -> Iterator[None]:
+    """Within it, this thread's captures take the module they are given as their own instead
+    of deep-copying it: its parameter tensors become the captured graph's, and a pass may
+    rewrite them. For a caller that made the module for the compile and reads nothing of it
+    afterwards (`fxcompress.blocks`: one block's weights, which a copy would double)."""
+    before = getattr(_HANDED_OVER, "on", False)
+    _HANDED_OVER.on = True
+    try:
+        yield
+    finally:
+        _HANDED_OVER.on = before
 
 
 @dataclass
@@ -214,7 +229,11 @@ def _inference_model(model: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
     holds a `threading.Lock`, an open file, a socket, a non-leaf tensor) is captured as it is,
     with every submodule switched to eval mode for the capture and switched back afterwards;
     the program torch.export returns then shares the model's parameter tensors, so the caller
-    deep-copies the program before any pass may rewrite a weight in place."""
+    deep-copies the program before any pass may rewrite a weight in place. Within
+    `handed_over()` the model is the caller's to give: captured as it is, not copied."""
+    if getattr(_HANDED_OVER, "on", False):
+        yield model.eval(), False
+        return
     try:
         copied = copy.deepcopy(model)
     except Exception:  # noqa: BLE001 - any failure to copy: capture the original instead

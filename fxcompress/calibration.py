@@ -77,7 +77,9 @@ class LayerStats:
     """Statistics of one layer's input over the calibration data."""
 
     rows: int = 0  # number of input vectors seen (tokens, or pixels for convs)
-    gram: torch.Tensor | None = None  # sum of x x^T over rows (linear: in_features^2), float64
+    # E[x x^T] over the rows (uncentred second moment; linear: in_features^2), float64: the
+    # sum of x x^T while batches are folded in, divided by `rows` once by `finish`
+    covariance: torch.Tensor | None = None
     fourth: float = 0.0  # sum of ||x||^4 over rows (the spread of x x^T: Ledoit-Wolf shrinkage)
     absmax: float = 0.0  # largest |x| seen
     shape: tuple[int, ...] = ()  # input shape of the first calibration batch
@@ -113,17 +115,27 @@ class LayerStats:
         else:
             return
         g = rows.T @ rows
-        self.gram = g if self.gram is None else self.gram + g
+        if self.covariance is None:
+            self.covariance = g
+        else:
+            self.covariance += g  # in place: a layer's input gram can be 250 MB
+        del g
         self.fourth += float((rows * rows).sum(1).square().sum())
         self.rows += rows.shape[0]
         have = sum(s.shape[0] for s in self.samples)
         if have < keep_rows:
             self.samples.append(rows[: keep_rows - have].float())
 
-    @property
-    def covariance(self) -> torch.Tensor | None:
-        """E[x x^T] over all rows seen (uncentred second moment), float64."""
-        return None if self.gram is None else self.gram / max(self.rows, 1)
+    def finish(self) -> None:
+        """The sum of x x^T becomes E[x x^T] (in place): call once, after the last batch."""
+        if self.covariance is not None:
+            self.covariance.div_(max(self.rows, 1))
+
+    def shares_input_of(self, leader: LayerStats) -> None:
+        """Take `leader`'s input statistics (the same tensors, not copies): for a layer whose
+        input is the leader's (q / k / v projections of one hidden state)."""
+        self.rows, self.covariance, self.fourth = leader.rows, leader.covariance, leader.fourth
+        self.absmax, self.shape, self.samples = leader.absmax, leader.shape, list(leader.samples)
 
 
 class Calibration:
@@ -139,9 +151,13 @@ class Calibration:
         self.stats: dict[str, LayerStats] = {node: LayerStats() for node in layers}
         kinds = dict(layers)
         out_shapes: dict[str, tuple] = {}
+        # layers of one kind reading the same value (q / k / v of one hidden state) share one
+        # set of input statistics, gathered by the first of them (the leader)
+        leader_of = _input_leaders(gm, kinds)
 
         def on_input(name, x):
-            self.stats[name].add(x, kinds[name], keep_rows)
+            if leader_of[name] == name:
+                self.stats[name].add(x, kinds[name], keep_rows)
 
         self.reference: list[list[torch.Tensor]] = []
         with torch.no_grad():
@@ -153,6 +169,12 @@ class Calibration:
                 self.reference.append([t.detach() for t in float_leaves(out)])
         for name, shape in out_shapes.items():
             self.stats[name].out_shape = shape
+        for name, leader in leader_of.items():
+            if leader == name:
+                self.stats[name].finish()
+        for name, leader in leader_of.items():
+            if leader != name:
+                self.stats[name].shares_input_of(self.stats[leader])
         self.ref_energy = sum(float((t.double() ** 2).sum()) for ref in self.reference
                               for t in ref)
         if not any(self.reference):
@@ -233,7 +255,10 @@ class Calibration:
             for i, ov in enumerate(jobs[node.name]):
                 if settled[node.name][i]:
                     continue
-                start = {m: _clone(env[m]) if m in env else None for m in before}
+                # the values computed so far, copied; a weight read by a later node is the
+                # module's own tensor, as every run reads it: not copied (a block's weights)
+                start = {m: (env[m] if m.op == "get_attr" else _clone(env[m])) if m in env
+                         else None for m in before}
                 out = OverrideInterpreter(self.gm, ov).run(*current["batch"], initial_env=start)
                 num = den = 0.0
                 for y, r in zip(float_leaves(out), current["ref"], strict=True):
@@ -349,6 +374,23 @@ def _record_outputs(interp: OverrideInterpreter, names: set[str], out: dict,
         return result
 
     interp.run_node = run_node
+
+
+def _input_leaders(gm: fx.GraphModule, kinds: Mapping[str, str]) -> dict[str, str]:
+    """For each layer node in `kinds`: the first layer node of the same kind whose input is the
+    same graph value (itself, when none before it reads that value)."""
+    first: dict[tuple, str] = {}
+    leaders = {}
+    for n in gm.graph.nodes:
+        if n.name not in kinds:
+            continue
+        i = input_arg_index(op_type(n))
+        src = n.args[i] if len(n.args) > i else None
+        key = (kinds[n.name], src.name if isinstance(src, fx.Node) else f"own:{n.name}")
+        leaders[n.name] = first.setdefault(key, n.name)
+    for name in kinds:  # a layer the walk did not meet leads itself
+        leaders.setdefault(name, name)
+    return leaders
 
 
 def _clone(v):

@@ -127,10 +127,11 @@ def unit_importance(gm: fx.GraphModule, dg: DepGraph, group: Group, kind: str = 
         used = False
         for c in group.consumers:
             st = (stats or {}).get(c.node)
-            if st is None or st.gram is None or st.gram.shape[0] != c.labels.numel():
+            cov = None if st is None else st.covariance
+            if cov is None or cov.shape[0] != c.labels.numel():
                 continue
             w = get_attr(gm, c.weight)
-            rms = (st.gram.diagonal().clamp_min(0) / max(st.rows, 1)).sqrt()
+            rms = cov.diagonal().clamp_min(0).sqrt()
             col = _slices(w, 1, lambda m: (m ** 2).sum(1).sqrt())
             _per_unit(dg, group, c.labels, rms * col, out)
             used = True
@@ -412,8 +413,9 @@ def consumer_grams(dg: DepGraph, stats: Mapping) -> dict[str, torch.Tensor]:
             st = stats.get(c.node)
             # a least-squares fit on fewer rows than twice its unknowns fits the calibration
             # data, not the layer: those consumers keep plain removal
-            if st is not None and st.gram is not None and st.rows >= 2 * st.gram.shape[0]:
-                out[c.layer] = st.gram / st.rows
+            cov = None if st is None else st.covariance
+            if cov is not None and st.rows >= 2 * cov.shape[0]:
+                out[c.layer] = cov
     return out
 
 

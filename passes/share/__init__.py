@@ -305,7 +305,7 @@ def uniform_config(gm: fx.GraphModule, bits: int, grouped: bool = False,
         if not w.is_floating_point():
             continue
         st = stats.get(lay.node) if stats else None
-        cov = st.covariance if st is not None and st.gram is not None else None
+        cov = st.covariance if st is not None else None
         imp = _importance(lay.op, w, lay.groups, cov)
         hess = None
         if lay.op in compensate:

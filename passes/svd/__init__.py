@@ -174,7 +174,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     if rmax < 1:
         return [], f"svd: {m}x{n} is too small to factor (r(m+n) >= mn for every r)"
     cov = None
-    if ctx.calibrated and ctx.stats.gram is not None:
+    if ctx.calibrated and ctx.stats.covariance is not None:
         cov = ctx.stats.covariance
         cov = shrunk(cov, shrinkage(cov, ctx.stats.rows, ctx.stats.fourth))
     knobs: SVDSettings = ctx.knobs("svd")
@@ -311,7 +311,8 @@ def thin_fits(choice: Mapping[str, Candidate], calib) -> list[str]:
         if rows >= features:
             continue
         more = math.ceil(features / max(rows, 1))
-        rho = shrinkage(stats.covariance, rows, stats.fourth) if stats.gram is not None else 1.0
+        cov = stats.covariance
+        rho = shrinkage(cov, rows, stats.fourth) if cov is not None else 1.0
         notes.append(f"layer {c.layer.name}: activation-aware SVD (rank {c.params.get('rank')}) "
                      f"was fitted to {rows} calibration rows, fewer than its {features} input "
                      f"features, so its input covariance was shrunk {rho:.0%}"

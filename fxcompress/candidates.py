@@ -40,6 +40,20 @@ class Step:
     weight_bytes: int | None = None  # bytes stored; None: numel x 4 (fp32)
     input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None  # activation fake-quant
     extra_ops: int = 0  # ops the rewrite adds beside the layer op (decode, rescale, gather)
+    # where set, the step is compact: `weight` is a meta tensor (the effective weight's shape
+    # and dtype, no values) and `decode()` computes the values from what the step keeps (its
+    # integer codes and scales), each time they are read (`dense`). A layer's candidates then
+    # hold a byte per weight each rather than a float copy (see `compact`)
+    decode: Callable[[], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        # a step given real weight values (`replace(step, weight=w)` of a compact one) is dense
+        if self.decode is not None and self.weight.device.type != "meta":
+            object.__setattr__(self, "decode", None)
+
+    def dense(self) -> torch.Tensor:
+        """The effective weight's values (decoded from the codes of a compact step)."""
+        return self.weight if self.decode is None else self.decode()
 
     @property
     def stored_bytes(self) -> int:
@@ -56,12 +70,22 @@ class Step:
         """Compute this step on `x`."""
         if self.input_quant is not None:
             x = self.input_quant(x)
+        w = self.dense()
         if self.op == "linear":
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, w, self.bias)
         if self.op == "conv2d":
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
                             self.groups)
-        return F.embedding(x, self.weight)
+        return F.embedding(x, w)
+
+
+def compact(step: Step, decode: Callable[[], torch.Tensor], like: torch.Tensor, **changes
+            ) -> Step:
+    """`step` made compact (see `Step.decode`): its weight the values `decode()` gives, of the
+    shape and dtype of `like`, kept as what `decode` holds. `changes`: other fields to replace,
+    as `dataclasses.replace` takes them."""
+    return replace(step, weight=torch.empty(like.shape, dtype=like.dtype, device="meta"),
+                   decode=decode, **changes)
 
 
 def step_of_layer(layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> Step:

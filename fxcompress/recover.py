@@ -171,7 +171,7 @@ def _owner(c: Candidate) -> Trainable | None:
     claims them (int8 defers on a chain, so the factors of "svd+int8" train; share claims its
     palettes, so "svd+share" trains those)."""
     for t in reversed(_trainable(c)):
-        if t.init(c, c.steps[0].weight) is not None:
+        if t.init(c, c.steps[0].dense()) is not None:
             return t
     return None
 

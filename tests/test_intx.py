@@ -364,7 +364,7 @@ def test_recovery_writes_the_trained_weight_back_as_the_same_groups():
     q2 = torch.round(trained.reshape(32, 2, 32) / s.unsqueeze(-1)).clamp(-8, 7)
     assert torch.equal(out.part("intx").q, q2.reshape(32, 64).to(torch.int8))
     assert torch.equal(out.part("intx").scale, s)  # the same groups and scales, new values
-    assert torch.equal(out.steps[0].weight, dequantize(out.part("intx").q, s, 32))
+    assert torch.equal(out.steps[0].dense(), dequantize(out.part("intx").q, s, 32))
     assert out.params["rounding"] == "gptq, trained"
     # the straight-through form starts where the stored weight is, and passes gradients
     lat = dequantize(q, s, 32).requires_grad_()

@@ -142,7 +142,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         return [], "binary: applies to a layer as it is, not to a rewritten chain"
     step = base.steps[0]
     levels = activation_levels(ctx.stats) if p.binary_activations else None
-    new = replace(step, weight=binary_weight(step.weight), fmt="binary",
+    new = replace(step, weight=binary_weight(step.dense()), fmt="binary",
                   weight_bytes=packed_bytes(tuple(step.weight.shape)),
                   input_quant=binary_activation(*levels) if levels else None)
     params = {"bits": 1, "activations": "binary" if levels else "fp"}

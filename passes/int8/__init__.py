@@ -46,7 +46,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 import torch.nn.functional as F
 from torch import fx
 
-from fxcompress.candidates import Candidate, Step
+from fxcompress.candidates import Candidate, Step, compact
 from fxcompress.graph import (
     LAYER_META,
     add_buffer,
@@ -210,15 +210,15 @@ def _rows(step: Step, x: torch.Tensor) -> torch.Tensor | None:
     """`step` applied to sample rows (inputs flattened to rows of features), where a row-wise
     view of the step exists (linear, ungrouped 1x1 conv)."""
     if step.op == "linear":
-        return F.linear(x, step.weight, step.bias)
+        return F.linear(x, step.dense(), step.bias)
     if step.op == "conv2d" and step.weight.shape[2:] == (1, 1) and step.groups == 1:
-        return F.linear(x, step.weight[:, :, 0, 0], step.bias)
+        return F.linear(x, step.dense()[:, :, 0, 0], step.bias)
     return None
 
 
 def _bound(step: Step, absmax: float) -> tuple[float, float]:
     """A range that surely holds `step`'s output for inputs within +-absmax."""
-    w = step.weight.reshape(step.weight.shape[0], -1)
+    w = step.dense().reshape(step.weight.shape[0], -1)
     r = float(w.abs().sum(1).max()) * absmax
     b = 0.0 if step.bias is None else float(step.bias.abs().max())
     return -(r + b), r + b
@@ -261,7 +261,7 @@ def bias_scale_floor(step: Step) -> float:
     per-channel weight scale, fits in int32 (0 without a bias)."""
     if step.bias is None or step.op == "embedding":
         return 0.0
-    w = step.weight.detach().reshape(step.weight.shape[0], -1).abs().amax(1) / QMAX
+    w = step.dense().detach().reshape(step.weight.shape[0], -1).abs().amax(1) / QMAX
     b = step.bias.detach().abs().reshape(-1)
     if b.numel() != w.numel():
         return 0.0
@@ -276,7 +276,7 @@ def symmetric_scale(qp: QParams) -> float:
 
 def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: float | None,
                     wqmax: int = QMAX) -> Step:
-    q, scale = quantize_per_channel(step.weight, 0, wqmax)
+    q, scale = quantize_per_channel(step.dense(), 0, wqmax)
     iq: Callable | None = None
     if mode == "int_mm_dynamic":
         iq = fake_quant_dynamic
@@ -288,9 +288,22 @@ def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: fl
         iq = StaticAffine(*in_qp)
     extra = scale.numel() * (4 + (8 if mode.startswith("qdq") else 0))  # + int64 zero points
     # an int8 embedding gathers its rows and their scales and rescales them: three more ops
-    return replace(step, weight=dequantize_per_channel(q, scale, 0), fmt="int8",
+    return compact(step, PerChannelCodes(q, scale), step.weight, fmt="int8",
                    weight_bytes=q.numel() + extra, input_quant=iq,
                    extra_ops=3 if mode == "embedding" else 0)
+
+
+@dataclass(frozen=True)
+class PerChannelCodes:
+    """An int8 step's weight as it keeps it: codes and per-output-channel scales, decoded when
+    the step runs (plain data: a candidate's steps pickle)."""
+
+    q: torch.Tensor  # int8
+    scale: torch.Tensor  # fp32, per output channel
+
+    def __call__(self) -> torch.Tensor:
+        """The dequantized weight."""
+        return dequantize_per_channel(self.q, self.scale, 0)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx
 
-from fxcompress.candidates import Candidate, Step
+from fxcompress.candidates import Candidate, Step, compact
 from fxcompress.export.nbits import container_bits, pack
 from fxcompress.graph import add_buffer, drop_unused_attrs, get_attr, op_type
 from fxcompress.passes.intx.quant import (
@@ -144,14 +144,15 @@ def _decode_ops(bits: int) -> int:
 
 
 def _step(s: Step, part: IntxPart) -> Step:
-    w = part.effective()
+    # compact: the part's codes are what the step keeps, decoded each time it runs
+    w, decode = s.weight, part.effective
     if s.op == "embedding":
-        return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part, s.op),
+        return compact(s, decode, w, fmt="intx", weight_bytes=_stored_bytes(part, s.op),
                        extra_ops=_decode_ops(part.bits))
     if part.inv_scale is None:
-        return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part),
+        return compact(s, decode, w, fmt="intx", weight_bytes=_stored_bytes(part),
                        input_quant=PerTokenInt8())
-    return replace(s, weight=w, fmt="intx", weight_bytes=_stored_bytes(part), extra_ops=1,
+    return compact(s, decode, w, fmt="intx", weight_bytes=_stored_bytes(part), extra_ops=1,
                    input_quant=ScaledPerTokenInt8(part.inv_scale))
 
 
@@ -260,7 +261,7 @@ def notes(choice, calib) -> list[str]:
                           part.group_size)
         e_rtn = hessian_error(w, near, h)
         if e_rtn > 0:
-            ratios.append(hessian_error(w, c.steps[0].weight, h) / e_rtn)
+            ratios.append(hessian_error(w, c.steps[0].dense(), h) / e_rtn)
     if not ratios:
         return []
     ratios.sort()
@@ -372,7 +373,7 @@ def _fake_of(c: Candidate):
 
 
 def _init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
-    return [c.steps[0].weight.clone()]  # start from the (error-compensated) stored weight
+    return [c.steps[0].dense().clone()]  # start from the (error-compensated) stored weight
 
 
 def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:

@@ -251,7 +251,7 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     want = ctx.knobs("sparse").method
     hessian = _hessian(step, ctx)
     col_rms = _col_rms(step, ctx.stats.covariance if ctx.calibrated else None)
-    w2 = _as_rows(step.weight.detach().float())
+    w2 = _as_rows(step.dense().detach().float())
     cands, skipped = [], []
     for pattern in p.sparsity_patterns:
         nm = masks.nm_of(pattern)
@@ -427,7 +427,7 @@ def _fake_of(c: Candidate):
 
 
 def _init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
-    return [c.steps[0].weight.clone()]
+    return [c.steps[0].dense().clone()]
 
 
 def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:

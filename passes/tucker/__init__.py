@@ -247,7 +247,7 @@ def tucker_pass(gm: fx.GraphModule, config: TuckerConfig) -> PassResult:
 
 
 def _train_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor]:
-    return [s.weight.detach().clone() for s in c.steps]  # first / core / last, as present
+    return [s.dense().detach().clone() for s in c.steps]  # first / core / last, as present
 
 
 def _train_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:

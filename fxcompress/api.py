@@ -38,6 +38,7 @@ from fxcompress.planner import (
     charge_program_bytes,
     enforce_budgets,
     measure,
+    own_tensors,
     rounding_floor,
     verify,
 )
@@ -53,13 +54,53 @@ def serialized_size(ep: torch.export.ExportedProgram) -> int:
     """Bytes of `torch.export.save(ep)`, without the example inputs a program may carry (the
     calibration batch it was exported with is not the model: `fxcompress.export` keeps two
     rows of it at most)."""
-    buf = io.BytesIO()
     kept, ep.example_inputs = ep.example_inputs, None
     try:
-        torch.export.save(ep, buf)
+        sink = _CountingSink()
+        try:  # counted as written, not held: a block's program is hundreds of MB
+            torch.export.save(ep, sink)
+            return sink.count
+        except io.UnsupportedOperation:  # a writer that goes back: written into memory
+            buf = io.BytesIO()
+            torch.export.save(ep, buf)
+            return buf.getbuffer().nbytes
     finally:
         ep.example_inputs = kept
-    return buf.getbuffer().nbytes
+
+
+class _CountingSink(io.RawIOBase):
+    """A write-only stream that counts the bytes written to it and keeps none. It takes the
+    one seek `torch.export.save` makes to a buffer, the rewind after the last write; any other
+    seek, or a write after the rewind, raises `io.UnsupportedOperation`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.rewound = False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return 0 if self.rewound else self.count
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET and pos == 0:
+            self.rewound = True
+            return 0
+        if whence == io.SEEK_SET and pos == self.count and not self.rewound:
+            return pos
+        raise io.UnsupportedOperation("seek")
+
+    def write(self, b) -> int:
+        if self.rewound:
+            raise io.UnsupportedOperation("write after the rewind")
+        n = memoryview(b).nbytes
+        self.count += n
+        return n
 
 
 def _as_written(result: fx.GraphModule, ep: torch.export.ExportedProgram, cap
@@ -457,6 +498,7 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
             plan, _ = recover_plan(prep.selection, plan, accept, recover, log)
             lap("recover")
         result = plan.graph_module
+        own_tensors(result, gm)  # plans share the captured graph's tensors until handed out
         if id(result) in handed_out:  # the same plan at two tolerances: two models
             result = copy.deepcopy(result)
             inference_graph(result)

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxcompress.acceptance import Acceptance, Verdict
 from fxcompress.calibration import Calibration
@@ -391,7 +391,11 @@ def build_plan(gm: fx.GraphModule, choice: dict[str, Candidate],
     techniques that can re-fit their chosen values to the whole plan (`Technique.refine`:
     SVD's sequential re-fit) do so first; the returned plan holds those re-fitted candidates,
     so it describes the graph (`choice` itself is left as it is)."""
-    work = copy.deepcopy(gm)
+    # the graph copied, its tensors shared: passes add new tensors for what they rewrite and
+    # never write into the base's (checked below), so a plan does not copy a block's weights
+    tensors = _tensors(gm)
+    versions = {id(t): t._version for t in tensors}
+    work = copy.deepcopy(gm, memo={id(t): t for t in tensors})
     built = dict(choice)
     by_tech: dict[str, list[Candidate]] = {}
     for c in choice.values():
@@ -407,7 +411,40 @@ def build_plan(gm: fx.GraphModule, choice: dict[str, Candidate],
         passes.append((tech.name, tech.apply, tech.make_config(chosen)))
     result = run_passes(work, passes)
     inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train
+    changed = [t for t in tensors if t._version != versions[id(t)]]
+    if changed:
+        raise InternalError(f"a pass wrote into {len(changed)} of the base graph's tensors "
+                            "in place (they are shared with the plans built from it); please "
+                            "report this")
     return result, built
+
+
+def _tensors(gm: nn.Module) -> list[torch.Tensor]:
+    """Every tensor `gm` holds: parameters, buffers and plain tensor attributes (constants)."""
+    seen: dict[int, torch.Tensor] = {}
+    for m in gm.modules():
+        for t in (*m._parameters.values(), *m._buffers.values(),
+                  *(v for v in vars(m).values() if isinstance(v, torch.Tensor))):
+            if t is not None:
+                seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def own_tensors(result: nn.Module, base: nn.Module) -> None:
+    """Give `result` copies of the tensors it shares with `base` (a plan built by
+    `build_plan` shares the base's unchanged tensors): what is handed to the user is its
+    own."""
+    shared = {id(t) for t in _tensors(base)}
+    for m in result.modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in store.items():
+                if t is not None and id(t) in shared:
+                    c = t.detach().clone()
+                    store[k] = nn.Parameter(c, t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else c
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and id(v) in shared:
+                setattr(m, k, v.clone())
 
 
 def build(gm: fx.GraphModule, choice: dict[str, Candidate], calib: Calibration | None = None,

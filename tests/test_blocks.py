@@ -77,6 +77,21 @@ def test_blocks_chain_to_the_whole_model(kind, tmp_path):
         want = model(ids).logits
     assert _rel(h, want) < 1e-5
     assert sum(family.weight_bytes(n) for n in family.names) == ckpt.nbytes()
+    # the embedding and the head in three row chunks: the chunks' embeddings sum to the
+    # embedding exactly, their logits concatenate to the logits
+    chunked = DecoderFamily(ckpt, vocab_chunks=3)
+    assert chunked.names == ("embed.0", "embed.1", "embed.2", "layer.0", "layer.1",
+                             "head.0", "head.1", "head.2")
+    with torch.no_grad():
+        h2 = ids
+        for stage in chunked.stages:
+            h2 = stage.join([chunked.block(b)(h2) for b in stage.blocks])
+        emb = chunked.stages[0].join([chunked.block(b)(ids) for b in chunked.stages[0].blocks])
+        assert torch.equal(emb, family.block("embed")(ids))
+    assert _rel(h2, want) < 1e-5
+    assert chunked.weight_bytes("embed.1") == family.weight_bytes("embed") * (85 - 42) // VOCAB
+    with pytest.raises(FxCompressError, match="vocab_chunks"):
+        DecoderFamily(ckpt, vocab_chunks=0)
 
 
 def test_same_plan_block_by_block_equals_whole_model(llama, tmp_path):
@@ -109,30 +124,43 @@ _KILLED_RUN = textwrap.dedent("""
     from fxcompress.blocks import compile_blocks
     g = torch.Generator().manual_seed(1)
     cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(4)]
+    chunks = None if sys.argv[4] == "None" else int(sys.argv[4])
     def progress(line):
-        if line.startswith("block 2/"):
+        if line.startswith(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
     compile_blocks(sys.argv[1], sys.argv[2], calibration=cal, profile="mobile-arm",
-                   tolerance=0.2, techniques=["intx", "int8"], progress=progress)
+                   tolerance=0.2, techniques=["intx", "int8"], progress=progress,
+                   vocab_chunks=chunks)
 """)
 
 
-def test_killed_run_resumes_to_the_same_bytes(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunks, kill_at, done_at_kill", [
+    (None, "block 2/", ["embed", "layer.0"]),
+    # the vocabulary in two chunks: killed between them, and after both but before the
+    # embedding stage's output is written
+    (2, "block 1/", ["embed.0"]),
+    (2, "block 2/", ["embed.0", "embed.1"])])
+def test_killed_run_resumes_to_the_same_bytes(llama, tmp_path, monkeypatch, chunks, kill_at,
+                                              done_at_kill):
     folder, _ = llama
     monkeypatch.setenv("FXCOMPRESS_THREADS", "1")
     kw = dict(calibration=_calibration(), profile="mobile-arm", tolerance=0.2,
-              techniques=["intx", "int8"])
+              techniques=["intx", "int8"], vocab_chunks=chunks)
     whole = compile_blocks(folder, tmp_path / "whole", **kw)
     env = dict(os.environ, FXCOMPRESS_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(folder),
-                           str(tmp_path / "resumed")], env=env, capture_output=True, timeout=300)
+                           str(tmp_path / "resumed"), kill_at, str(chunks)], env=env,
+                          capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     state = json.loads((tmp_path / "resumed" / WORK / "state.json").read_text())
-    assert [r["name"] for r in state["done"]] == ["embed", "layer.0"]
+    assert [r["name"] for r in state["done"]] == done_at_kill
     assert not (tmp_path / "resumed" / MANIFEST).exists()
     lines = []
     resumed = compile_blocks(folder, tmp_path / "resumed", progress=lines.append, **kw)
-    assert resumed.resumed_at == 2 and lines[0].startswith("block 3/4 layer.1")
+    total = len(whole.blocks)
+    assert total == (4 if chunks is None else 6)
+    assert resumed.resumed_at == len(done_at_kill)
+    assert lines[0].startswith(f"block {len(done_at_kill) + 1}/{total} ")
     files = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
     for name in files:

@@ -3,7 +3,9 @@
 
 A decoder language model saved as a Hugging Face ``safetensors`` checkpoint (`checkpoint`,
 read lazily) is cut into its blocks (`decoder`: the embedding, each decoder layer, the final
-norm with the LM head). Each block in turn:
+norm with the LM head; a vocabulary larger than half a decoder layer's weights is cut by rows,
+the embedding and the head a block per chunk, so the largest compile is one layer's). Each
+block in turn:
 
 1. gets its weights alone from the shards (the fp32 model is never whole in memory);
 2. is compiled by `fxcompress.compile` for the profile, calibrated on the outputs of the blocks
@@ -14,15 +16,18 @@ norm with the LM head). Each block in turn:
 4. is written as a `.pt2` (`fxcompress.export`: packed low-bit codes, checked, atomic), then
    its streams and the run's state, each written to a temporary name and renamed; and freed.
 
-The result is a folder: ``<block>.pt2`` per block (``embed.pt2``, ``layer.<i>.pt2``,
-``head.pt2``), ``manifest.json`` (the blocks in order, each file's bytes and SHA-256) and
+The result is a folder: ``<block>.pt2`` per block (``embed.pt2`` or ``embed.<c>.pt2``,
+``layer.<i>.pt2``, ``head.pt2`` or ``head.<c>.pt2``), ``manifest.json`` (the blocks in order,
+each file's bytes and SHA-256, the stage it belongs to and how a stage's chunks join) and
 ``report.json`` (every block's compile report and the end-to-end figures). `load_blocks` loads
 it as one module (token ids -> logits) and checks every file against the manifest. One program
 per block, not one program with external weights: each ``.pt2`` is what `torch.export.load`
 and ExecuTorch's lowering take as is.
 
-The tolerance is a budget spread over the blocks: each of the n blocks gets tolerance / n as its
-own relative output error (on its output, the residual stream). Relative errors of blocks in
+The tolerance is a budget spread over the stages (a block, or the chunks of the embedding or
+the head): each of the n stages gets tolerance / n as its own relative output error (on its
+output, the residual stream; each chunk of a stage gets the stage's share, which bounds the
+stage's, since the chunks' squared errors and output energies add). Relative errors of blocks in
 sequence add to first order (the next block sees its input off by that much, and residual
 blocks pass it on with gain close to 1), so their sum bounds the end-to-end error to first
 order; the end-to-end relative error of the logits against the fp32 stream is measured on the
@@ -57,10 +62,9 @@ from typing import Any
 import torch
 
 from fxcompress.blocks.checkpoint import Checkpoint
-from fxcompress.blocks.decoder import DecoderFamily
+from fxcompress.blocks.decoder import DecoderFamily, Stage
 from fxcompress.blocks.executor import LocalExecutor, make_executor
 from fxcompress.errors import FxCompressError
-from fxcompress.export import relative_error
 from fxcompress.report import REPORT_KEY
 
 MANIFEST = "manifest.json"
@@ -68,10 +72,13 @@ REPORT = "report.json"
 WORK = ".work"
 FORMAT = "fxcompress-blocks/1"
 #: peak memory of one block's compile above the process's, as a multiple of the block's fp32
-#: weight bytes (the captured copy, calibration statistics, every candidate's simulated weight,
-#: the built graph, the programs exported to measure and write it): measured 9.7x on a 1.1 B
-#: Llama's decoder block (176 MB: +1.70 GB) and 9.3x on its LM head (262 MB: +2.45 GB,
-#: calibration logits included), rounded up
+#: weight bytes (the block's own weights, the input covariances, float64, one per distinct
+#: layer input: the down projection's alone is 1.4x the whole block's weights; the codes of the
+#: candidates; the values live while candidates are measured; the built graph and its
+#: exported programs):
+#: measured on a 1.1 B Llama's decoder block (176 MB) at 6.8x with int8 / intx (+1.19 GB)
+#: and 9.5x with every mobile-arm technique (+1.67 GB: pruned and factored candidates keep
+#: float weights), rounded up
 MEMORY_FACTOR = 10.0
 
 
@@ -157,6 +164,33 @@ def _load_stream(path: Path, n: int) -> tuple[list[torch.Tensor], list[torch.Ten
     return [t[f"c{i}"] for i in range(n)], [t[f"r{i}"] for i in range(n) if f"r{i}" in t]
 
 
+def _release_memory() -> None:
+    """Collect garbage and hand the freed heap back to the system (glibc's `malloc_trim`;
+    nothing elsewhere): what one block's compile freed is then free for the next, instead of
+    staying in the process as fragments."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+#: allocations of at least this many bytes are mapped from the system on their own while
+#: blocks compile (glibc's M_MMAP_THRESHOLD), so what a block frees goes back at once instead
+#: of staying as heap fragments under the next block's peak: measured on a 1.1 B Llama's
+#: decoder block, 115 MB less at its peak, no slower
+MMAP_THRESHOLD = 4 << 20
+
+
+def _map_large_allocations() -> None:
+    """Set glibc's mmap threshold to `MMAP_THRESHOLD` (process-wide, for the rest of the
+    process: a fixed threshold instead of glibc's adaptive one); nothing elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+
+
 def _available_memory() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -215,7 +249,8 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
                    overrides: Mapping[str, Mapping] | None = None, seed: int = 0,
                    sequential: bool = True, progress: Callable[[str], None] | None = None,
                    memory_limit: int | None = None, executor: str = "local",
-                   address: str | None = None) -> BlocksResult:
+                   address: str | None = None, vocab_chunks: int | None = None
+                   ) -> BlocksResult:
     """Compile the decoder model saved in `checkpoint` (a folder of ``config.json`` and
     ``safetensors`` shards) block by block for `profile` into the folder `out`.
 
@@ -228,6 +263,10 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
     (default): each block is fitted on the outputs of the compressed blocks before it; False:
     on the original model's activations, as `fxcompress.compile` of the whole model fits every
     layer (the same plan then gives the same model), and the blocks are independent.
+    `vocab_chunks`: blocks the embedding and the LM head are each cut into, by rows of the
+    vocabulary (``embed.<c>``, ``head.<c>``; see `decoder.DecoderFamily`); None (default): as
+    many as keep each no larger than half a decoder layer, whose compile then bounds the
+    memory.
     `executor`: ``"local"`` (default) or ``"ray"``, which compiles independent blocks
     (``sequential=False``) as Ray tasks on a cluster started on this machine, or on the one at
     `address` / ``FXCOMPRESS_RAY_ADDRESS`` (`fxcompress.blocks.executor`); a Ray run uses one
@@ -237,14 +276,17 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
     available memory).
 
     Resumes a run killed in `out` (same arguments); refuses a folder holding another run's
-    work. Returns a `BlocksResult`; the folder loads with `load_blocks`."""
+    work. Sets glibc's mmap threshold for the process (`MMAP_THRESHOLD`), so that what one
+    block frees is not held under the next one's peak. Returns a `BlocksResult`; the folder
+    loads with `load_blocks`."""
     t_start = time.perf_counter()
+    _map_large_allocations()
     tol = float(tolerance)
     if not (math.isfinite(tol) and tol > 0):
         raise FxCompressError(f"tolerance {tolerance!r} must be a finite number > 0 (the "
                               "end-to-end relative output error allowed), e.g. 0.05")
     ckpt = Checkpoint(checkpoint)
-    family = DecoderFamily(ckpt)
+    family = DecoderFamily(ckpt, vocab_chunks)
     batches = _calibration(calibration, int(family.config.vocab_size))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +303,8 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
     key = hashlib.sha256(json.dumps({
         "format": FORMAT, "checkpoint": ckpt.fingerprint(), "profile": str(profile),
         "tolerance": tol, "techniques": None if techniques is None else sorted(techniques),
-        "overrides": overrides, "seed": seed, "sequential": bool(sequential)},
+        "overrides": overrides, "seed": seed, "sequential": bool(sequential),
+        "vocab_chunks": family.chunks},
         sort_keys=True, default=str).encode())
     for b in batches:
         key.update(repr(tuple(b.shape)).encode())
@@ -292,8 +335,8 @@ def compile_blocks(checkpoint: str | Path, out: str | Path, *, calibration: Iter
         _check_resources(family, batches, out, len(done), memory_limit, pool.workers)
         return _finish(family, ckpt, batches, out, done, state, progress, t_start, pool,
                        sequential, tol, Job(str(ckpt.folder), str(out), profile,
-                                            tol / len(family.names), techniques, overrides,
-                                            seed, threads))
+                                            tol / len(family.stages), techniques, overrides,
+                                            seed, threads, family.chunks))
     finally:
         pool.close()
 
@@ -308,13 +351,12 @@ def _finish(family: DecoderFamily, ckpt: Checkpoint, batches: list[torch.Tensor]
     os.environ["FXCOMPRESS_THREADS"] = str(job.threads)
     try:
         run = _run_chain if sequential else _run_independent
-        comp, ref = run(family, batches, out, done, state, say, t_start, pool, job)
+        error = run(family, batches, out, done, state, say, t_start, pool, job)
     finally:
         if prev_env is None:
             os.environ.pop("FXCOMPRESS_THREADS", None)
         else:
             os.environ["FXCOMPRESS_THREADS"] = prev_env
-    error = relative_error(comp, ref)
     done.sort(key=lambda r: names.index(r.name))
     result = BlocksResult(out, done, error, tol, ckpt.nbytes(), sum(r.bytes for r in done),
                           time.perf_counter() - t_start, started, pool.name, job.threads)
@@ -323,10 +365,12 @@ def _finish(family: DecoderFamily, ckpt: Checkpoint, batches: list[torch.Tensor]
             f"the end-to-end error on the calibration data, {error:.4g}, exceeds the tolerance "
             f"{tol:g}: the blocks' errors compounded beyond their first-order sum; compile "
             "again with a smaller tolerance")
+    stage_of = {b: st for st in family.stages for b in st.blocks}
     manifest = {"format": FORMAT, "model_type": family.config.model_type,
                 "vocab_size": int(family.config.vocab_size),
                 "blocks": [{"name": r.name, "file": r.file, "bytes": r.bytes,
-                            "sha256": r.sha256} for r in done]}
+                            "sha256": r.sha256, "stage": stage_of[r.name].name,
+                            "combine": stage_of[r.name].combine} for r in done]}
     from fxcompress.loading import read_report
 
     reports = {r.name: read_report(out / r.file) for r in done}  # each .pt2 carries its own
@@ -349,6 +393,7 @@ class Job:
     overrides: Any  # the compile_blocks overrides, by block pattern
     seed: int
     threads: int
+    vocab_chunks: int = 1
 
 
 def _record_done(rec: BlockRecord, done: list[BlockRecord], state: dict, work: Path,
@@ -365,81 +410,157 @@ def _record_done(rec: BlockRecord, done: list[BlockRecord], state: dict, work: P
 def _run_chain(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
                done: list[BlockRecord], state: dict, say, t_start: float, executor, job: Job):
     """Sequential: block i is fitted on the compressed outputs of blocks < i, so the blocks
-    run one after another (in this process, whatever the executor)."""
+    run one after another (in this process, whatever the executor). The chunks of a stage
+    (`decoder.Stage`) all read the stage's input; each chunk's outputs are kept in the work
+    folder until the stage's are written."""
     work = out / WORK
-    names = family.names
+    stages = family.stages
     n = len(batches)
-    start = len(done)
-    if start:
-        comp, ref = _load_stream(work / f"stream.{start}.safetensors", n)
+    started = len(done)
+    finished = {r.name for r in done}
+    first = next((i for i, st in enumerate(stages) if not set(st.blocks) <= finished),
+                 len(stages))
+    # a stage whose chunks were all done before its output was written is joined again
+    while first > 0 and not (work / f"stream.{first}.safetensors").exists():
+        first -= 1
+    if first:
+        comp, ref = _load_stream(work / f"stream.{first}.safetensors", n)
     else:
         comp, ref = list(batches), list(batches)
-    for i in range(start, len(names)):
-        t0 = time.perf_counter()
-        block = family.block(names[i])
-        rec, g = _compile_block(block, names[i], comp, job, family.weight_bytes(names[i]))
-        with torch.no_grad():
-            comp = [g(x) for x in comp]
-            ref = [block(x) for x in ref]
-        del g, block
-        rec.seconds = time.perf_counter() - t0
-        if i + 1 < len(names):
+    sums = [0.0, 0.0]  # the last stage's squared error and output energy
+    for i in range(first, len(stages)):
+        stage = stages[i]
+        chunked = len(stage.blocks) > 1
+        last = i + 1 == len(stages)
+        outs_c, outs_r = [], []
+        for name in stage.blocks:
+            part = work / f"out.{name}.safetensors"
+            if name in finished:  # a chunk compiled before the restart
+                c, r = _load_stream(part, n)
+            else:
+                t0 = time.perf_counter()
+                block = family.block(name)
+                with torch.no_grad():  # first: the compile takes the block's tensors as its own
+                    r = [block(x) for x in ref]
+                rec, g = _compile_block(block, name, comp, job, family.weight_bytes(name))
+                del block
+                with torch.no_grad():
+                    c = [g(x) for x in comp]
+                del g
+                rec.seconds = time.perf_counter() - t0
+                if chunked or last:  # kept until the stage's output (or the run) is done
+                    _save_stream(part, c, r)
+                else:
+                    _save_stream(work / f"stream.{i + 1}.safetensors", c, r)
+                _record_done(rec, done, state, work, say, len(family.names), started, t_start)
+            if last:  # the logits: only their error is needed, chunk by chunk
+                _add_error(sums, c, r)
+            else:
+                outs_c.append(c)
+                outs_r.append(r)
+            del c, r
+            _release_memory()
+        if not last:
+            comp = [stage.join(list(xs)) for xs in zip(*outs_c, strict=True)]
+            ref = [stage.join(list(xs)) for xs in zip(*outs_r, strict=True)]
+        del outs_c, outs_r
+        if last:  # its files stay until the run's are written (`_finish` removes them)
+            break
+        if chunked:
             _save_stream(work / f"stream.{i + 1}.safetensors", comp, ref)
-        _record_done(rec, done, state, work, say, len(names), start, t_start)
+        for name in stage.blocks:  # the next stage's input is written: these are not needed
+            with contextlib.suppress(FileNotFoundError):
+                (work / f"out.{name}.safetensors").unlink()
         with contextlib.suppress(FileNotFoundError):
             (work / f"stream.{i}.safetensors").unlink()
-        gc.collect()
-    return comp, ref
+        _release_memory()
+    return _error_of(sums)
+
+
+def _add_error(sums: list[float], comp: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Fold one block's outputs into `sums` (squared error, energy), as `relative_error`
+    sums them: the error of a stage's outputs joined, chunk by chunk."""
+    for c, r in zip(comp, ref, strict=True):
+        r = r.detach().float()
+        sums[0] += float((c.detach().float().reshape(r.shape) - r).pow(2).sum())
+        sums[1] += float(r.pow(2).sum())
+
+
+def _error_of(sums: list[float]) -> float:
+    """The relative error ‖a − e‖ / ‖e‖ from `sums`."""
+    return (sums[0] ** 0.5) / max(sums[1] ** 0.5, 1e-30)
 
 
 def _run_independent(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
                      done: list[BlockRecord], state: dict, say, t_start: float, executor,
                      job: Job):
     """Each block fitted on the original model's activations: one fp32 pass writes every
-    block's input stream, then the blocks compile independently (on the executor's workers,
+    stage's input stream, then the blocks compile independently (on the executor's workers,
     in any order), then the compressed chain runs once for the end-to-end error."""
     work = out / WORK
-    names = family.names
+    stages = family.stages
     n = len(batches)
     ref = list(batches)
-    for i, name in enumerate(names):  # the fp32 pass, one block in memory at a time
+    for i, stage in enumerate(stages):  # the fp32 pass, one block in memory at a time
         path = work / f"fp32.{i}.safetensors"
         if not path.exists():
             _save_stream(path, ref, [])
-        if i + 1 < len(names) and (work / f"fp32.{i + 1}.safetensors").exists():
+        if i + 1 == len(stages):  # the logits: compared chunk by chunk at the end
+            break
+        if (work / f"fp32.{i + 1}.safetensors").exists():
             ref = _load_stream(work / f"fp32.{i + 1}.safetensors", n)[0]
             continue
-        block = family.block(name)
-        with torch.no_grad():
-            ref = [block(x) for x in ref]
-        del block
+        outs = []
+        for name in stage.blocks:
+            block = family.block(name)
+            with torch.no_grad():
+                outs.append([block(x) for x in ref])
+            del block
+        ref = [stage.join(list(xs)) for xs in zip(*outs, strict=True)]
+        del outs
     names_done = {r.name for r in done}
-    todo = [(i, name) for i, name in enumerate(names) if name not in names_done]
     start = len(done)
     tasks = [(job, name, family.weight_bytes(name), str(work / f"fp32.{i}.safetensors"), n)
-             for i, name in todo]
+             for i, stage in enumerate(stages) for name in stage.blocks
+             if name not in names_done]
     for rec in executor.map_unordered(_block_task, tasks):
-        _record_done(BlockRecord(**rec), done, state, work, say, len(names), start, t_start)
+        _record_done(BlockRecord(**rec), done, state, work, say, len(family.names), start,
+                     t_start)
     from fxcompress.loading import load_program
 
     comp = list(batches)
-    for name in names:  # the compressed chain, from the files written
+    for stage in stages[:-1]:  # the compressed chain, from the files written
+        outs = []
+        for name in stage.blocks:
+            module = load_program(out / f"{name}.pt2").module()
+            with torch.no_grad():
+                outs.append([module(x) for x in comp])
+            del module
+        comp = [stage.join(list(xs)) for xs in zip(*outs, strict=True)]
+        del outs
+    ref = _load_stream(work / f"fp32.{len(stages) - 1}.safetensors", n)[0]
+    sums = [0.0, 0.0]
+    for name in stages[-1].blocks:  # the logits, chunk by chunk: compressed vs fp32
         module = load_program(out / f"{name}.pt2").module()
+        block = family.block(name)
         with torch.no_grad():
-            comp = [module(x) for x in comp]
-        del module
-    return comp, ref
+            _add_error(sums, [module(x) for x in comp], [block(x) for x in ref])
+        del module, block
+    return _error_of(sums)
 
 
 def _block_task(job: Job, name: str, fp32_bytes: int, stream: str, n: int) -> dict:
     """Compile block `name` on the fp32 stream saved at `stream` and write it: the unit of
     work of `_run_independent`, run in this process or on a Ray worker."""
     os.environ["FXCOMPRESS_THREADS"] = str(job.threads)
+    _map_large_allocations()  # a Ray worker is a process of its own
     t0 = time.perf_counter()
-    family = DecoderFamily(Checkpoint(job.checkpoint))
+    family = DecoderFamily(Checkpoint(job.checkpoint), job.vocab_chunks)
     block = family.block(name)
     inputs = _load_stream(Path(stream), n)[0]
     rec, _ = _compile_block(block, name, inputs, job, fp32_bytes)
+    del block, inputs
+    _release_memory()
     rec.seconds = time.perf_counter() - t0
     return rec.to_dict()
 
@@ -448,12 +569,14 @@ def _compile_block(block: torch.nn.Module, name: str, fit: list[torch.Tensor], j
                    fp32_bytes: int) -> tuple[BlockRecord, torch.nn.Module]:
     """`block` compiled on inputs `fit` and written as ``<name>.pt2``."""
     import fxcompress
+    from fxcompress.capture import handed_over
 
     example = (fit[0],)
-    g = fxcompress.compile(block, example, profile=job.profile,
-                           calibration=[(x,) for x in fit], tolerance=job.tolerance,
-                           techniques=job.techniques,
-                           overrides=_block_overrides(job.overrides, name), seed=job.seed)
+    with handed_over():  # the block was made for this compile: no copy of its weights
+        g = fxcompress.compile(block, example, profile=job.profile,
+                               calibration=[(x,) for x in fit], tolerance=job.tolerance,
+                               techniques=job.techniques,
+                               overrides=_block_overrides(job.overrides, name), seed=job.seed)
     report = g.meta[REPORT_KEY]
     path = Path(job.out) / f"{name}.pt2"
     # the file carries the report without its wall times (report.json has them): the same
@@ -497,18 +620,23 @@ def _check_resources(family: DecoderFamily, batches: list[torch.Tensor], out: Pa
 
 # --- loading ----------------------------------------------------------------------------------
 class BlocksModel(torch.nn.Module):
-    """The compiled blocks of a `compile_blocks` folder chained: token ids -> logits."""
+    """The compiled blocks of a `compile_blocks` folder chained: token ids -> logits. The
+    blocks of one stage (the row chunks of the embedding or the LM head) read the same input
+    and their outputs are summed or concatenated (`decoder.Stage`)."""
 
-    def __init__(self, blocks: list[torch.nn.Module], names: list[str]) -> None:
+    def __init__(self, blocks: list[torch.nn.Module], names: list[str],
+                 stages: list[Stage] | None = None) -> None:
         super().__init__()
         self.blocks = torch.nn.ModuleList(blocks)
         self.names = list(names)
+        self.stages = stages or [Stage(n, (n,)) for n in self.names]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits for token ids `ids` (batch, seq)."""
         h = ids
-        for block in self.blocks:
-            h = block(h)
+        it = iter(self.blocks)
+        for stage in self.stages:
+            h = stage.join([next(it)(h) for _ in stage.blocks])
         return h
 
 
@@ -524,6 +652,16 @@ def load_blocks(folder: str | Path) -> BlocksModel:
         entries = manifest["blocks"] if manifest["format"] == FORMAT else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise TypeError(MANIFEST)
+        stages: list[Stage] = []
+        for e in entries:  # consecutive entries of one stage form it
+            stage, combine = str(e.get("stage", e["name"])), e.get("combine")
+            if combine not in (None, "sum", "cat"):
+                raise TypeError(MANIFEST)
+            if stages and stages[-1].name == stage and stages[-1].combine == combine \
+                    and combine is not None:
+                stages[-1] = Stage(stage, (*stages[-1].blocks, str(e["name"])), combine)
+            else:
+                stages.append(Stage(stage, (str(e["name"]),), combine))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise FxCompressError(f"{str(folder)!r} has no complete {MANIFEST} of compile_blocks "
                               "output; pass the folder a finished compile_blocks wrote, or "
@@ -537,4 +675,4 @@ def load_blocks(folder: str | Path) -> BlocksModel:
                                   "records; copy the whole folder again, or compile again")
         blocks.append(load_program(p).module())
         names.append(str(e["name"]))
-    return BlocksModel(blocks, names)
+    return BlocksModel(blocks, names, stages)

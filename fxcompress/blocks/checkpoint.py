@@ -142,9 +142,10 @@ class Checkpoint:
         """Bytes of the tensors whose names start with `prefix` (all by default)."""
         return sum(info[2] for name, info in self.tensors.items() if name.startswith(prefix))
 
-    def load(self, prefix: str) -> dict[str, torch.Tensor]:
+    def load(self, prefix: str, rows: tuple[int, int] | None = None
+             ) -> dict[str, torch.Tensor]:
         """The tensors whose names start with `prefix`, read from their shards, keyed by the
-        rest of their names."""
+        rest of their names; `rows` (start, end): only those rows of each (dim 0), read alone."""
         from safetensors import SafetensorError, safe_open
 
         names = [n for n in self.tensors if n.startswith(prefix)]
@@ -156,7 +157,10 @@ class Checkpoint:
             try:
                 with safe_open(str(shard), framework="pt") as f:
                     for n in ns:
-                        out[n[len(prefix):]] = f.get_tensor(n)
+                        # a slice gets storage of its own: a view of the shard would carry
+                        # the whole shard into every file the tensor is written to
+                        out[n[len(prefix):]] = f.get_tensor(n) if rows is None else \
+                            f.get_slice(n)[rows[0]:rows[1]].clone()
             except (SafetensorError, OSError) as e:
                 raise _bad(shard, f"{type(e).__name__}: {str(e)[:200]}") from None
         return out

@@ -77,9 +77,11 @@ class LayerStats:
     """Statistics of one layer's input over the calibration data."""
 
     rows: int = 0  # number of input vectors seen (tokens, or pixels for convs)
-    # E[x x^T] over the rows (uncentred second moment; linear: in_features^2), float64: the
-    # sum of x x^T while batches are folded in, divided by `rows` once by `finish`
-    covariance: torch.Tensor | None = None
+    # E[x x^T] over the rows (uncentred second moment; linear: in_features^2): the float64
+    # sum of x x^T while batches are folded in; `finish` divides it by `rows` and keeps it in
+    # float32 (a down projection's is 5632^2: 127 MB instead of 254), read as float64 through
+    # `covariance`
+    moment: torch.Tensor | None = None
     fourth: float = 0.0  # sum of ||x||^4 over rows (the spread of x x^T: Ledoit-Wolf shrinkage)
     absmax: float = 0.0  # largest |x| seen
     shape: tuple[int, ...] = ()  # input shape of the first calibration batch
@@ -115,10 +117,10 @@ class LayerStats:
         else:
             return
         g = rows.T @ rows
-        if self.covariance is None:
-            self.covariance = g
+        if self.moment is None:
+            self.moment = g
         else:
-            self.covariance += g  # in place: a layer's input gram can be 250 MB
+            self.moment += g  # in place: a layer's input gram can be 250 MB
         del g
         self.fourth += float((rows * rows).sum(1).square().sum())
         self.rows += rows.shape[0]
@@ -127,14 +129,20 @@ class LayerStats:
             self.samples.append(rows[: keep_rows - have].float())
 
     def finish(self) -> None:
-        """The sum of x x^T becomes E[x x^T] (in place): call once, after the last batch."""
-        if self.covariance is not None:
-            self.covariance.div_(max(self.rows, 1))
+        """The sum of x x^T becomes E[x x^T], kept in float32: call once, after the last
+        batch."""
+        if self.moment is not None and self.moment.dtype == torch.float64:
+            self.moment = self.moment.div_(max(self.rows, 1)).float()
+
+    @property
+    def covariance(self) -> torch.Tensor | None:
+        """E[x x^T] over all rows seen (uncentred second moment), float64 (a new tensor)."""
+        return None if self.moment is None else self.moment.double()
 
     def shares_input_of(self, leader: LayerStats) -> None:
         """Take `leader`'s input statistics (the same tensors, not copies): for a layer whose
         input is the leader's (q / k / v projections of one hidden state)."""
-        self.rows, self.covariance, self.fourth = leader.rows, leader.covariance, leader.fourth
+        self.rows, self.moment, self.fourth = leader.rows, leader.moment, leader.fourth
         self.absmax, self.shape, self.samples = leader.absmax, leader.shape, list(leader.samples)
 
 

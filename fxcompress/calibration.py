@@ -11,8 +11,10 @@ Error is the relative output error over the whole calibration set,
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
@@ -91,6 +93,9 @@ class LayerStats:
     out_min: float = float("inf")
     out_max: float = float("-inf")
     out_samples: list[torch.Tensor] = field(default_factory=list)
+    # the float64 covariance while something holds it; the leader whose input this layer reads
+    _cov64: Any = field(default=None, init=False, repr=False, compare=False)
+    _source: LayerStats | None = field(default=None, init=False, repr=False, compare=False)
 
     def add_output(self, y: torch.Tensor, keep_values: int) -> None:
         """Fold one batch of layer outputs in."""
@@ -136,12 +141,23 @@ class LayerStats:
 
     @property
     def covariance(self) -> torch.Tensor | None:
-        """E[x x^T] over all rows seen (uncentred second moment), float64 (a new tensor)."""
-        return None if self.moment is None else self.moment.double()
+        """E[x x^T] over all rows seen (uncentred second moment), float64: one tensor for as
+        long as anything holds it (a candidate keeping its layer's Hessian), shared by the
+        layers that share the input, made again from `moment` once nothing does."""
+        if self._source is not None:
+            return self._source.covariance
+        if self.moment is None:
+            return None
+        cov = None if self._cov64 is None else self._cov64()
+        if cov is None:
+            cov = self.moment.double()
+            self._cov64 = weakref.ref(cov)
+        return cov
 
     def shares_input_of(self, leader: LayerStats) -> None:
         """Take `leader`'s input statistics (the same tensors, not copies): for a layer whose
         input is the leader's (q / k / v projections of one hidden state)."""
+        self._source = leader
         self.rows, self.moment, self.fourth = leader.rows, leader.moment, leader.fourth
         self.absmax, self.shape, self.samples = leader.absmax, leader.shape, list(leader.samples)
 

@@ -41,8 +41,10 @@ def test_layers_reading_one_input_share_its_covariance():
     assert stats["q"].moment.dtype == torch.float32  # kept at half the bytes
     rows = torch.cat([x.reshape(-1, 64) for (x,) in cal]).double()
     want = rows.T @ rows / rows.shape[0]
-    assert stats["q"].covariance.dtype == torch.float64
-    assert torch.equal(stats["q"].covariance, want.float().double())
+    cov = stats["q"].covariance
+    assert cov.dtype == torch.float64 and torch.equal(cov, want.float().double())
+    # one float64 tensor while it is held, for every layer reading that input
+    assert stats["k"].covariance is cov and stats["q"].covariance is cov
     assert stats["k"].rows == stats["q"].rows == rows.shape[0]
     # outputs stay each layer's own
     assert stats["q"].out_max != stats["v"].out_max

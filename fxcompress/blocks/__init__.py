@@ -72,13 +72,12 @@ REPORT = "report.json"
 WORK = ".work"
 FORMAT = "fxcompress-blocks/1"
 #: peak memory of one block's compile above the process's, as a multiple of the block's fp32
-#: weight bytes (the block's own weights, the input covariances, float64, one per distinct
-#: layer input: the down projection's alone is 1.4x the whole block's weights; the codes of the
-#: candidates; the values live while candidates are measured; the built graph and its
-#: exported programs):
-#: measured on a 1.1 B Llama's decoder block (176 MB) at 6.8x with int8 / intx (+1.19 GB)
-#: and 9.5x with every mobile-arm technique (+1.67 GB: pruned and factored candidates keep
-#: float weights), rounded up
+#: weight bytes (the block's own weights; the input covariances, one per distinct layer input,
+#: kept in float32: the down projection's alone is 0.7x the whole block's weights; the codes of
+#: the candidates; the values live while candidates are measured; the built graph and its
+#: exported programs): measured on a 1.1 B Llama's decoder block (176 MB) at 5.6x with int8 /
+#: intx (+0.98 GB) and about 10x with every mobile-arm technique (pruned, factored and
+#: palettized candidates keep float weights and Hessians)
 MEMORY_FACTOR = 10.0
 
 

@@ -394,7 +394,7 @@ def build_plan(gm: fx.GraphModule, choice: dict[str, Candidate],
     # the graph copied, its tensors shared: passes add new tensors for what they rewrite and
     # never write into the base's (checked below), so a plan does not copy a block's weights
     tensors = _tensors(gm)
-    versions = {id(t): t._version for t in tensors}
+    versions = {id(t): _version(t) for t in tensors}
     work = copy.deepcopy(gm, memo={id(t): t for t in tensors})
     built = dict(choice)
     by_tech: dict[str, list[Candidate]] = {}
@@ -411,12 +411,20 @@ def build_plan(gm: fx.GraphModule, choice: dict[str, Candidate],
         passes.append((tech.name, tech.apply, tech.make_config(chosen)))
     result = run_passes(work, passes)
     inference_graph(result.graph_module)  # deepcopy drops the instance-bound eval / train
-    changed = [t for t in tensors if t._version != versions[id(t)]]
+    changed = [t for t in tensors if _version(t) != versions[id(t)]]
     if changed:
         raise InternalError(f"a pass wrote into {len(changed)} of the base graph's tensors "
                             "in place (they are shared with the plans built from it); please "
                             "report this")
     return result, built
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """`t`'s in-place write counter (None for an inference tensor, which keeps none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _tensors(gm: nn.Module) -> list[torch.Tensor]:

@@ -210,12 +210,15 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     if step.op == "embedding":
         return _embedding_candidates(layer, step, p), None
     rounding = ctx.knobs("intx").rounding
+    scaling = ctx.knobs("intx").scaling
     cov = ctx.stats.covariance if ctx.calibrated else None
     importance = None if cov is None else cov.diagonal().clamp_min(0)
-    hessian = _hessian(ctx.stats) if cov is not None \
+    # the shrunk moment only where GPTQ or AWQ reads it (a second in_features^2 float64)
+    reads_h = rounding == "gptq" or scaling == "awq"
+    hessian = _hessian(ctx.stats) if cov is not None and reads_h \
         and ctx.stats.rows >= GPTQ_ROWS_PER_COLUMN * step.weight.shape[1] else None
+    del cov
     cands = []
-    scaling = ctx.knobs("intx").scaling
     for bits in sorted(p.intx_bits):
         part = _part(step.weight, hessian, importance, bits, p.intx_group_size,
                      p.intx_scale_dtype, rounding, scaling)

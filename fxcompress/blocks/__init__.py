@@ -75,9 +75,9 @@ FORMAT = "fxcompress-blocks/1"
 #: weight bytes (the block's own weights; the input covariances, one per distinct layer input,
 #: kept in float32: the down projection's alone is 0.7x the whole block's weights; the codes of
 #: the candidates; the values live while candidates are measured; the built graph and its
-#: exported programs): measured on a 1.1 B Llama's decoder block (176 MB) at 5.6x with int8 /
-#: intx (+0.98 GB) and about 10x with every mobile-arm technique (pruned, factored and
-#: palettized candidates keep float weights and Hessians)
+#: exported programs): measured on a 1.1 B Llama's decoder block (176 MB) at 5.1x with int8 /
+#: intx (+0.89 GB) and 9.3x with every mobile-arm technique (+1.64 GB: pruned, factored and
+#: palettized candidates keep float weights and Hessians), rounded up
 MEMORY_FACTOR = 10.0
 
 

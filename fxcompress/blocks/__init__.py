@@ -65,6 +65,7 @@ from fxcompress.blocks.checkpoint import Checkpoint
 from fxcompress.blocks.decoder import DecoderFamily, Stage
 from fxcompress.blocks.executor import LocalExecutor, make_executor
 from fxcompress.errors import FxCompressError
+from fxcompress.export import error_sums, ratio_of
 from fxcompress.report import REPORT_KEY
 
 MANIFEST = "manifest.json"
@@ -163,15 +164,20 @@ def _load_stream(path: Path, n: int) -> tuple[list[torch.Tensor], list[torch.Ten
     return [t[f"c{i}"] for i in range(n)], [t[f"r{i}"] for i in range(n) if f"r{i}" in t]
 
 
-def _release_memory() -> None:
-    """Collect garbage and hand the freed heap back to the system (glibc's `malloc_trim`;
-    nothing elsewhere): what one block's compile freed is then free for the next, instead of
-    staying in the process as fragments."""
-    gc.collect()
+def _glibc(call: Callable) -> None:
+    """`call(libc)` where the C library is glibc's; nothing elsewhere."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        call(ctypes.CDLL("libc.so.6"))
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand the freed heap back to the system (glibc's `malloc_trim`):
+    what one block's compile freed is then free for the next, instead of staying in the
+    process as fragments."""
+    gc.collect()
+    _glibc(lambda libc: libc.malloc_trim(0))
 
 
 #: allocations of at least this many bytes are mapped from the system on their own while
@@ -184,10 +190,7 @@ MMAP_THRESHOLD = 4 << 20
 def _map_large_allocations() -> None:
     """Set glibc's mmap threshold to `MMAP_THRESHOLD` (process-wide, for the rest of the
     process: a fixed threshold instead of glibc's adaptive one); nothing elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    _glibc(lambda libc: libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
 
 
 def _available_memory() -> int:
@@ -426,7 +429,7 @@ def _run_chain(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
         comp, ref = _load_stream(work / f"stream.{first}.safetensors", n)
     else:
         comp, ref = list(batches), list(batches)
-    sums = [0.0, 0.0]  # the last stage's squared error and output energy
+    sums = (0.0, 0.0)  # the last stage's squared error and output energy
     for i in range(first, len(stages)):
         stage = stages[i]
         chunked = len(stage.blocks) > 1
@@ -453,7 +456,7 @@ def _run_chain(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
                     _save_stream(work / f"stream.{i + 1}.safetensors", c, r)
                 _record_done(rec, done, state, work, say, len(family.names), started, t_start)
             if last:  # the logits: only their error is needed, chunk by chunk
-                _add_error(sums, c, r)
+                sums = error_sums(c, r, sums)
             else:
                 outs_c.append(c)
                 outs_r.append(r)
@@ -473,21 +476,7 @@ def _run_chain(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
         with contextlib.suppress(FileNotFoundError):
             (work / f"stream.{i}.safetensors").unlink()
         _release_memory()
-    return _error_of(sums)
-
-
-def _add_error(sums: list[float], comp: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
-    """Fold one block's outputs into `sums` (squared error, energy), as `relative_error`
-    sums them: the error of a stage's outputs joined, chunk by chunk."""
-    for c, r in zip(comp, ref, strict=True):
-        r = r.detach().float()
-        sums[0] += float((c.detach().float().reshape(r.shape) - r).pow(2).sum())
-        sums[1] += float(r.pow(2).sum())
-
-
-def _error_of(sums: list[float]) -> float:
-    """The relative error ‖a − e‖ / ‖e‖ from `sums`."""
-    return (sums[0] ** 0.5) / max(sums[1] ** 0.5, 1e-30)
+    return ratio_of(sums)
 
 
 def _run_independent(family: DecoderFamily, batches: list[torch.Tensor], out: Path,
@@ -538,14 +527,14 @@ def _run_independent(family: DecoderFamily, batches: list[torch.Tensor], out: Pa
         comp = [stage.join(list(xs)) for xs in zip(*outs, strict=True)]
         del outs
     ref = _load_stream(work / f"fp32.{len(stages) - 1}.safetensors", n)[0]
-    sums = [0.0, 0.0]
+    sums = (0.0, 0.0)
     for name in stages[-1].blocks:  # the logits, chunk by chunk: compressed vs fp32
         module = load_program(out / f"{name}.pt2").module()
         block = family.block(name)
         with torch.no_grad():
-            _add_error(sums, [module(x) for x in comp], [block(x) for x in ref])
+            sums = error_sums([module(x) for x in comp], [block(x) for x in ref], sums)
         del module, block
-    return _error_of(sums)
+    return ratio_of(sums)
 
 
 def _block_task(job: Job, name: str, fp32_bytes: int, stream: str, n: int) -> dict:

@@ -165,7 +165,6 @@ class DecoderFamily:
         self.n_layers = int(config.num_hidden_layers)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.vocab = int(config.vocab_size)
-        self.chunks = 1
         self._check_tensors()
         if vocab_chunks is None:
             table = checkpoint.nbytes("model.embed_tokens.")
@@ -178,7 +177,7 @@ class DecoderFamily:
                 or not 1 <= vocab_chunks <= self.vocab:
             raise FxCompressError(f"vocab_chunks must be an integer from 1 to the vocabulary "
                                   f"size {self.vocab}, not {vocab_chunks!r}; e.g. 2, or None "
-                                  "for chunks no larger than a decoder layer")
+                                  "for chunks no larger than half a decoder layer")
         self.chunks = vocab_chunks
         self.ranges = row_ranges(self.vocab, self.chunks)
 

@@ -499,18 +499,32 @@ def _batch_is_dynamic(ep: ExportedProgram) -> bool:
 
 def relative_error(actual, expected) -> float:
     """``‖a − e‖ / ‖e‖`` over every floating-point output leaf (flattened in order)."""
+    return ratio_of(error_sums(actual, expected))
+
+
+def error_sums(actual, expected, sums: tuple[float, float] = (0.0, 0.0)
+               ) -> tuple[float, float]:
+    """(‖a − e‖², ‖e‖²) over every floating-point output leaf, added to `sums`: outputs
+    compared piece by piece (chunks of logits) give `relative_error` of the whole through
+    `ratio_of`. Leaves that do not match give (inf, 1)."""
     a = [torch.as_tensor(t) for t in _leaves(actual)]
     e = [t for t in _leaves(expected)]
     if len(a) != len(e):
-        return float("inf")
-    num = den = 0.0
+        return float("inf"), 1.0
+    num, den = sums
     for x, y in zip(a, e, strict=True):
         y = torch.as_tensor(y).detach().float()
         x = x.detach().float().reshape(y.shape) if x.numel() == y.numel() else None
         if x is None:
-            return float("inf")
+            return float("inf"), 1.0
         num += float((x - y).pow(2).sum())
         den += float(y.pow(2).sum())
+    return num, den
+
+
+def ratio_of(sums: tuple[float, float]) -> float:
+    """The relative error ‖a − e‖ / ‖e‖ from `error_sums`."""
+    num, den = sums
     return (num ** 0.5) / max(den ** 0.5, 1e-30)
 
 

@@ -105,12 +105,12 @@ class _CountingSink(io.RawIOBase):
 
 def _as_written(result: fx.GraphModule, ep: torch.export.ExportedProgram, cap
                 ) -> torch.export.ExportedProgram:
-    """The program `fxcompress.export` writes as a ``.pt2``: `ep`, or, where group-wise
-    low-bit codes are packed below a byte, the export of that packed form (so the report's
-    serialized size is the file's)."""
+    """The program `fxcompress.export` writes as a ``.pt2``: `ep`, or, where codes narrower
+    than a byte are packed (group-wise low-bit layers, int8 layers' 4-bit codes), the export
+    of that packed form (so the report's serialized size is the file's)."""
     from fxcompress.export import nbits
 
-    packed = nbits.packed_graph(result) if nbits.has_intx(result) else result
+    packed = nbits.packed_graph(result) if nbits.has_narrow_codes(result) else result
     if packed is result:
         return ep
     return torch.export.export(packed, clones(cap.example_inputs),

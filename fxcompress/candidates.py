@@ -45,6 +45,9 @@ class Step:
     # integer codes and scales), each time they are read (`dense`). A layer's candidates then
     # hold a byte per weight each rather than a float copy (see `compact`)
     decode: Callable[[], torch.Tensor] | None = None
+    # working memory the step needs while it runs, beside its input and output (a weight the
+    # program unpacks to int8 before the layer, with the unpacking's intermediates)
+    scratch_bytes: int = 0
 
     def __post_init__(self) -> None:
         # a step given real weight values (`replace(step, weight=w)` of a compact one) is dense

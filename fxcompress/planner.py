@@ -162,6 +162,14 @@ def build_options(gm: fx.GraphModule, layers: list[Layer], calib: Calibration,
                 opt.rejected.append((c.describe(), f"the target runs {' / '.join(required)} "
                                      "only"))
                 continue
+            ram = _layer_ram(opt.shapes, c, profile)
+            if profile.activation_budget_bytes is not None and c.steps[0].scratch_bytes \
+                    and ram > profile.activation_budget_bytes:
+                opt.rejected.append((c.describe(), f"needs {ram:,} B of RAM while it runs (its "
+                                     "activations and the weight it unpacks), over "
+                                     f"{profile.name}'s activation budget of "
+                                     f"{profile.activation_budget_bytes:,} B"))
+                continue
             g = gain(c, base, objective)
             if g <= 0 and not required:
                 what = "slower" if objective == "latency" else "larger"
@@ -843,6 +851,9 @@ def charge_program_bytes(selection: Selection, log: Callable[[str], None]) -> No
         return
 
     def records(g: fx.GraphModule) -> int:
+        from fxcompress.export import nbits
+
+        g = nbits.packed_graph(g) if nbits.has_narrow_codes(g) else g  # as the file holds it
         return (sum(n.op == "call_function" for n in g.graph.nodes)
                 + len(list(g.parameters())) + len(list(g.buffers())))
 
@@ -852,7 +863,8 @@ def charge_program_bytes(selection: Selection, log: Callable[[str], None]) -> No
             if any(REGISTRY[t].counts_program_bytes for t in c.techniques if t in REGISTRY):
                 continue
             key = (c.technique, tuple(s.fmt for s in c.steps), len(c.steps),
-                   tuple(s.input_quant is not None for s in c.steps))
+                   tuple(s.input_quant is not None for s in c.steps),
+                   tuple(s.extra_ops for s in c.steps))  # e.g. int8 codes unpacked or not
             kinds.setdefault(key, []).append((o, c))
     base = build(gm, {}, None, selection.seed).graph_module  # as building leaves the graph
     n0 = records(base)
@@ -906,23 +918,35 @@ def _fit(plan: Plan, sequence, k: int, check, fits) -> Plan:
 
 
 def weight_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of every parameter and buffer the built graph holds (what the target stores)."""
-    return sum(t.numel() * t.element_size()
-               for t in list(gm.parameters()) + list(gm.buffers()))
+    """Bytes of every parameter and buffer the built graph holds (what the target stores):
+    codes narrower than a byte at their packed width (`nbits.code_widths`)."""
+    from fxcompress.export.nbits import code_widths
+
+    widths = code_widths(gm)
+    total = 0
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        bits = widths.get(name)
+        total += t.numel() * t.element_size() if bits is None else (t.numel() * bits + 7) // 8
+    return total
 
 
 def peak_activation_bytes(options: list[LayerOptions], choice: dict[str, Candidate],
                           profile: Profile) -> int:
-    """Largest input + output of one layer, for one example, in the format it runs in."""
-    peak = 0
-    for o in options:
-        c = choice.get(o.layer.name) or o.base
-        act = profile.activation_bytes(c.steps[0].fmt)
-        if o.shapes is None or not o.shapes.inp or not o.shapes.out:
-            continue
-        per = (math.prod(o.shapes.inp[1:]) + math.prod(o.shapes.out[1:])) * act
-        peak = max(peak, per)
-    return peak
+    """Largest input + output of one layer, for one example, in the format it runs in, with
+    the working memory its steps need beside them (`Step.scratch_bytes`: an unpacked weight)."""
+    return max((_layer_ram(o.shapes, choice.get(o.layer.name) or o.base, profile)
+                for o in options), default=0)
+
+
+def _layer_ram(shapes: Shapes | None, c: Candidate, profile: Profile) -> int:
+    """RAM one example needs while `c` runs: its input and output in the format it runs in,
+    and the working memory of its steps (`Step.scratch_bytes`); 0 where the shapes are
+    unknown."""
+    if shapes is None or not shapes.inp or not shapes.out:
+        return 0
+    act = profile.activation_bytes(c.steps[0].fmt)
+    return (math.prod(shapes.inp[1:]) + math.prod(shapes.out[1:])) * act \
+        + max(s.scratch_bytes for s in c.steps)
 
 
 def enforce_budgets(profile: Profile, options: list[LayerOptions],

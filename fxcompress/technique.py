@@ -246,10 +246,14 @@ def compatible(a: Candidate, b: Candidate) -> bool:
     layers (`touches`: a pruned dependency group) cannot be combined with a rewrite of one of
     those layers whose weights were computed for the old shapes (SVD factors); techniques that
     read the weight from the graph when they apply (`rereads_weight`) stack on reshaped
-    layers, and pruned groups combine with each other in one pass."""
+    layers, unless a part of the candidate keeps codes made for the old shape (a part whose
+    `keeps_codes` is true: int8's 4-bit codes), and pruned groups combine with each other in
+    one pass."""
     for x, y in ((a, b), (b, a)):
         if x.touches and not y.touches and y.layer.name in x.touches \
-                and not all(t.rereads_weight for t in techniques_of(y)):
+                and not (all(t.rereads_weight for t in techniques_of(y))
+                         and not any(getattr(p, "keeps_codes", False)
+                                     for p in y.parts.values())):
             return False
     return True
 

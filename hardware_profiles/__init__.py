@@ -97,6 +97,10 @@ class Profile:
     # kernels add pairs of products in 16 bits (x86 without VNNI) and full-range weights would
     # saturate them
     int8_weight_bits: int = 8
+    # narrower widths int8 layers may also take (`[int8] packed_bits`, e.g. [4]): the codes
+    # are per-channel symmetric in that width, stored packed in the file and unpacked to int8
+    # in the program before the int8 kernel (a runtime that reads int8 weights only)
+    int8_packed_bits: tuple[int, ...] = ()
     # op types the target runs with binary weights (FINN-style: matmuls and convolutions)
     binary_ops: tuple[str, ...] = ("linear", "conv2d")
     # whether the runtime has dynamically quantized grouped / depthwise convolutions (XNNPACK
@@ -224,7 +228,8 @@ class Profile:
             "int8_activations": self.int8_activations,
             "int8_representation": self.int8_representation,
             "int8_activation_dtype": self.int8_activation_dtype,
-            "int8_weight_bits": self.int8_weight_bits, "isa": list(self.isa),
+            "int8_weight_bits": self.int8_weight_bits,
+            "int8_packed_bits": list(self.int8_packed_bits), "isa": list(self.isa),
             "fuses_elementwise": self.fuses_elementwise, "writer": self.writer,
             "intx_bits": list(self.intx_bits), "intx_group_size": self.intx_group_size,
             "sparsity_patterns": list(self.sparsity_patterns),
@@ -252,8 +257,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "target": {"isa": ((list, str), False)},
     "int8": {"activations": (str, False), "representation": (str, False), "ops": (list, False),
              "activation_dtype": (str, False), "weight_bits": (int, False),
-             "weight_only_speedup": (bool, False), "required": (bool, False),
-             "dynamic_grouped_conv": (bool, False)},
+             "packed_bits": (list, False), "weight_only_speedup": (bool, False),
+             "required": (bool, False), "dynamic_grouped_conv": (bool, False)},
     "share": {"bits": (list, False), "lut_int8": (bool, False)},
     "intx": {"bits": (list, False), "group_size": (int, False), "activations": (str, False),
              "scale_dtype": (str, False), "ops": (list, False), "symmetric": (bool, False)},
@@ -404,6 +409,7 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
     if weight_bits not in (7, 8):
         raise _err(source, "int8.weight_bits", f"is {weight_bits!r}",
                    "use 8, or 7 for x86 CPUs without VNNI")
+    packed_bits = _packed_bits(source, flat)
     return Profile(
         name=flat["name"],
         description=flat["description"],
@@ -442,9 +448,30 @@ def _parse(data: dict[str, Any], source: str) -> Profile:
         sources=flat.get("sources", {}),
         isa=tuple(str(f).lower() for f in isa),
         int8_weight_bits=weight_bits,
+        int8_packed_bits=packed_bits,
         **intx,
         **sparsity,
     )
+
+
+#: the widths `[int8] packed_bits` may list: codes packed two per byte
+PACKED_BITS = (4,)
+
+
+def _packed_bits(source: str, flat: dict[str, Any]) -> tuple[int, ...]:
+    """`[int8] packed_bits`, checked: widths in `PACKED_BITS`, on a profile whose int8 layers
+    are ``qdq`` (the form that stores weights behind a ``dequantize_per_channel``)."""
+    bits = flat.get("int8.packed_bits", [])
+    for b in bits:
+        if isinstance(b, bool) or b not in PACKED_BITS:
+            raise _err(source, "int8.packed_bits", f"contains {b!r}",
+                       f"list widths of {', '.join(map(str, PACKED_BITS))} (codes packed two "
+                       "per byte), or use [intx] for group-wise low-bit weights")
+    if bits and flat.get("int8.representation", "dequant") != "qdq":
+        raise _err(source, "int8.packed_bits", "is set but [int8] representation is not \"qdq\"",
+                   "packed int8 weights are unpacked before a qdq int8 layer: set "
+                   "representation = \"qdq\", or remove packed_bits")
+    return tuple(sorted(set(bits)))
 
 
 def _writer(source: str, flat: dict[str, Any]) -> str:

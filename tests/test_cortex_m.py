@@ -261,3 +261,40 @@ def test_a_failed_check_writes_nothing(mlp, tmp_path, monkeypatch):
     with pytest.raises(InternalError, match="disagrees"):
         fxcompress.export(gm, (x,), out, profile=_cortex_m_profile())
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_flow
+def test_four_bit_codes_are_packed_in_flash_and_unpacked_into_the_arena(tmp_path):
+    """mcu-int8's `[int8] packed_bits`: the same layers at 8 and at 4 bits. At 4 bits the file
+    holds the codes two per byte and the program unpacks them on portable kernels before the
+    CMSIS-NN layer: the constants shrink by half the codes, the arena grows by the unpacking."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(),
+                                torch.nn.Linear(96, 10)).eval()
+    batches = [(torch.randn(32, 64),) for _ in range(16)]
+    x = torch.randn(1, 64)
+    results = {}
+    for bits in (8, 4):
+        gm = fxcompress.compile(model, (x,), profile="mcu-int8", calibration=batches,
+                                tolerance=0.5, holdout=0,
+                                overrides={"*": {"bits": bits, "techniques": ["int8"]}})
+        result = fxcompress.export(gm, (x,), tmp_path / f"w{bits}.pte",
+                                   profile=_cortex_m_profile())
+        results[bits] = (_check_written(result, gm), result.details)
+    (p8, d8), (p4, d4) = results[8], results[4]
+    codes = 64 * 96 + 96 * 10
+    assert (d8["int4_packed_layers"], d4["int4_packed_layers"]) == (0, 2)
+    assert d4["int4_codes"] == codes
+    assert d8["weight_bytes"] - d4["weight_bytes"] == codes // 2
+    # the unpacking: a mask, a floor division, a concatenation, a convert and an offset per
+    # layer, on portable kernels
+    for op in ("aten::bitwise_and.Scalar_out", "aten::div.Scalar_mode_out", "aten::cat.out",
+               "dim_order_ops::_to_dim_order_copy.out", "aten::sub.Scalar_out"):
+        assert p4.ops[op] == 2 and p8.ops[op] == 0
+    assert p4.count("cortex_m") == p8.count("cortex_m")
+    # in RAM: at least the largest unpacked weight (one byte a code) beyond the 8-bit arena,
+    # and no more than the planner charged for it (`UNPACK_SCRATCH` bytes a code)
+    from fxcompress.export.nbits import UNPACK_SCRATCH
+
+    grown = d4["activation_bytes"] - d8["activation_bytes"]
+    assert 64 * 96 <= grown <= UNPACK_SCRATCH * 64 * 96

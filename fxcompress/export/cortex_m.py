@@ -74,6 +74,7 @@ from fxcompress.export import (
     _require,
     _staged,
     has_quantized_activations,
+    nbits,
     to_exported_program,
 )
 from fxcompress.graph import CONV_OPS, LINEAR_OPS, add_buffer, drop_unused_attrs
@@ -304,9 +305,10 @@ def channels_last(inputs: tuple) -> tuple:
                  for t in inputs)
 
 
-def lower_cortex_m(ep: ExportedProgram, cpu: str = TARGET_CPU):
+def lower_cortex_m(ep: ExportedProgram, cpu: str = TARGET_CPU) -> tuple[Any, dict[str, int]]:
     """The ExecuTorch `EdgeProgramManager` of `ep` after the Cortex-M passes for `cpu`
-    (``"cortex-m7"``, ...): int8 layers as ``cortex_m::`` ops, the rest in the edge dialect."""
+    (``"cortex-m7"``, ...): int8 layers as ``cortex_m::`` ops, the rest in the edge dialect,
+    4-bit codes packed (`pack_int4_weights`); and what `pack_int4_weights` packed."""
     flow = _flow()
     exir = _require("executorch.exir", "writing a Cortex-M .pte",
                     "pip install 'fxcompress[executorch]'")
@@ -319,12 +321,72 @@ def lower_cortex_m(ep: ExportedProgram, cpu: str = TARGET_CPU):
                                                     target_config=target)
         # the flow ExecuTorch's Arm compiler uses: the passes rewrite the edge program in place
         # of a partitioner, and the manager's program replaces the forward method
-        edge._edge_programs["forward"] = _drop_unread_constants(manager.transform())
+        program = manager.transform()
+        packed = pack_int4_weights(program)
+        edge._edge_programs["forward"] = _drop_unread_constants(program)
     except FxCompressError:
         raise
     except Exception as e:
         raise upstream_failure("ExecuTorch's Cortex-M lowering", ".pte", e) from e
-    return edge
+    return edge, packed
+
+
+#: the ``cortex_m`` ops whose second argument is an int8 weight the kernel reads as raw bytes
+_WEIGHT_OPS = ("quantized_conv2d", "quantized_conv2d_nhwc", "quantized_depthwise_conv2d",
+               "quantized_depthwise_conv2d_nhwc", "quantized_linear",
+               "quantized_transpose_conv2d", "quantized_transpose_conv2d_nhwc")
+
+
+def pack_int4_weights(ep: ExportedProgram) -> dict[str, int]:
+    """Store every ``cortex_m`` layer weight whose int8 codes all lie in [-8, 7] (an int8
+    layer compiled with 4-bit codes, `[int8] packed_bits`) packed two per byte
+    (`nbits.pack_codes`), unpacked to the int8 tensor the kernel reads by portable kernels
+    right before the layer (`nbits.unpack_codes`): CMSIS-NN's kernels as ExecuTorch wraps
+    them read int8 weights only. The packed codes are constant data (flash); the unpacked
+    weight and the unpacking's intermediates are planned into the arena (RAM). `ep` (an edge
+    program after the Cortex-M passes) is changed in place; the int8 weights it no longer
+    reads are left for `_drop_unread_constants`. Returns the layers packed and their codes."""
+    ops_mod = importlib.import_module("executorch.exir.dialects._ops").ops
+    utils = importlib.import_module("executorch.backends.transforms.utils")
+    edge = ops_mod.edge
+    targets = {getattr(edge.cortex_m, name).default for name in _WEIGHT_OPS
+               if hasattr(edge.cortex_m, name)}
+    ops = {"and": edge.aten.bitwise_and.Scalar, "high": edge.aten.div.Scalar_mode,
+           "cat": edge.aten.cat.default,
+           "slice": edge.aten.slice_copy.Tensor, "sub": edge.aten.sub.Scalar,
+           "view": edge.aten.view_copy.default}
+    to_int8 = edge.dim_order_ops._to_dim_order_copy.default
+    g = ep.graph
+    stats = {"int4_packed_layers": 0, "int4_codes": 0}
+
+    def made(target, args, kwargs=None):
+        node = g.call_function(target, args, kwargs or {})
+        node.meta["val"] = target(*fx.node.map_arg(args, lambda a: a.meta["val"]),
+                                  **(kwargs or {}))
+        return node
+
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        w = node.args[1]
+        t = utils.get_param_tensor(ep, w) if isinstance(w, fx.Node) \
+            and w.op == "placeholder" else None
+        if t is None or t.dtype != torch.int8 or t.numel() < 2 \
+                or int(t.min()) < -8 or int(t.max()) > 7:
+            continue
+        with g.inserting_after(w):
+            packed = utils.create_constant_placeholder(
+                ep, g, f"{w.name}_int4", InputKind.PARAMETER, nbits.pack_codes(t.contiguous()))
+        with g.inserting_before(node):
+            q = nbits.unpack_codes(lambda k, a, kw=None: made(ops[k], a, kw), packed,
+                                   tuple(t.shape),
+                                   lambda u: made(to_int8, (u,), {"dtype": torch.int8}))
+        node.replace_input_with(w, q)
+        stats["int4_packed_layers"] += 1
+        stats["int4_codes"] += t.numel()
+    if stats["int4_packed_layers"]:
+        ep.graph_module.recompile()
+    return stats
 
 
 def _drop_unread_constants(ep: ExportedProgram) -> ExportedProgram:
@@ -482,7 +544,7 @@ def write_cortex_m(gm: torch.nn.Module, example_inputs: tuple, path: Path, repor
                       else (gm, {"int32_biases": 0, "linears_as_1x1_conv": 0}))
     ep, _ = to_exported_program(graph, inputs, dynamic_batch=False)
     layers = sum(_layer_output(n) is not None for n in ep.graph.nodes)
-    edge = lower_cortex_m(ep)
+    edge, packed = lower_cortex_m(ep)
     # the program after the Cortex-M passes, run with the cortex_m ops' reference kernels
     # before serialization turns them into out-variants, which have no kernel but the device's
     reference = _run_reference(edge, inputs)
@@ -520,6 +582,7 @@ def write_cortex_m(gm: torch.nn.Module, example_inputs: tuple, path: Path, repor
         "portable_ops": portable,
         "int8_layers": layers,
         **changes,
+        **packed,
         "int8_activations": has_quantized_activations(gm),
     }
     details["fits"] = details["activation_fits"] is not False \

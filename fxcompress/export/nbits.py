@@ -19,6 +19,13 @@ ONNX Runtime's contrib op ``com.microsoft.MatMulNBits`` (`onnx_translations`):
 ``fxcompress::matmul_nbits`` computes in PyTorch what the compiled layer computes (per-token
 int8 input, dequantized weight, linear), so the exported program is the compiled model; the
 file is checked in ONNX Runtime against it like every export.
+
+int8 layers with narrower codes (`[int8] packed_bits`: per-channel 4-bit codes behind a
+``dequantize_per_channel`` whose range is [-8, 7]) are stored the same way wherever a file is
+written from the graph: the codes packed two per byte (`pack_codes`), unpacked to the int8
+tensor the layer reads by a mask, a division, a concatenation, a convert and a subtraction
+(`unpack_codes`), ops every runtime here has (the ``.pt2``'s `packed_graph`; the Cortex-M
+``.pte``, whose CMSIS-NN kernels read int8 weights only, `fxcompress.export.cortex_m`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,87 @@ aten = torch.ops.aten
 CONTAINERS = (2, 4, 8)
 #: the smallest group MatMulNBits takes (its block size is a power of two, at least 16)
 MIN_BLOCK = 16
+
+
+#: ops `unpack_codes` adds before a layer (mask, division, concatenation, convert, offset,
+#: view)
+UNPACK_OPS = 6
+#: bytes per code the unpacking holds at its peak, beside the layer's input: the two unpacked
+#: halves and their concatenation, then the concatenation and its int8 copy (one byte each)
+UNPACK_SCRATCH = 2
+
+
+def pack_codes(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Signed 4-bit codes `q` (any shape, in [-8, 7]) as uint8 (ceil(numel / 2),): the first
+    half of the flattened codes in the low nibbles, the second in the high ones, each plus 8
+    (a padding code of 0 where numel is odd). Halves rather than neighbours, so that unpacking
+    is one concatenation rather than an interleave."""
+    if bits != 4:
+        raise ValueError(f"pack_codes packs 4-bit codes, not {bits}-bit")
+    u = (q.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
+    half = (u.numel() + 1) // 2
+    if u.numel() % 2:
+        u = torch.cat([u, torch.full((1,), 8, dtype=torch.uint8)])
+    return u[:half] | (u[half:] << 4)
+
+
+#: the ops `unpack_codes` writes in an aten graph (a Cortex-M program gives its edge ops)
+ATEN_UNPACK_OPS = {
+    "and": aten.bitwise_and.Scalar, "high": aten.div.Scalar_mode, "cat": aten.cat.default,
+    "slice": aten.slice.Tensor, "sub": aten.sub.Scalar, "view": aten.reshape.default}
+
+
+def unpack_codes(emit, packed: fx.Node, shape: tuple, convert) -> fx.Node:
+    """Nodes computing the int8 codes of `shape` that `pack_codes` stored in `packed`:
+    ``emit(key, args, kwargs={})`` makes the call of the op `ATEN_UNPACK_OPS[key]` names (or
+    its equivalent in another dialect) and ``convert(node)`` the uint8 -> int8 convert."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    # the high nibble by a floor division (a right shift is not a core ATen op, which
+    # ExecuTorch's lowering refuses)
+    u = emit("cat", ([emit("and", (packed, 15)), emit("high", (packed, 16), {"rounding_mode":
+                                                                            "floor"})],))
+    if n % 2:
+        u = emit("slice", (u, 0, 0, n))
+    return emit("view", (emit("sub", (convert(u), 8)), list(shape)))
+
+
+def unpack_reference(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """What `unpack_codes` computes, eagerly, with the same aten ops (for checks)."""
+    return unpack_codes(lambda k, a, kw=None: ATEN_UNPACK_OPS[k](*a, **(kw or {})), packed, shape,
+                        lambda u: u.to(torch.int8))
+
+
+def _narrow_dequantize(node: fx.Node) -> int | None:
+    """The code width of a ``dequantize_per_channel`` / ``_group`` node whose integer range is
+    narrower than a byte, reading a stored tensor; None for any other node."""
+    if node.op != "call_function" or node.target not in (
+            qd.dequantize_per_channel.default, qd.dequantize_per_channel_group.default):
+        return None
+    lo, hi = node.args[4:6] if node.target == qd.dequantize_per_channel.default \
+        else node.args[3:5]
+    bits = (int(hi) - int(lo) + 1).bit_length() - 1
+    src = node.args[0]
+    if bits >= 8 or not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        return None
+    return bits
+
+
+def code_widths(gm: fx.GraphModule) -> dict[str, int]:
+    """Stored tensor -> the width its codes take in a file (the container they pack into),
+    for the codes narrower than a byte that `gm` holds one a byte."""
+    widths = {}
+    for node in gm.graph.nodes:
+        bits = _narrow_dequantize(node)
+        if bits is not None and container_bits(bits) < 8:
+            widths[str(node.args[0].target)] = container_bits(bits)
+    return widths
+
+
+def has_narrow_codes(gm: torch.nn.Module) -> bool:
+    """Whether `gm` holds codes that a written file packs below a byte (`packed_graph`)."""
+    return isinstance(gm, fx.GraphModule) and bool(code_widths(gm))
 
 
 def container_bits(bits: int) -> int:
@@ -143,7 +231,8 @@ def packed_graph(gm: fx.GraphModule) -> fx.GraphModule:
     width. `gm` keeps one code a byte, the form ExecuTorch's
     XNNPACK partitioner takes into its int4 kernel. Layers in 8-bit containers (5-8-bit
     codes) are left as they are; `gm` itself is returned when no layer packs."""
-    new, packed = _copy(gm), False
+    new = _copy(gm)
+    packed = _pack_int8_codes(new)
     for i, (_lin, _x, wd) in enumerate(_intx_layers(new)):
         qn, bits = wd.args[0], _bits(wd)
         cb = container_bits(bits)
@@ -187,6 +276,27 @@ def packed_graph(gm: fx.GraphModule) -> fx.GraphModule:
     new.delete_all_unused_submodules()
     new.recompile()
     return new
+
+
+def _pack_int8_codes(gm: fx.GraphModule) -> bool:
+    """Store the 4-bit codes of `gm`'s int8 layers (``dequantize_per_channel`` of range [-8,
+    7]) packed (`pack_codes`), unpacked in the graph (`unpack_codes`); whether any were."""
+    g, done = gm.graph, False
+    for i, node in enumerate(list(g.nodes)):
+        if node.target != qd.dequantize_per_channel.default or _narrow_dequantize(node) != 4:
+            continue
+        qn = node.args[0]
+        codes = get_attr(gm, qn.target).detach()
+        name = f"_fxc_int4_{i}"
+        gm.register_buffer(name, pack_codes(codes))
+        with g.inserting_before(node):
+            q = unpack_codes(lambda k, a, kw=None: g.call_function(ATEN_UNPACK_OPS[k], a, kw),
+                             g.get_attr(name), tuple(codes.shape),
+                             lambda u: g.call_function(aten._to_copy.default, (u,),
+                                                       {"dtype": torch.int8}))
+        node.replace_input_with(qn, q)
+        done = True
+    return done
 
 
 def nbits_graph(gm: fx.GraphModule) -> fx.GraphModule:

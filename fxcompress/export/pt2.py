@@ -35,7 +35,7 @@ def write_pt2(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, 
     within `tol`). `program`: the program compile kept, already known to be the one
     `to_exported_program` would make here (None: export `gm`). Group-wise low-bit codes are
     written packed at their width (`nbits.packed_graph`), so that program is exported afresh."""
-    if nbits.has_intx(gm):
+    if nbits.has_narrow_codes(gm):
         packed = nbits.packed_graph(gm)
         if packed is not gm:
             gm, program = packed, None

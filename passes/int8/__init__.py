@@ -30,6 +30,17 @@ activations are quantized is the profile's `int8_activations`:
 
 Embeddings are always gathered as int8 rows and scaled by their row's scale.
 
+Narrower codes (`[int8] packed_bits`, mcu-int8: a runtime whose kernels read int8 weights
+only): each layer is also offered with its weights as per-channel symmetric 4-bit codes in
+[-8, 7] behind the same ``dequantize_per_channel`` (its range says 4 bits), which the int8 kernel
+runs unchanged. The codes are error-compensated (GPTQ on the layer's input Hessian from
+calibration, for a linear or 1x1 convolution with enough calibration rows; otherwise rounded
+to nearest with each column's error weighted by its input's second moment), and the file
+stores them two per byte, unpacked to int8 in the program before the layer
+(`fxcompress.export.nbits.unpack_codes`): half the flash, and the unpacked weight (with the
+unpacking's intermediates) in RAM while the layer runs, which `Step.scratch_bytes` counts
+against the activation budget.
+
 The planner simulates each candidate with the same arithmetic the pass writes (`step_mode`
 decides both), so the error it measures is the error of the built graph.
 """
@@ -47,6 +58,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fxcompress.candidates import Candidate, Step, compact
+from fxcompress.export.nbits import UNPACK_OPS, UNPACK_SCRATCH
 from fxcompress.graph import (
     LAYER_META,
     add_buffer,
@@ -58,6 +70,9 @@ from fxcompress.graph import (
 from fxcompress.passes.int8.observers import QMAX as AQMAX
 from fxcompress.passes.int8.observers import QMIN as AQMIN
 from fxcompress.passes.int8.observers import affine_qparams, fake_quant_affine, observe
+from fxcompress.passes.intx import GPTQ_ROWS_PER_COLUMN
+from fxcompress.passes.intx.quant import gptq, qrange, rtn
+from fxcompress.passes.svd.decompose import shrinkage, shrunk
 from fxcompress.passes_infra import PassResult
 from fxcompress.rewrite import call
 from fxcompress.technique import (
@@ -103,6 +118,15 @@ class Int8Part:
     # static: per step ((input qparams) or None, output qparams); None for other activations
     act_params: tuple | None = None
     dynamic_grouped_conv: bool = False  # the runtime has dynamic grouped convs
+    # narrower codes (`[int8] packed_bits`): per step, the codes and scales the pass stores;
+    # None for 8-bit weights, which the pass rounds itself
+    codes: tuple[PerChannelCodes, ...] | None = None
+
+    @property
+    def keeps_codes(self) -> bool:
+        """Whether the pass stores codes chosen for the weight's shape at planning (so the
+        layer cannot be reshaped by another rewrite; see `technique.compatible`)."""
+        return self.codes is not None
 
 
 def range_headroom(examples: int | None) -> float:
@@ -275,8 +299,9 @@ def symmetric_scale(qp: QParams) -> float:
 
 
 def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: float | None,
-                    wqmax: int = QMAX) -> Step:
-    q, scale = quantize_per_channel(step.dense(), 0, wqmax)
+                    wqmax: int = QMAX, codes: PerChannelCodes | None = None) -> Step:
+    q, scale = (codes.q, codes.scale) if codes is not None \
+        else quantize_per_channel(step.dense(), 0, wqmax)
     iq: Callable | None = None
     if mode == "int_mm_dynamic":
         iq = fake_quant_dynamic
@@ -287,10 +312,40 @@ def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: fl
     elif mode == "qdq_static" and in_qp is not None:
         iq = StaticAffine(*in_qp)
     extra = scale.numel() * (4 + (8 if mode.startswith("qdq") else 0))  # + int64 zero points
+    if codes is not None:  # packed two per byte, unpacked in the program (see `unpack_codes`)
+        return compact(step, codes, step.weight, fmt="int8",
+                       weight_bytes=(q.numel() * codes.bits + 7) // 8 + extra, input_quant=iq,
+                       extra_ops=UNPACK_OPS, scratch_bytes=UNPACK_SCRATCH * q.numel())
     # an int8 embedding gathers its rows and their scales and rescales them: three more ops
     return compact(step, PerChannelCodes(q, scale), step.weight, fmt="int8",
                    weight_bytes=q.numel() + extra, input_quant=iq,
                    extra_ops=3 if mode == "embedding" else 0)
+
+
+def packed_codes(step: Step, bits: int, stats, calibrated: bool) -> PerChannelCodes:
+    """`step`'s weight as per-channel symmetric `bits`-bit codes (the `[int8] packed_bits`
+    form): GPTQ on the layer's input Hessian where the step reads its input row by row (a
+    linear, an ungrouped 1x1 convolution) and calibration saw at least
+    `GPTQ_ROWS_PER_COLUMN` rows per input column; else rounded to nearest, each channel's
+    scale chosen by the rounding error weighted by its columns' input second moment."""
+    w = step.dense().detach()
+    w2 = w.reshape(w.shape[0], -1).float()
+    cols = w2.shape[1]
+    cov = stats.covariance if calibrated and stats is not None else None
+    row_wise = step.op == "linear" or (step.op == "conv2d" and step.groups == 1
+                                       and tuple(w.shape[2:]) == (1, 1))
+    if row_wise and cov is not None and cov.shape[0] == cols \
+            and stats.rows >= GPTQ_ROWS_PER_COLUMN * cols:
+        q, s = gptq(w2, shrunk(cov, shrinkage(cov, stats.rows, stats.fourth)), bits, cols)
+        rounding = "gptq"
+    else:
+        importance = None
+        if cov is not None and step.groups == 1 and cov.shape[0] * math.prod(w.shape[2:]) == cols:
+            importance = cov.diagonal().float().clamp_min(0).repeat_interleave(
+                math.prod(w.shape[2:]))
+        q, s = rtn(w2, bits, cols, "fp32", importance)
+        rounding = "rtn"
+    return PerChannelCodes(q.reshape(w.shape), s.reshape(-1), bits, rounding)
 
 
 @dataclass(frozen=True)
@@ -300,6 +355,8 @@ class PerChannelCodes:
 
     q: torch.Tensor  # int8
     scale: torch.Tensor  # fp32, per output channel
+    bits: int = 8  # the codes' width: 8, or a `[int8] packed_bits` width (in qrange(bits))
+    rounding: str = "rtn"  # how they were chosen: "rtn", "gptq" (packed widths), "... trained"
 
     def __call__(self) -> torch.Tensor:
         """The dequantized weight."""
@@ -343,15 +400,19 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     cand = stack(base, ctx, technique="int8")
     if cand is None:
         return [], "int8: nothing to quantize"
-    return [cand], None
+    narrow = [c for b in p.int8_packed_bits
+              if (c := stack(base, ctx, technique="int8", bits=b)) is not None]
+    return [cand, *narrow], None
 
 
 def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
-          ) -> Candidate | None:
+          bits: int = 8) -> Candidate | None:
     """int8 on every step of another candidate's chain (e.g. both SVD factors). None over a
     chain that is already quantized, binary, or shared (palettized): a shared weight is computed
     from a lookup table, which the int8 pass does not re-quantize; share offers int8
-    lookup-table entries itself."""
+    lookup-table entries itself. `bits` below 8 (a `[int8] packed_bits` width): the one step
+    of a plain layer with narrower codes (`packed_codes`), where the layer is ``qdq``; None
+    otherwise."""
     if is_final(base):
         return None  # already quantized
     if any(s.fmt == "shared" for s in base.steps):
@@ -361,6 +422,8 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
     wqmax = weight_qmax(p.int8_weight_bits)
     grouped = p.int8_dynamic_grouped_conv
     modes = [step_mode(s.op, s.groups, rep, act, grouped) for s in base.steps]
+    if bits < 8 and (len(base.steps) != 1 or not modes[0].startswith("qdq")):
+        return None
     static = any(m in ("qdq_static", "int_mm_static") for m in modes)
     examples = ctx.calib.example_count(ctx.calib.batches) if ctx.calib is not None else None
     qparams = static_qparams(base.steps, ctx.stats, ctx.knobs("int8").observer,
@@ -375,13 +438,19 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
             act_params.append(((sym, 0), None))
         elif qparams:
             act_params.append(qparams[i])
-        steps.append(_quantized_step(s, m, in_qp, None if sym is None else sym * QMAX, wqmax))
+        codes = packed_codes(s, bits, ctx.stats, ctx.calibrated) if bits < 8 else None
+        steps.append(_quantized_step(s, m, in_qp, None if sym is None else sym * QMAX, wqmax,
+                                     codes))
         out_qps.append(qparams[i][1] if m == "qdq_static" else None)
     name = technique or f"{base.technique}+int8"
-    params = dict(base.params, bits=8, **({} if wqmax == QMAX else {"weight_range": wqmax}),
+    params = dict(base.params, bits=bits,
+                  **({} if wqmax == QMAX or bits < 8 else {"weight_range": wqmax}),
                   activations=act if modes[0] not in ("weight_only", "embedding") else "none")
+    if bits < 8:
+        params.update(rounding=steps[0].decode.rounding, stored="packed, unpacked to int8")
     part = Int8Part(rep, act, p.int8_activation_dtype, wqmax,
-                    tuple(act_params) if static else None, grouped)
+                    tuple(act_params) if static else None, grouped,
+                    tuple(s.decode for s in steps) if bits < 8 else None)
     cand = Candidate(name, base.layer, params, tuple(steps), parts={**base.parts, "int8": part})
     if any(q is not None for q in out_qps):
         cand.overrides = _chain_simulation(base.layer.node, tuple(steps), tuple(out_qps))
@@ -402,6 +471,9 @@ class Int8Config:
     act_dtype: str = "int8"  # "int8" | "uint8": how qdq stores quantized activations
     weight_qmax: int = QMAX  # weights in [-weight_qmax, weight_qmax]: 127, or 63 (7 bits)
     dynamic_grouped_conv: bool = False  # see `step_mode`
+    # layers with narrower codes (`[int8] packed_bits`): per op of the layer, in graph order,
+    # the codes and scales to store
+    codes: Mapping[str, tuple[PerChannelCodes, ...]] = field(default_factory=dict)
 
 
 def _act_range(act_dtype: str) -> tuple[int, int, int, torch.dtype]:
@@ -423,12 +495,14 @@ def make_config(chosen: list[Candidate]) -> Int8Config:
                                                                  QMAX, False)
     params = {c.layer.name: c.part("int8").act_params for c in mine
               if c.part("int8").act_params}
+    codes = {c.layer.name: c.part("int8").codes for c in mine if c.part("int8").codes}
     return Int8Config(frozenset(c.layer.name for c in mine), rep, act, params, dtype, wqmax,
-                      grouped)
+                      grouped, codes)
 
 
-def _weight_buffers(gm, layer, node, weight, mode, wqmax):
-    q, scale = quantize_per_channel(weight, 0, wqmax)
+def _weight_buffers(gm, layer, node, weight, mode, wqmax, codes=None):
+    q, scale = (codes.q, codes.scale) if codes is not None \
+        else quantize_per_channel(weight, 0, wqmax)
     qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
     if mode.startswith("qdq"):
         sn = add_buffer(gm, f"{layer}.int8_scale", scale, node)
@@ -446,14 +520,15 @@ def _qdq_pair(g, x, qp: QParams, layer, act_dtype: str) -> fx.Node:
                 layer=layer)
 
 
-def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype, wqmax):
+def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype, wqmax, codes=None):
     g = gm.graph
     wi = weight_arg_index(op_type(node))
-    qn, sn, zn = _weight_buffers(gm, layer, node, weight, mode, wqmax)
+    qn, sn, zn = _weight_buffers(gm, layer, node, weight, mode, wqmax, codes)
+    lo, hi = (-wqmax, wqmax) if codes is None else qrange(codes.bits)
     x = node.args[0]
     with g.inserting_before(node):
         wd = call(g, qd.dequantize_per_channel.default,
-                  (qn, sn, zn, 0, -wqmax, wqmax, torch.int8), layer=layer)
+                  (qn, sn, zn, 0, lo, hi, torch.int8), layer=layer)
         if mode == "qdq_dynamic":
             _, lo, hi, dtype = _act_range(act_dtype)
             cq = call(g, qd.choose_qparams.tensor, (x, lo, hi, EPS, dtype), layer=layer)
@@ -572,7 +647,15 @@ def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
                                  "act_params (build the config with make_config)")
             step_qp = per_layer[i]
         wqmax = config.weight_qmax
-        if mode == "embedding":
+        codes = config.codes.get(layer)
+        if codes is not None:
+            if i >= len(codes) or not mode.startswith("qdq") \
+                    or tuple(codes[i].q.shape) != tuple(weight.shape):
+                raise ValueError(f"int8: {layer}'s weight is {tuple(weight.shape)} in the graph "
+                                 "but its packed codes do not match it")
+            _rewrite_qdq(gm, node, layer, weight, mode, step_qp, config.act_dtype, wqmax,
+                         codes[i])
+        elif mode == "embedding":
             _rewrite_embedding(gm, node, layer, weight, wqmax)
         elif mode == "weight_only":
             _rewrite_weight_only(gm, node, layer, weight, wqmax)
@@ -596,8 +679,38 @@ def fake_int8(w: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
 
 def _fake_int8_of(c: Candidate) -> Callable[[torch.Tensor], torch.Tensor]:
     part = c.part("int8")
+    if part is not None and part.codes is not None:  # narrower codes: on their fixed scales
+        codes = part.codes[0]
+        return straight_through(lambda w: dequantize_per_channel(
+            _round_to(w, codes), codes.scale, 0).to(w.dtype))
     qmax = QMAX if part is None else part.weight_qmax  # 63 on a 7-bit target (x86 w/o VNNI)
     return straight_through(lambda w: fake_int8(w, qmax))
+
+
+def _round_to(w: torch.Tensor, codes: PerChannelCodes) -> torch.Tensor:
+    """`w` rounded to nearest on `codes`' per-channel scales, within its width."""
+    lo, hi = qrange(codes.bits)
+    s = codes.scale.view([-1] + [1] * (w.dim() - 1))
+    return torch.round(w.detach().float() / s).clamp(lo, hi).to(torch.int8)
+
+
+def _train_init(c: Candidate, base_w: torch.Tensor) -> list[torch.Tensor] | None:
+    part = c.part("int8")
+    if part is not None and part.codes is not None:
+        return [c.steps[0].dense().clone()]  # from the (error-compensated) stored codes
+    return TRAIN_BASE_WEIGHT.init(c, base_w)
+
+
+def _train_write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
+    part = c.part("int8")
+    if part is None or part.codes is None:
+        return TRAIN_BASE_WEIGHT.write(c, latents, gm)
+    old = part.codes[0]
+    codes = replace(old, q=_round_to(latents[0], old), rounding=f"{old.rounding}, trained")
+    part = replace(part, codes=(codes,))
+    step = compact(c.steps[0], codes, c.steps[0].weight)
+    return replace(c, steps=(step,), parts={**c.parts, "int8": part},
+                   params={**c.params, "rounding": codes.rounding})
 
 
 def static_outputs(c: Candidate) -> tuple | None:
@@ -622,6 +735,7 @@ def _output_quantizers(c: Candidate) -> tuple | None:
 
 TECHNIQUE = register(Technique(
     "int8", order=90, propose=propose, make_config=make_config, apply=int8_pass, stack=stack,
-    trainable=replace(TRAIN_BASE_WEIGHT, output_quant=_output_quantizers),
+    trainable=replace(TRAIN_BASE_WEIGHT, init=_train_init, write=_train_write,
+                      output_quant=_output_quantizers),
     formats={"int8": _fake_int8_of}, final=True, rereads_weight=True, fmt="int8",
     settings=Int8Settings()))

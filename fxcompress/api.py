@@ -24,7 +24,7 @@ from fxcompress.acceptance import (
     split_batches,
 )
 from fxcompress.built_cost import built_costs
-from fxcompress.calibration import Calibration, check_calibration
+from fxcompress.calibration import Calibration, check_calibration, patch_geometries
 from fxcompress.capture import EXPORT_LOCK, capture, clones, inference_graph
 from fxcompress.errors import FxCompressError, InternalError
 from fxcompress.graph import find_layers
@@ -399,7 +399,11 @@ def _prepare(model, example_inputs, profile, calibration, techniques, objective,
     fit_batches, held = split_batches(batches, holdout)
     log(f"captured {len(layers)} layers; calibrating on {len(fit_batches)} batches, "
         f"{len(held)} held out to judge plans on")
-    calib = Calibration(gm, fit_batches, {lay.node: lay.op for lay in layers}, holdout=held)
+    # unfolded patches of k x k convolutions where a technique compensates their rounding
+    # through them (int8's 4-bit codes)
+    patches = patch_geometries(layers) if prof.int8_packed_bits and "int8" in techs else None
+    calib = Calibration(gm, fit_batches, {lay.node: lay.op for lay in layers}, holdout=held,
+                        patches=patches)
     lap("calibration")
     example_batch = _batch_of(cap.example_inputs)
     calib_batch = _batch_of(batches[0])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch.utils import _pytree as pytree
 
@@ -74,6 +75,37 @@ def float_leaves(out) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a k x k convolution reads its input: what `LayerStats.add_patches` unfolds."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+#: the widest unfolded patch (C kh kw) whose second moment calibration keeps: 2304 columns
+#: are a 42 MB float64 moment while it is summed
+PATCH_MAX_COLUMNS = 2304
+
+
+def patch_geometries(layers) -> dict[str, PatchGeometry]:
+    """Node -> geometry of the ungrouped k x k convolutions among `layers` (`graph.Layer`)
+    whose unfolded patch has at most `PATCH_MAX_COLUMNS` columns and whose padding is
+    numeric."""
+    out = {}
+    for lay in layers:
+        if lay.op != "conv2d" or lay.groups != 1 or isinstance(lay.padding, str):
+            continue
+        kh, kw = lay.weight_shape[2:]
+        if kh * kw == 1 or lay.weight_shape[1] * kh * kw > PATCH_MAX_COLUMNS:
+            continue
+        out[lay.node] = PatchGeometry((kh, kw), tuple(lay.stride), tuple(lay.padding),
+                                      tuple(lay.dilation))
+    return out
+
+
 @dataclass
 class LayerStats:
     """Statistics of one layer's input over the calibration data."""
@@ -93,6 +125,12 @@ class LayerStats:
     out_min: float = float("inf")
     out_max: float = float("-inf")
     out_samples: list[torch.Tensor] = field(default_factory=list)
+    # k x k convolutions whose compression asks for it (`Calibration(patches=...)`): the same
+    # second moment over unfolded input patches ((C kh kw)^2, columns in the weight's
+    # flattened order), the number of patches and the sum of their ||x||^4
+    patch_moment: torch.Tensor | None = None
+    patch_rows: int = 0
+    patch_fourth: float = 0.0
     # the float64 covariance while something holds it; the leader whose input this layer reads
     _cov64: Any = field(default=None, init=False, repr=False, compare=False)
     _source: LayerStats | None = field(default=None, init=False, repr=False, compare=False)
@@ -131,11 +169,27 @@ class LayerStats:
         if have < keep_rows:
             self.samples.append(rows[: keep_rows - have].float())
 
+    def add_patches(self, x: torch.Tensor, geometry: PatchGeometry) -> None:
+        """Fold one batch of a k x k convolution's input in as its unfolded patches."""
+        if not x.is_floating_point():
+            return
+        cols = F.unfold(x.detach().double(), geometry.kernel, geometry.dilation,
+                        geometry.padding, geometry.stride)  # (N, C kh kw, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if self.patch_moment is None:
+            self.patch_moment = rows.T @ rows
+        else:
+            self.patch_moment.addmm_(rows.T, rows)
+        self.patch_fourth += float((rows * rows).sum(1).square().sum())
+        self.patch_rows += rows.shape[0]
+
     def finish(self) -> None:
         """The sum of x x^T becomes E[x x^T], kept in float32: call once, after the last
         batch."""
         if self.moment is not None and self.moment.dtype == torch.float64:
             self.moment = self.moment.div_(max(self.rows, 1)).float()
+        if self.patch_moment is not None and self.patch_moment.dtype == torch.float64:
+            self.patch_moment = self.patch_moment.div_(max(self.patch_rows, 1)).float()
 
     @property
     def covariance(self) -> torch.Tensor | None:
@@ -164,7 +218,8 @@ class Calibration:
     """Calibration batches, the original graph's outputs on them, and per-layer input stats."""
 
     def __init__(self, gm: fx.GraphModule, batches: list[tuple], layers: Mapping[str, str],
-                 keep_rows: int = 4096, holdout: list[tuple] | None = None):
+                 keep_rows: int = 4096, holdout: list[tuple] | None = None,
+                 patches: Mapping[str, PatchGeometry] | None = None):
         self.gm = gm
         self.batches = batches
         # batches no statistic, candidate error or fit uses: what built plans are judged on
@@ -177,9 +232,13 @@ class Calibration:
         # set of input statistics, gathered by the first of them (the leader)
         leader_of = _input_leaders(gm, kinds)
 
+        patches = dict(patches or {})
+
         def on_input(name, x):
             if leader_of[name] == name:
                 self.stats[name].add(x, kinds[name], keep_rows)
+            if name in patches:  # the layer's own: convolutions of one input read it unlike
+                self.stats[name].add_patches(x, patches[name])
 
         self.reference: list[list[torch.Tensor]] = []
         with torch.no_grad():
@@ -192,7 +251,7 @@ class Calibration:
         for name, shape in out_shapes.items():
             self.stats[name].out_shape = shape
         for name, leader in leader_of.items():
-            if leader == name:
+            if leader == name or name in patches:
                 self.stats[name].finish()
         for name, leader in leader_of.items():
             if leader != name:

@@ -175,3 +175,33 @@ def test_the_unpacking_runs_on_executorchs_portable_kernels():
         got = PteProgram(path)(x)
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert torch.equal(got, q.float())
+
+
+def test_kxk_convolutions_are_compensated_through_their_unfolded_patches():
+    from fxcompress.calibration import LayerStats, PatchGeometry
+    from fxcompress.candidates import Step
+    from fxcompress.passes.int8 import packed_codes
+    from fxcompress.passes.intx.quant import hessian_error
+
+    g = torch.Generator().manual_seed(4)
+    # smooth inputs (neighbouring pixels alike), the correlation GPTQ uses across positions
+    xs = [torch.nn.functional.avg_pool2d(torch.randn(16, 4, 10, 10, generator=g), 3, 1)
+          for _ in range(4)]
+    geo = PatchGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+    st = LayerStats()
+    for x in xs:
+        st.add(x, "conv2d", 0)
+        st.add_patches(x, geo)
+    st.finish()
+    cols = torch.cat([torch.nn.functional.unfold(x.double(), 3, 1, 1, 1).transpose(1, 2)
+                      .reshape(-1, 36) for x in xs])
+    assert st.patch_rows == cols.shape[0] == 4 * 16 * 64
+    assert torch.allclose(st.patch_moment.double(), cols.T @ cols / cols.shape[0], rtol=1e-5)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    step = Step("conv2d", w, padding=(1, 1))
+    gptq, rtn = packed_codes(step, 4, st, True), packed_codes(step, 4, st, False)
+    assert (gptq.rounding, rtn.rounding) == ("gptq", "rtn")
+    h = st.patch_moment.double()
+    w2 = w.reshape(8, -1)
+    assert hessian_error(w2, gptq().reshape(8, -1), h) \
+        < 0.8 * hessian_error(w2, rtn().reshape(8, -1), h)

@@ -34,8 +34,9 @@ Narrower codes (`[int8] packed_bits`, mcu-int8: a runtime whose kernels read int
 only): each layer is also offered with its weights as per-channel symmetric 4-bit codes in
 [-8, 7] behind the same ``dequantize_per_channel`` (its range says 4 bits), which the int8 kernel
 runs unchanged. The codes are error-compensated (GPTQ on the layer's input Hessian from
-calibration, for a linear or 1x1 convolution with enough calibration rows; otherwise rounded
-to nearest with each column's error weighted by its input's second moment), and the file
+calibration: a k x k convolution's over its unfolded input patches; rounded to nearest, each
+column's error weighted by its input's second moment, where calibration saw too few rows),
+and the file
 stores them two per byte, unpacked to int8 in the program before the layer
 (`fxcompress.export.nbits.unpack_codes`): half the flash, and the unpacked weight (with the
 unpacking's intermediates) in RAM while the layer runs, which `Step.scratch_bytes` counts
@@ -324,19 +325,18 @@ def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: fl
 
 def packed_codes(step: Step, bits: int, stats, calibrated: bool) -> PerChannelCodes:
     """`step`'s weight as per-channel symmetric `bits`-bit codes (the `[int8] packed_bits`
-    form): GPTQ on the layer's input Hessian where the step reads its input row by row (a
-    linear, an ungrouped 1x1 convolution) and calibration saw at least
-    `GPTQ_ROWS_PER_COLUMN` rows per input column; else rounded to nearest, each channel's
+    form): GPTQ on the layer's input Hessian (a linear's or 1x1 convolution's input second
+    moment; a k x k convolution's over its unfolded input patches, which calibration keeps
+    where the profile packs codes, `LayerStats.patch_moment`), where calibration saw at least
+    `GPTQ_ROWS_PER_COLUMN` rows (patches) per column; else rounded to nearest, each channel's
     scale chosen by the rounding error weighted by its columns' input second moment."""
     w = step.dense().detach()
     w2 = w.reshape(w.shape[0], -1).float()
     cols = w2.shape[1]
+    hessian = _gptq_hessian(step, stats, cols) if calibrated and stats is not None else None
     cov = stats.covariance if calibrated and stats is not None else None
-    row_wise = step.op == "linear" or (step.op == "conv2d" and step.groups == 1
-                                       and tuple(w.shape[2:]) == (1, 1))
-    if row_wise and cov is not None and cov.shape[0] == cols \
-            and stats.rows >= GPTQ_ROWS_PER_COLUMN * cols:
-        q, s = gptq(w2, shrunk(cov, shrinkage(cov, stats.rows, stats.fourth)), bits, cols)
+    if hessian is not None:
+        q, s = gptq(w2, hessian, bits, cols)
         rounding = "gptq"
     else:
         importance = None
@@ -346,6 +346,21 @@ def packed_codes(step: Step, bits: int, stats, calibrated: bool) -> PerChannelCo
         q, s = rtn(w2, bits, cols, "fp32", importance)
         rounding = "rtn"
     return PerChannelCodes(q.reshape(w.shape), s.reshape(-1), bits, rounding)
+
+
+def _gptq_hessian(step: Step, stats, cols: int) -> torch.Tensor | None:
+    """The shrunk input Hessian of `step` over its `cols` weight columns, where calibration
+    kept one from enough rows; else None."""
+    if step.op == "linear" or (step.op == "conv2d" and step.groups == 1
+                               and tuple(step.weight.shape[2:]) == (1, 1)):
+        moment, rows, fourth = stats.covariance, stats.rows, stats.fourth
+    elif step.op == "conv2d" and stats.patch_moment is not None:
+        moment, rows, fourth = stats.patch_moment.double(), stats.patch_rows, stats.patch_fourth
+    else:
+        return None
+    if moment is None or moment.shape[0] != cols or rows < GPTQ_ROWS_PER_COLUMN * cols:
+        return None
+    return shrunk(moment, shrinkage(moment, rows, fourth))
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,9 @@ class Profile:
     intx_group_size: int = 32
     intx_scale_dtype: str = "fp32"
     intx_ops: tuple[str, ...] = ("linear",)
+    # how intx layers take their input: "dynamic" (8-bit per token, XNNPACK's qd8 x qb4w) or
+    # "none" (weight-only: the codes dequantized to the compute dtype before the float op)
+    intx_activations: str = "dynamic"
     # single weights zeroed and stored sparse (`[sparsity]`): the mask patterns the target
     # reads ("unstructured", "2:4", ...), the fractions an unstructured mask zeroes, the palette
     # widths its kept values may take, and what the runtime's sparse kernels measured against
@@ -187,7 +190,7 @@ class Profile:
             return "int8"
         if fmt == "binary" and self.binary_activations:
             return "binary"
-        if fmt == "intx" and "int8" in self.peak_gops:
+        if fmt == "intx" and "int8" in self.peak_gops and self.intx_activations == "dynamic":
             return "int8"  # int8 activations (dynamic per token) x low-bit weights
         return self.compute_dtype
 
@@ -232,6 +235,7 @@ class Profile:
             "int8_packed_bits": list(self.int8_packed_bits), "isa": list(self.isa),
             "fuses_elementwise": self.fuses_elementwise, "writer": self.writer,
             "intx_bits": list(self.intx_bits), "intx_group_size": self.intx_group_size,
+            "intx_activations": self.intx_activations,
             "sparsity_patterns": list(self.sparsity_patterns),
             "sparsity_levels": list(self.sparsity_levels),
             "sparsity_value_bits": list(self.sparsity_value_bits),
@@ -491,12 +495,9 @@ def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
     group = flat.get("intx.group_size", 32)
     if group < 2:
         raise _err(source, "intx.group_size", f"is {group!r}", "give 2 or more, e.g. 32")
-    act = flat.get("intx.activations", "dynamic")
-    if act != "dynamic":
-        raise _err(source, "intx.activations", f"is {act!r}",
-                   "only \"dynamic\" (8-bit per token) is built; for weight-only storage use "
-                   "share's palettes or int8 with [int8] activations = \"none\"")
-    if "int8" not in peak:
+    act = _one_of(source, "intx.activations", flat.get("intx.activations", "dynamic"),
+                  ("dynamic", "none"))
+    if act == "dynamic" and "int8" not in peak:
         raise _err(source, "throughput.int8", "is missing although intx is in techniques",
                    "give the int8 throughput its dynamic int8 activations compute at")
     if not flat.get("intx.symmetric", True):
@@ -517,8 +518,9 @@ def _intx_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...],
         _one_of(source, "intx.ops", op, ("linear", "embedding"))
     return {"intx_bits": tuple(bits), "intx_group_size": group,
             "intx_scale_dtype": _one_of(source, "intx.scale_dtype",
-                                        flat.get("intx.scale_dtype", "fp32"), ("fp32", "bf16")),
-            "intx_ops": ops}
+                                        flat.get("intx.scale_dtype", "fp32"),
+                                        ("fp32", "bf16", "fp16")),
+            "intx_ops": ops, "intx_activations": act}
 
 
 def _sparsity_fields(source: str, flat: dict[str, Any], techniques: tuple[str, ...]

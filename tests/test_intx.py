@@ -340,7 +340,7 @@ def test_profile_intx_section_is_checked():
     raw = tomllib.loads((Path(hardware_profiles.__file__).parent / "mobile-arm.toml")
                         .read_text())
     for field, value, match in (("bits", [8], "widths from 2 to 7"),
-                                ("activations", "none", "only \"dynamic\""),
+                                ("activations", "static", "intx.activations"),
                                 ("ops", ["linear", "conv2d"], "intx.ops"),
                                 ("scale_dtype", "fp8", "intx.scale_dtype"),
                                 ("symmetric", False, "intx.symmetric")):

@@ -223,17 +223,19 @@ def _bits(wd: fx.Node) -> int:
 
 def packed_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` (sharing its other weights) in which the int8-held codes of each intx
-    linear narrower than a byte are stored packed (`pack`, two 4-bit or four 2-bit codes a
-    byte) and unpacked in the graph by shifts and masks before their
-    ``dequantize_per_channel_group`` (scales that bfloat16 holds exactly are stored so, and
-    all-zero zero points are made in the graph, not stored):
-    what ``fxcompress.export`` writes as a ``.pt2``, so the file holds the codes at their
-    width. `gm` keeps one code a byte, the form ExecuTorch's
+    linear (per-token or weight-only) narrower than a byte are stored packed (`pack`, two
+    4-bit or four 2-bit codes a byte) and unpacked in the graph by shifts and masks before
+    their ``dequantize_per_channel_group`` (scales that bfloat16 or float16 holds exactly are
+    stored so, and all-zero zero points are made in the graph, not stored), and int8 layers'
+    4-bit codes likewise (`pack_codes`): what ``fxcompress.export`` writes as a ``.pt2``, so
+    the file holds the codes at their width. `gm` keeps one code a byte, the form ExecuTorch's
     XNNPACK partitioner takes into its int4 kernel. Layers in 8-bit containers (5-8-bit
     codes) are left as they are; `gm` itself is returned when no layer packs."""
     new = _copy(gm)
     packed = _pack_int8_codes(new)
-    for i, (_lin, _x, wd) in enumerate(_intx_layers(new)):
+    grouped = [n for n in new.graph.nodes if n.target == qd.dequantize_per_channel_group.default
+               and any(op_type(u) == "linear" for u in n.users)]  # per-token or weight-only
+    for i, wd in enumerate(grouped):
         qn, bits = wd.args[0], _bits(wd)
         cb = container_bits(bits)
         if cb == 8 or not (isinstance(qn, fx.Node) and qn.op == "get_attr"):
@@ -256,8 +258,9 @@ def packed_graph(gm: fx.GraphModule) -> fx.GraphModule:
             sn = wd.args[1]
             if isinstance(sn, fx.Node) and sn.op == "get_attr":
                 scale = get_attr(new, sn.target).detach()
-                half = scale.to(torch.bfloat16)
-                if torch.equal(half.float(), scale):  # as the target keeps them
+                half = next((h for h in (scale.to(torch.bfloat16), scale.to(torch.float16))
+                             if torch.equal(h.float(), scale)), None)
+                if half is not None:  # as the target keeps them (bf16 or fp16)
                     hn = f"_fxc_scale_{i}"
                     new.register_buffer(hn, half)
                     wd.replace_input_with(sn, g.call_function(
@@ -355,6 +358,38 @@ def _schema():
                     attr("accuracy_level", ints, "4: int8 compute")])
 
 
+@torch.library.custom_op("fxcompress::dequantize_blocks", mutates_args=())
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, group: int, n: int, k: int
+                      ) -> torch.Tensor:
+    """Codes q (n, k) int8 times their scale (n, k / group), one per block of `group` input
+    columns, in the scale's dtype: what ``dequantize_per_channel_group`` of symmetric codes
+    computes, written in ONNX as arithmetic the checking runtime runs, then made TensorRT's
+    blocked ``DequantizeLinear`` of INT4 codes (`tensorrt._blocks_to_dq`)."""
+    return (q.to(scale.dtype).reshape(n, k // group, group)
+            * scale.reshape(n, k // group, 1)).reshape(n, k)
+
+
+@dequantize_blocks.register_fake
+def _(q, scale, group, n, k):
+    return scale.new_empty((n, k))
+
+
+def _blocks_translation() -> dict:
+    """`dequantize_blocks` in ONNX before opset 21 (which has no blocks): the codes as rows
+    of one block each, per-axis ``DequantizeLinear`` with one scale per row (a form the
+    exporter's optimizer leaves unfolded, as it leaves int8 weights), reshaped back to (n, k):
+    the pattern `tensorrt._blocks_to_dq` makes a blocked ``DequantizeLinear``."""
+    from onnxscript import opset19 as op
+
+    def translate(q, scale, group: int, n: int, k: int):
+        rows = n * (k // group)
+        dq = op.DequantizeLinear(op.Reshape(q, op.Constant(value_ints=[rows, group])),
+                                 op.Reshape(scale, op.Constant(value_ints=[rows])), axis=0)
+        return op.Reshape(dq, op.Constant(value_ints=[n, k]))
+
+    return {torch.ops.fxcompress.dequantize_blocks.default: translate}
+
+
 def onnx_translations() -> dict:
     """``fxcompress::matmul_nbits`` as ``com.microsoft.MatMulNBits`` (int8 compute), then the
     bias added."""
@@ -370,5 +405,5 @@ def onnx_translations() -> dict:
                              accuracy_level=4)
         return y if bias is None else op.Add(y, bias)
 
-    return {torch.ops.fxcompress.matmul_nbits.default: translate}
+    return {torch.ops.fxcompress.matmul_nbits.default: translate, **_blocks_translation()}
 

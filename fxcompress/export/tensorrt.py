@@ -18,6 +18,12 @@ What makes it TensorRT's rather than ONNX Runtime's, done on a copy of the compi
   IDequantizeLayer takes only zero zero-points), feeding the Conv / Gemm / MatMul in fp16.
   The exporter writes DequantizeLinear with an fp32 scale and a Cast after it; the scale is
   stored fp16 (opset 19 allows it) and the Cast dropped (`_dequantize_in`).
+- **int4 weights** (intx weight-only, ``dequantize_per_channel_group`` of symmetric 4-bit codes)
+  become ONNX's blocked ``DequantizeLinear`` (axis 1, ``block_size`` the group) of an INT4
+  initializer, two codes a byte, with fp16 scales: TensorRT's INT4 weight-only form, which
+  needs opset 21 (`TENSORRT_BLOCKS_OPSET`; such a file is opset 21, others stay at 20). The
+  exporter cannot write opset 21, so the graph carries `nbits.dequantize_blocks`, exported as
+  per-axis DequantizeLinear over rows of one block, which `_blocks_to_dq` rewrites.
 - **Decoded forms**: weights the graph computes from stored constants (sparse positions and
   kept values, palettes and their indices) are folded into plain initializers: TensorRT has
   no kernel for them, and would run the decode at every call. A 2:4 sparse weight is thus
@@ -80,8 +86,12 @@ aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 
 #: TensorRT 10's ONNX parser reads opsets 9 to 20 and IR versions up to 10 (its operator
-#: support matrix, onnx-tensorrt 10.x): a file beyond them is refused at parse time.
+#: support matrix, onnx-tensorrt 10.x): a file beyond them is refused at parse time. Block
+#: quantization (INT4 weights, DequantizeLinear's block_size) exists from opset 21 only, which
+#: TensorRT 10's parser reads for it (NVIDIA/TensorRT issue 4298, 2025: "block-wise
+#: quantization is only supported in opset 21 onwards"): a file with INT4 blocks is opset 21.
 TENSORRT_MAX_OPSET = 20
+TENSORRT_BLOCKS_OPSET = 21
 TENSORRT_MAX_IR_VERSION = 10
 #: fp16's unit roundoff: round to nearest changes a value by at most this fraction of it.
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
@@ -138,6 +148,7 @@ def write_tensorrt_onnx(gm: torch.nn.Module, example_inputs: tuple, path: Path, 
                                          bound, "u8s8")
         model = ir.load(plain)
         dropped = _dequantize_in(model, dtype)
+        blocks = _blocks_to_dq(model)
         sparse = _mark_2_4(model, sparse_layers)
         # fp32 is TensorRT's default (no flag); fp16 kernels need FP16 in a weakly typed network
         flags = (["FP16"] if dtype == torch.float16 else []) \
@@ -155,7 +166,7 @@ def write_tensorrt_onnx(gm: torch.nn.Module, example_inputs: tuple, path: Path, 
     not_trt = sorted(set(sparse_layers) - {v["layer"] for v in sparse.values()})
     details = {**structure, "precision": precision, "check_bound": bound,
                "fp16_rounding_error": rounding, "sparse_2_4_not_trt_layout": len(not_trt),
-               "casts_dropped": dropped}
+               "casts_dropped": dropped, "int4_blocks": blocks}
     return ExportResult(path, ".onnx", size, err, "onnxruntime",
                         dynamic_batch=written.dynamic_batch, details=details)
 
@@ -229,6 +240,7 @@ def tensorrt_graph(gm: torch.nn.Module, dtype: torch.dtype = torch.float16,
     that weight (in `dtype`)."""
     out = copy.deepcopy(gm)  # a deep copy carries no stored program (`StoredProgram`)
     _weight_only_to_dq(out)
+    _group_dq_to_blocks(out)
     folded = _fold_constants(out)
     sparse = {layer: w for layer, w in folded.items() if layer in set(sparse_layers)}
     if dtype != torch.float32:
@@ -270,6 +282,97 @@ def _weight_only_to_dq(gm: fx.GraphModule) -> None:
         g.erase_node(convert)
 
 
+def _group_dq_to_blocks(gm: fx.GraphModule) -> int:
+    """Each weight-only ``dequantize_per_channel_group`` of stored symmetric 4-bit codes (intx
+    with `[intx] activations = "none"`) as `dequantize_blocks`; returns how many."""
+    g, done = gm.graph, 0
+    for node in list(g.nodes):
+        if node.target != qd.dequantize_per_channel_group.default:
+            continue
+        q, s, z, lo, hi, _dt, group = node.args[:7]
+        if not (_is_attr(q) and _is_attr(s) and _is_attr(z)) or (lo, hi) != (-8, 7) \
+                or get_attr(gm, z.target).any():
+            continue
+        n, k = get_attr(gm, q.target).shape
+        with g.inserting_before(node):
+            blocks = g.call_function(torch.ops.fxcompress.dequantize_blocks.default,
+                                     (q, s, int(group), int(n), int(k)))
+        blocks.meta.update(node.meta)
+        node.replace_all_uses_with(blocks)
+        g.erase_node(node)
+        done += 1
+    return done
+
+
+def _blocks_to_dq(model) -> int:
+    """The ONNX of each `nbits.dequantize_blocks` (a per-axis ``DequantizeLinear`` of int8
+    codes in rows of one block, reshaped to (n, k)) as ONNX's blocked ``DequantizeLinear``
+    (axis 1, ``block_size``) of the (n, k) codes stored as INT4, two a byte, with the (n, k /
+    block) scales; the model then in opset `TENSORRT_BLOCKS_OPSET`. Returns how many."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    graph, done = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") \
+                or len(node.inputs) > 2 and node.inputs[2] is not None:
+            continue
+        codes, scale = _constant(node.inputs[0]), _constant(node.inputs[1])
+        if codes is None or scale is None or node.inputs[0].dtype != ir.DataType.INT8:
+            continue
+        back = _only_use(node.outputs[0], "Reshape")
+        if back is not None and back.inputs[1].const_value is not None:
+            n, k = (int(d) for d in back.inputs[1].const_value.numpy())
+            out = back.outputs[0]
+        elif len(codes.shape) == 2 and int(scale.numpy().size) == codes.shape[0]:
+            # one block a row: the exporter dropped the reshapes, which did nothing
+            (n, k), out = (int(d) for d in codes.shape), node.outputs[0]
+        else:
+            continue
+        q = codes.numpy()
+        rows = int(scale.numpy().size)
+        if q.size != n * k or (n * k) % rows or q.min() < -8 or q.max() > 7:
+            continue
+        group = n * k // rows
+        q4 = ir.Value(name=_free_name(graph, f"{node.inputs[0].name}.int4"),
+                      shape=ir.Shape([n, k]), type=ir.TensorType(ir.DataType.INT4),
+                      const_value=ir.Tensor(q.reshape(n, k).astype(ml_dtypes.int4)))
+        s = ir.Value(name=_free_name(graph, f"{node.inputs[1].name}.blocks"),
+                     shape=ir.Shape([n, k // group]), type=ir.TensorType(node.inputs[1].dtype),
+                     const_value=ir.tensor(scale.numpy().reshape(n, k // group)))
+        graph.initializers[q4.name] = q4
+        graph.initializers[s.name] = s
+        dq = ir.Node("", "DequantizeLinear", [q4, s],
+                     attributes=[ir.AttrInt64("axis", 1), ir.AttrInt64("block_size", group)])
+        graph.insert_before(node, dq)
+        dq.outputs[0].dtype = out.dtype
+        dq.outputs[0].shape = out.shape
+        ir.convenience.replace_all_uses_with(out, dq.outputs[0])
+        done += 1
+    if done:
+        _drop_dead(model)
+        model.opset_imports[""] = TENSORRT_BLOCKS_OPSET
+    return done
+
+
+def _constant(value):
+    """The constant tensor `value` holds, directly or through a Reshape of a constant (the
+    exporter folds the reshape of a small initializer, not of a large one); else None."""
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Reshape" \
+            and producer.inputs[0].const_value is not None:
+        return producer.inputs[0].const_value
+    return None
+
+
+def _only_use(value, op_type: str):
+    """The one node reading `value` where it is an `op_type`; else None."""
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 and uses[0].node.op_type == op_type else None
+
+
 def _is_attr(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
@@ -287,7 +390,9 @@ def _fold_constants(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
         inputs = node.all_input_nodes
         if node.op == "get_attr":
             values[node] = get_attr(gm, node.target)
-        elif node.op == "call_function" and node.target != qd.dequantize_per_channel.default \
+        elif node.op == "call_function" and node.target not in (
+                qd.dequantize_per_channel.default,
+                torch.ops.fxcompress.dequantize_blocks.default) \
                 and all(a in values for a in inputs) and _pure(node):
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
             values[node] = node.target(*args, **kwargs)
@@ -538,9 +643,14 @@ def check_structure(proto, dtype: torch.dtype) -> dict[str, Any]:
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                 default=0)
     problems = []
-    if opset > TENSORRT_MAX_OPSET or proto.ir_version > TENSORRT_MAX_IR_VERSION:
+    # opset 21 where the file holds INT4 blocks (the opset they need), else TensorRT's 20
+    blocked = any(n.op_type == "DequantizeLinear" and any(a.name == "block_size"
+                                                            for a in n.attribute)
+                  for n in proto.graph.node)
+    top = TENSORRT_BLOCKS_OPSET if blocked else TENSORRT_MAX_OPSET
+    if opset > top or proto.ir_version > TENSORRT_MAX_IR_VERSION:
         problems.append(f"opset {opset} / IR version {proto.ir_version} (TensorRT 10 reads "
-                        f"up to {TENSORRT_MAX_OPSET} / {TENSORRT_MAX_IR_VERSION})")
+                        f"up to {top} / {TENSORRT_MAX_IR_VERSION})")
     inits = {t.name: t for t in proto.graph.initializer}
     constants = [a.t for n in proto.graph.node if n.op_type == "Constant"
                  for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]

@@ -26,9 +26,16 @@ program (`nbits.packed_graph`; the report's serialized size is that file's), whi
 Embeddings (`[intx] ops` with "embedding") store their rows the same way, rounded to nearest
 (each output value is one stored value: there is nothing to compensate with), packed in 2-, 4-
 or 8-bit containers; the graph gathers the packed rows and their scales and unpacks only those
-rows in float arithmetic, which every runtime runs (`_rewrite_embedding`). Convolutions and
-weight-only linears (a packed weight decoded in the graph) are not built; a profile that asks
-for them is refused when it loads.
+rows in float arithmetic, which every runtime runs (`_rewrite_embedding`). Convolutions are
+not built; a profile that asks for them is refused when it loads.
+
+Weight-only (`[intx] activations = "none"`, nvidia-gpu: TensorRT's INT4 weight-only form): the
+input stays float, the codes are dequantized per group (``dequantize_per_channel_group``) and
+fed to the float linear; scales in the profile's precision (fp16). The TensorRT ``.onnx``
+holds each as ONNX's blocked ``DequantizeLinear`` (opset 21) of an INT4 initializer, two codes
+a byte (`fxcompress.export.tensorrt`). Where the objective is latency and the profile does not
+say its runtime gains from weight-only storage (`[int8] weight_only_speedup`), no candidate is
+proposed: the decode costs more than the narrower weight saves.
 
 The planner simulates a candidate with the same integers, scales and per-token quantizer the
 pass writes, so what it measures is what the runtime computes (up to the runtime's own
@@ -114,11 +121,14 @@ class IntxPart:
     group_size: int
     q: torch.Tensor  # int8 (out, in) in qrange(bits)
     scale: torch.Tensor  # fp32 (out, in / group_size)
-    scale_dtype: str = "fp32"  # the precision the target keeps scales in ("bf16" | "fp32")
+    scale_dtype: str = "fp32"  # the precision the target keeps scales in: bf16, fp16, fp32
     rounding: str = "gptq"
     # AWQ: the input is multiplied by this per column (1 / s) before it is quantized, and q,
     # scale hold the weight's columns multiplied by s; None: no scaling
     inv_scale: torch.Tensor | None = None
+    # the input: "dynamic" (8-bit per token) or "none" (weight-only, the profile's
+    # `[intx] activations`)
+    activations: str = "dynamic"
 
     def effective(self) -> torch.Tensor:
         """The weight the layer computes with, in its input's units."""
@@ -129,7 +139,7 @@ class IntxPart:
 def _stored_bytes(part: IntxPart, op: str = "linear") -> int:
     """Bytes the target stores: the integers packed (bits per value; an embedding's in the
     2-, 4- or 8-bit containers the graph unpacks) and the scales."""
-    per_scale = 2 if part.scale_dtype == "bf16" else 4
+    per_scale = 2 if part.scale_dtype in ("bf16", "fp16") else 4
     bits = container_bits(part.bits) if op == "embedding" else part.bits
     extra = 0 if part.inv_scale is None else part.inv_scale.numel() * 4
     return (part.q.numel() * bits + 7) // 8 + part.scale.numel() * per_scale + extra
@@ -149,6 +159,9 @@ def _step(s: Step, part: IntxPart) -> Step:
     if s.op == "embedding":
         return compact(s, decode, w, fmt="intx", weight_bytes=_stored_bytes(part, s.op),
                        extra_ops=_decode_ops(part.bits))
+    if part.activations == "none":  # weight-only: the float input (scaled by 1 / s for AWQ)
+        return compact(s, decode, w, fmt="intx", weight_bytes=_stored_bytes(part),
+                       extra_ops=0 if part.inv_scale is None else 1)
     if part.inv_scale is None:
         return compact(s, decode, w, fmt="intx", weight_bytes=_stored_bytes(part),
                        input_quant=PerTokenInt8())
@@ -209,6 +222,10 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
         return [], f"intx: {why}"
     if step.op == "embedding":
         return _embedding_candidates(layer, step, p), None
+    if p.intx_activations == "none" and ctx.objective == "latency" \
+            and not p.weight_only_speedup and not ctx.user_techniques:
+        return [], (f"intx: {p.name} runs low-bit weights weight-only (decoded before the "
+                    "float op), which gains no speed there")
     rounding = ctx.knobs("intx").rounding
     scaling = ctx.knobs("intx").scaling
     cov = ctx.stats.covariance if ctx.calibrated else None
@@ -220,10 +237,12 @@ def propose(layer, base: Candidate, ctx: ProposeContext):
     del cov
     cands = []
     for bits in sorted(p.intx_bits):
-        part = _part(step.weight, hessian, importance, bits, p.intx_group_size,
-                     p.intx_scale_dtype, rounding, scaling)
+        part = replace(_part(step.weight, hessian, importance, bits, p.intx_group_size,
+                             p.intx_scale_dtype, rounding, scaling),
+                       activations=p.intx_activations)
         params = {"bits": bits, "group": p.intx_group_size, "rounding": part.rounding,
-                  "activations": "int8 dynamic"}
+                  "activations": "int8 dynamic" if part.activations == "dynamic"
+                  else "none (weight-only)"}
         if part.inv_scale is not None:
             params["scaling"] = "awq"
         cands.append(Candidate("intx", layer, params, (_step(step, part),),
@@ -288,6 +307,13 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: str, part: IntxPart) -> N
         inv = add_buffer(gm, f"{layer}.intx_input_scale", part.inv_scale, node)
         with g.inserting_before(node):
             x = call(g, aten.mul.Tensor, (x, inv), layer=layer)
+    if part.activations == "none":  # weight-only: the codes dequantized for the float op
+        with g.inserting_before(node):
+            wd = call(g, qd.dequantize_per_channel_group.default,
+                      (qn, sn, zn, lo, hi, torch.int8, part.group_size, torch.float32),
+                      layer=layer)
+        node.args = (x, wd, *node.args[2:])
+        return
     with g.inserting_before(node):
         cq = call(g, qd.choose_qparams_per_token_asymmetric.default, (x, torch.int8),
                   layer=layer)

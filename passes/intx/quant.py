@@ -36,8 +36,11 @@ def qrange(bits: int) -> tuple[int, int]:
 
 def _rounded_scale(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     s = s.clamp_min(1e-12)
-    if scale_dtype == "bf16":
-        s = s.to(torch.bfloat16).float().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    if scale_dtype in ("bf16", "fp16"):
+        low = torch.bfloat16 if scale_dtype == "bf16" else torch.float16
+        # fp16: down to its smallest subnormal, so tiny groups keep a scale of their own
+        floor = torch.finfo(low).tiny if low == torch.bfloat16 else 2.0 ** -24
+        s = s.to(low).float().clamp_min(floor)
     return s.float()
 
 

@@ -88,6 +88,24 @@ def _export(model: nn.Module, inputs: tuple, dynamic_shapes) -> ExportedProgram:
     return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
+def _export_twice(model: nn.Module, inputs: tuple, dynamic_shapes) -> ExportedProgram:
+    """`_export`, tried a second time (after a garbage collection) where the first try
+    fails. A dynamic-batch capture that failed would fall back to a static batch, a different
+    compiled model: seen twice in ~15 captures of a decoder block while a profiler's sampling
+    thread held references into the exporting thread ("fake tensor in the exported program
+    constant's list"), never without it. A failure that is the model's own fails twice and
+    falls back as before."""
+    try:
+        return _export(model, inputs, dynamic_shapes)
+    except FxCompressError:
+        raise
+    except Exception:  # noqa: BLE001 - one more try; its failure is the one reported
+        import gc
+
+        gc.collect()
+        return _export(model, inputs, dynamic_shapes)
+
+
 def inference_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """`ep.module()` makes `eval()` and `train()` raise NotImplementedError; user code calls
     `model.eval()` all the time. The captured graph is already in inference form (batch norm
@@ -187,7 +205,7 @@ def _capture(model, example_inputs, dynamic_shapes) -> Captured:
                             "")
         widened = widen_batch(example_inputs)
         try:
-            ep = own(_export(model, widened, batch_dims(widened)))
+            ep = own(_export_twice(model, widened, batch_dims(widened)))
             dynamic = any(not isinstance(s, int) for s in _input_batch_sizes(ep))
             note = "" if dynamic else "the model fixes its batch size (export specialized dim 0)"
             return Captured(inference_graph(ep.module()), example_inputs,

@@ -58,6 +58,37 @@ def test_static_batch_model_is_captured_and_says_so():
     assert "static" in cap.note or "specialized" in cap.note
 
 
+def test_a_dynamic_capture_that_fails_once_is_tried_again(monkeypatch):
+    """A transient failure of the dynamic-batch export (seen under a profiler's sampling
+    thread) must not turn into a static-batch model: it is tried a second time. A failure
+    that repeats still falls back to a static batch, and says why."""
+    import fxcompress.capture as cap_mod
+
+    real, calls = cap_mod._export, []
+
+    def flaky(model, inputs, dynamic_shapes):
+        calls.append(dynamic_shapes is not None)
+        if len(calls) == 1:
+            raise RuntimeError("fake tensor in the exported program constant's list")
+        return real(model, inputs, dynamic_shapes)
+
+    monkeypatch.setattr(cap_mod, "_export", flaky)
+    cap = capture(Small().eval(), (X,))
+    assert cap.dynamic_batch and calls == [True, True]
+
+    def broken(model, inputs, dynamic_shapes):
+        calls.append(dynamic_shapes is not None)
+        if dynamic_shapes is not None:
+            raise RuntimeError("the model's own dynamic-shape failure")
+        return real(model, inputs, dynamic_shapes)
+
+    calls.clear()
+    monkeypatch.setattr(cap_mod, "_export", broken)
+    cap = capture(Small().eval(), (X,))
+    assert not cap.dynamic_batch and calls == [True, True, False]
+    assert "static batch" in cap.note and "own dynamic-shape failure" in cap.note
+
+
 def test_uncapturable_model_names_the_failure():
     class DataDependent(nn.Module):
         def forward(self, x):

@@ -11,10 +11,12 @@ compile saw.
 
 Rows:
 
-- the same plan at 8 and at 4 bits (int8 only, every layer, then each layer at 4 bits where
-  the profile's activation budget holds its unpacking), compiled with mcu-int8's budgets
-  lifted so that both build (int8 alone does not fit its flash), then compared with them;
-- every layer at 4 bits, the budgets lifted: the largest layer's unpacking in RAM;
+- int8 only, every layer at 8 bits, mcu-int8's budgets lifted so that it builds (int8 alone
+  does not fit the flash), then compared with them;
+- every layer at 4 bits with the budgets lifted: each layer unpacked whole, the largest
+  layer's weight in RAM at once;
+- every layer at 4 bits on the stock profile: a layer whose unpacking would not fit the RAM
+  budget is built in slices of output channels, one slice unpacked at a time;
 - the planner's own choice on the stock profile at two tolerances.
 
     .venv/bin/python benchmarks/mcu_int4.py
@@ -58,6 +60,8 @@ def _row(name: str, model, profile, tolerance: float, overrides, data) -> dict:
     det = res.details
     return {"row": name, "bits": {lay.name: lay.params.get("bits") for lay in rep.layers
                                   if lay.name in LAYERS and lay.applied != "none"},
+            "slices": {lay.name: lay.params["slices"] for lay in rep.layers
+                       if lay.params.get("slices")},
             "applied": sorted({lay.applied.split("(")[0] for lay in rep.layers
                                if lay.applied != "none"}),
             "pte_bytes": res.size_bytes, "flash": det["constant_data_bytes"],
@@ -83,35 +87,18 @@ def main() -> int:
     stock = fxcompress.load_profile("mcu-int8")
     lifted = dataclasses.replace(stock, weight_budget_bytes=None, activation_budget_bytes=None)
     int8_only = {"*": {"bits": 8, "techniques": ["int8"]}}
+    all4 = {"*": {"bits": 4, "techniques": ["int8"]}}
     rows = [_row("int8, 8 bits everywhere (budgets lifted)", model, lifted, 0.5, int8_only,
-                 data)]
-    # 4 bits on every layer whose unpacking fits the stock RAM budget (the planner's own test)
-    fits = [name for name in LAYERS if _unpack_fits(model, stock, name, data)]
-    mixed = {**int8_only, **{n: {"bits": 4, "techniques": ["int8"]} for n in fits}}
-    rows.append(_row(f"int8, 4 bits on {', '.join(fits)} (budgets lifted)", model, lifted,
-                     0.5, mixed, data))
-    rows.append(_row("int8, 4 bits everywhere (budgets lifted)", model, lifted, 0.5,
-                     {"*": {"bits": 4, "techniques": ["int8"]}}, data))
+                 data),
+            _row("int8, 4 bits everywhere, unpacked whole (budgets lifted)", model, lifted,
+                 0.5, all4, data),
+            _row("int8, 4 bits everywhere, stock budgets (unpacked in slices where needed)",
+                 model, stock, 0.5, all4, data)]
     for tol in (0.05, 0.2):
         rows.append(_row(f"planner, stock mcu-int8, tolerance {tol}", model, stock, tol, None,
                          data))
     render(rows, stock, acc_fp32, time.time() - t0)
     return 0
-
-
-def _unpack_fits(model, stock, name: str, data) -> bool:
-    """Whether the planner keeps layer `name`'s 4-bit candidate on the stock profile (its
-    unpacking within the RAM budget): compiles that layer alone at 4 bits."""
-    x_cal, batches, _, _ = data
-    try:
-        gm = fxcompress.compile(model, (x_cal[:1],), profile=dataclasses.replace(
-            stock, weight_budget_bytes=None), calibration=batches, tolerance=0.5,
-            overrides={"*": {"bits": 8, "techniques": ["int8"]},
-                       name: {"bits": 4, "techniques": ["int8"]}})
-    except fxcompress.FxCompressError:
-        return False
-    lay = next(lay for lay in gm.meta["fxcompress_report"].layers if lay.name == name)
-    return lay.params.get("bits") == 4
 
 
 def render(rows: list[dict], stock, acc_fp32: float, secs: float) -> None:
@@ -136,7 +123,8 @@ def render(rows: list[dict], stock, acc_fp32: float, secs: float) -> None:
         if "refused" in r:
             lines.append(f"| {r['row']} | refused: {r['refused']} |  |  |  |  |  |  |  |  |  |")
             continue
-        four = ", ".join(k for k, v in r["bits"].items() if v == 4) or "none"
+        four = ", ".join(k + (f" ({r['slices'][k]} slices)" if k in r["slices"] else "")
+                         for k, v in r["bits"].items() if v == 4) or "none"
         lines.append(
             f"| {r['row']} | {four} | {r['flash']:,} | {'yes' if r['flash'] <= wb else 'no'} "
             f"| {r['arena']:,} | {'yes' if r['arena'] <= ab else 'no'} | {r['unpack_ops']} "

@@ -298,3 +298,20 @@ def test_four_bit_codes_are_packed_in_flash_and_unpacked_into_the_arena(tmp_path
 
     grown = d4["activation_bytes"] - d8["activation_bytes"]
     assert 64 * 96 <= grown <= UNPACK_SCRATCH * 64 * 96
+    # a RAM budget the first layer's unpacking exceeds: it is built in slices of output
+    # channels, each packed and unpacked on its own, and the arena holds one slice at a time
+    import dataclasses
+
+    tight = dataclasses.replace(_cortex_m_profile(), activation_budget_bytes=8_000)
+    gm = fxcompress.compile(model, (x,), profile=tight, calibration=batches, tolerance=0.5,
+                            holdout=0, overrides={"*": {"bits": 4, "techniques": ["int8"]}})
+    k = next(lay.params["slices"] for lay in gm.meta["fxcompress_report"].layers
+             if lay.name == "0")
+    result = fxcompress.export(gm, (x,), tmp_path / "sliced.pte", profile=tight)
+    ps, ds = cortex_m.read_plan(result.path.read_bytes()), result.details
+    assert ps.layout_errors == [] and result.check_error <= default_check_tolerance(gm)
+    assert ds["cortex_m_ops"]["cortex_m::quantized_conv2d.out"] == k + 1
+    assert k > 1 and ds["int4_packed_layers"] == k + 1 and ds["int4_codes"] == codes
+    assert ds["weight_bytes"] <= d4["weight_bytes"] + 12 * 4 * k  # the same codes, more scales
+    assert ds["activation_bytes"] <= 8_000 < d4["activation_bytes"]
+    assert ds["activation_fits"] is True

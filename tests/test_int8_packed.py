@@ -125,15 +125,31 @@ def test_gptq_codes_beat_round_to_nearest_through_the_layers_hessian():
     assert hessian_error(w, gptq(), h) < 0.8 * hessian_error(w, rtn(), h)
 
 
-def test_an_unpacking_over_the_ram_budget_is_rejected_with_the_reason():
-    prof = dataclasses.replace(load_profile("mcu-int8"), activation_budget_bytes=12_000)
-    gm = _compile(_mlp(), overrides={"*": {"techniques": ["int8"]}}, profile=prof)
+def test_a_layer_unpacks_in_slices_that_fit_the_ram_budget_or_is_rejected():
+    lifted = dataclasses.replace(load_profile("mcu-int8"), activation_budget_bytes=None)
+    whole = _compile(_mlp(), profile=lifted)
+    tight = dataclasses.replace(lifted, activation_budget_bytes=12_000)
+    sliced = _compile(_mlp(), profile=tight)
+    params = {lay.name: lay.params for lay in sliced.meta["fxcompress_report"].layers}
+    # layer 0: 96 x 64 codes, 2 bytes each while unpacked, beside 160 B of activations: two
+    # slices of 48 channels fit 12,000 B, the whole layer does not; layer 2 (960 codes) does
+    assert params["0"]["slices"] == 2 and "slices" not in params["2"]
+    linears = [n for n in sliced.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert [tuple(_buffer(sliced, n.args[1].args[0]).shape) for n in linears] \
+        == [(48, 64), (48, 64), (10, 96)]
+    assert any(n.target == torch.ops.aten.cat.default for n in sliced.graph.nodes)
+    # per-element quantization: the slices compute the unsliced layer's numbers
+    x = torch.randn(16, 64)
+    a, b = whole(x), sliced(x)
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max() + 1e-6
+    assert "peak activations" in " ".join(sliced.meta["fxcompress_report"].notes)
+    # a budget no single channel's unpacking fits: the 4-bit candidate is rejected, saying why
+    tiny = dataclasses.replace(lifted, activation_budget_bytes=200)
+    gm = _compile(_mlp(), overrides={"*": {"techniques": ["int8"]}}, profile=tiny)
     layers = {lay.name: lay for lay in gm.meta["fxcompress_report"].layers}
-    # the first layer's 6,144 codes unpack with 2 bytes each beside its activations: over
     why = [c.verdict for c in layers["0"].candidates if "bits=4" in c.rewrite]
-    assert why and "RAM" in why[0] and "12,000" in why[0]
-    # the second's 960 codes fit
-    assert any("bits=4" in c.rewrite and "RAM" not in c.verdict for c in layers["2"].candidates)
+    assert why and "RAM" in why[0] and "200 B" in why[0]
+    assert layers["0"].params["bits"] == 8
 
 
 def test_recovery_trains_four_bit_codes_on_their_scales():

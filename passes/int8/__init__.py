@@ -36,11 +36,13 @@ only): each layer is also offered with its weights as per-channel symmetric 4-bi
 runs unchanged. The codes are error-compensated (GPTQ on the layer's input Hessian from
 calibration: a k x k convolution's over its unfolded input patches; rounded to nearest, each
 column's error weighted by its input's second moment, where calibration saw too few rows),
-and the file
-stores them two per byte, unpacked to int8 in the program before the layer
+and the file stores them two per byte, unpacked to int8 in the program before the layer
 (`fxcompress.export.nbits.unpack_codes`): half the flash, and the unpacked weight (with the
 unpacking's intermediates) in RAM while the layer runs, which `Step.scratch_bytes` counts
-against the activation budget.
+against the activation budget. A layer whose whole unpacking would not fit that budget is
+built as several layers over slices of its output channels (`PerChannelCodes.slices`,
+`_rewrite_sliced`), concatenated: one slice's weight is unpacked at a time, and quantization
+being per element, the numbers are the unsliced layer's.
 
 The planner simulates each candidate with the same arithmetic the pass writes (`step_mode`
 decides both), so the error it measures is the error of the built graph.
@@ -314,9 +316,13 @@ def _quantized_step(step: Step, mode: str, in_qp: QParams | None, sym_absmax: fl
         iq = StaticAffine(*in_qp)
     extra = scale.numel() * (4 + (8 if mode.startswith("qdq") else 0))  # + int64 zero points
     if codes is not None:  # packed two per byte, unpacked in the program (see `unpack_codes`)
+        widest = max(e - b for b, e in codes.slice_rows()) * (q.numel() // q.shape[0])
+        k = len(codes.slice_rows())
+        # each slice unpacks its codes; the slices' outputs are concatenated (one op more)
         return compact(step, codes, step.weight, fmt="int8",
                        weight_bytes=(q.numel() * codes.bits + 7) // 8 + extra, input_quant=iq,
-                       extra_ops=UNPACK_OPS, scratch_bytes=UNPACK_SCRATCH * q.numel())
+                       extra_ops=UNPACK_OPS * k + (k > 1),
+                       scratch_bytes=UNPACK_SCRATCH * widest)
     # an int8 embedding gathers its rows and their scales and rescales them: three more ops
     return compact(step, PerChannelCodes(q, scale), step.weight, fmt="int8",
                    weight_bytes=q.numel() + extra, input_quant=iq,
@@ -348,6 +354,26 @@ def packed_codes(step: Step, bits: int, stats, calibrated: bool) -> PerChannelCo
     return PerChannelCodes(q.reshape(w.shape), s.reshape(-1), bits, rounding)
 
 
+def _sliced(codes: PerChannelCodes, mode: str, ctx: ProposeContext) -> PerChannelCodes:
+    """`codes` cut into the fewest slices of output channels whose unpacking (`UNPACK_SCRATCH`
+    bytes a code), beside the layer's int8 input and output, fits the profile's activation
+    budget; one slice where there is no budget, or where the layer's activations are not
+    static int8 (only those layers are sliced)."""
+    budget = ctx.profile.activation_budget_bytes
+    shapes = ctx.shapes
+    if budget is None or mode != "qdq_static" or shapes is None or not shapes.inp \
+            or not shapes.out:
+        return codes
+    act = math.prod(shapes.inp[1:]) + math.prod(shapes.out[1:])
+    rows, per_row = codes.q.shape[0], codes.q.numel() // codes.q.shape[0]
+    for k in range(1, rows + 1):
+        sliced = replace(codes, slices=k)
+        widest = max(e - b for b, e in sliced.slice_rows())
+        if act + UNPACK_SCRATCH * widest * per_row <= budget:
+            return sliced
+    return replace(codes, slices=rows)  # even one channel a slice does not fit: rejected
+
+
 def _gptq_hessian(step: Step, stats, cols: int) -> torch.Tensor | None:
     """The shrunk input Hessian of `step` over its `cols` weight columns, where calibration
     kept one from enough rows; else None."""
@@ -372,6 +398,15 @@ class PerChannelCodes:
     scale: torch.Tensor  # fp32, per output channel
     bits: int = 8  # the codes' width: 8, or a `[int8] packed_bits` width (in qrange(bits))
     rounding: str = "rtn"  # how they were chosen: "rtn", "gptq" (packed widths), "... trained"
+    # packed codes: the layer is built as this many layers over consecutive slices of its
+    # output channels, so that only one slice's weight is unpacked in RAM at a time
+    slices: int = 1
+
+    def slice_rows(self) -> list[tuple[int, int]]:
+        """The (first, end) output channels of each slice."""
+        rows = self.q.shape[0]
+        per = -(-rows // self.slices)
+        return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
     def __call__(self) -> torch.Tensor:
         """The dequantized weight."""
@@ -453,7 +488,8 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
             act_params.append(((sym, 0), None))
         elif qparams:
             act_params.append(qparams[i])
-        codes = packed_codes(s, bits, ctx.stats, ctx.calibrated) if bits < 8 else None
+        codes = _sliced(packed_codes(s, bits, ctx.stats, ctx.calibrated), m, ctx) \
+            if bits < 8 else None
         steps.append(_quantized_step(s, m, in_qp, None if sym is None else sym * QMAX, wqmax,
                                      codes))
         out_qps.append(qparams[i][1] if m == "qdq_static" else None)
@@ -463,6 +499,8 @@ def stack(base: Candidate, ctx: ProposeContext, technique: str | None = None,
                   activations=act if modes[0] not in ("weight_only", "embedding") else "none")
     if bits < 8:
         params.update(rounding=steps[0].decode.rounding, stored="packed, unpacked to int8")
+        if steps[0].decode.slices > 1:
+            params.update(slices=steps[0].decode.slices)
     part = Int8Part(rep, act, p.int8_activation_dtype, wqmax,
                     tuple(act_params) if static else None, grouped,
                     tuple(s.decode for s in steps) if bits < 8 else None)
@@ -563,6 +601,40 @@ def _rewrite_qdq(gm, node, layer, weight, mode, step_qp, act_dtype, wqmax, codes
             out = _qdq_pair(g, node, step_qp[1], layer, act_dtype)
         for u in users:
             u.replace_input_with(node, out)
+
+
+def _rewrite_sliced(gm, node, layer, step_qp, act_dtype, codes: PerChannelCodes):
+    """A static int8 layer with packed codes in `codes.slices` slices of output channels: one
+    layer per slice (its codes, scales and bias rows) on the same quantized input, each with
+    the layer's output quantization, concatenated along the channels. Quantization is per
+    element, so the numbers are those of the layer unsliced; a runtime unpacking the codes
+    holds one slice's weight at a time."""
+    g = gm.graph
+    op = op_type(node)
+    bias = node.args[2] if len(node.args) > 2 else None
+    b = get_attr(gm, bias.target).detach() if isinstance(bias, fx.Node) else None
+    lo, hi = qrange(codes.bits)
+    x = node.args[0]
+    with g.inserting_before(node):
+        if step_qp[0] is not None:
+            x = _qdq_pair(g, x, step_qp[0], layer, act_dtype)
+    outs = []
+    for j, (r0, r1) in enumerate(codes.slice_rows()):
+        qn = add_buffer(gm, f"{layer}.int8_weight_{j}", codes.q[r0:r1].contiguous(), node)
+        sn = add_buffer(gm, f"{layer}.int8_scale_{j}", codes.scale[r0:r1].contiguous(), node)
+        zn = add_buffer(gm, f"{layer}.int8_zero_point_{j}",
+                        torch.zeros(r1 - r0, dtype=torch.int64), node)
+        bn = None if b is None else add_buffer(gm, f"{layer}.bias_{j}", b[r0:r1].clone(), node)
+        with g.inserting_before(node):
+            wd = call(g, qd.dequantize_per_channel.default, (qn, sn, zn, 0, lo, hi, torch.int8),
+                      layer=layer)
+            y = call(g, node.target, (x, wd, bn, *node.args[3:]), dict(node.kwargs),
+                     layer=layer)
+            outs.append(_qdq_pair(g, y, step_qp[1], layer, act_dtype))
+    with g.inserting_before(node):
+        cat = call(g, aten.cat.default, (outs, 1 if op == "conv2d" else -1), layer=layer)
+    node.replace_all_uses_with(cat)
+    g.erase_node(node)
 
 
 def _rewrite_int_mm(gm, node, layer, weight, mode, sym_scale, wqmax):
@@ -668,8 +740,11 @@ def int8_pass(gm: fx.GraphModule, config: Int8Config) -> PassResult:
                     or tuple(codes[i].q.shape) != tuple(weight.shape):
                 raise ValueError(f"int8: {layer}'s weight is {tuple(weight.shape)} in the graph "
                                  "but its packed codes do not match it")
-            _rewrite_qdq(gm, node, layer, weight, mode, step_qp, config.act_dtype, wqmax,
-                         codes[i])
+            if codes[i].slices > 1:
+                _rewrite_sliced(gm, node, layer, step_qp, config.act_dtype, codes[i])
+            else:
+                _rewrite_qdq(gm, node, layer, weight, mode, step_qp, config.act_dtype, wqmax,
+                             codes[i])
         elif mode == "embedding":
             _rewrite_embedding(gm, node, layer, weight, wqmax)
         elif mode == "weight_only":

@@ -32,6 +32,12 @@ quantizer would have made (`cmsis_form`, `annotate_int8_layers`):
   or max-pool between int8 layers stays float, on portable kernels, with the
   ``cortex_m::dequantize_per_tensor`` / ``quantize_per_tensor`` around it.
 
+After the Cortex-M passes, every layer weight whose codes fit 4 bits (mcu-int8's `[int8]
+packed_bits`) is stored packed two per byte and unpacked to int8 by portable kernels right
+before its CMSIS-NN call (`pack_int4_weights`): the kernels read int8 only. The packed codes
+are flash; the unpacked weight is planned into the arena, one slice at a time for a layer the
+int8 pass built in slices of output channels.
+
 How it is checked: ExecuTorch's runtime on x86 (the pybindings) registers no ``cortex_m``
 kernel (they are CMSIS-NN built for the device; ExecuTorch's own tests run them on the
 Corstone FVP). Where the runtime here registers every operator the file calls, the file is run

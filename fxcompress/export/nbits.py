@@ -104,9 +104,7 @@ def _narrow_dequantize(node: fx.Node) -> int | None:
     if node.op != "call_function" or node.target not in (
             qd.dequantize_per_channel.default, qd.dequantize_per_channel_group.default):
         return None
-    lo, hi = node.args[4:6] if node.target == qd.dequantize_per_channel.default \
-        else node.args[3:5]
-    bits = (int(hi) - int(lo) + 1).bit_length() - 1
+    bits = _bits(node)
     src = node.args[0]
     if bits >= 8 or not (isinstance(src, fx.Node) and src.op == "get_attr"):
         return None
@@ -216,8 +214,9 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _bits(wd: fx.Node) -> int:
-    """The code width of a ``dequantize_per_channel_group`` node, from its integer range."""
-    lo, hi = wd.args[3:5]
+    """The code width of a ``dequantize_per_channel_group`` or ``dequantize_per_channel``
+    node, from its integer range."""
+    lo, hi = wd.args[4:6] if wd.target == qd.dequantize_per_channel.default else wd.args[3:5]
     return (int(hi) - int(lo) + 1).bit_length() - 1
 
 

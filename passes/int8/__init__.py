@@ -553,13 +553,13 @@ def make_config(chosen: list[Candidate]) -> Int8Config:
                       grouped, codes)
 
 
-def _weight_buffers(gm, layer, node, weight, mode, wqmax, codes=None):
+def _weight_buffers(gm, layer, node, weight, mode, wqmax, codes=None, suffix=""):
     q, scale = (codes.q, codes.scale) if codes is not None \
         else quantize_per_channel(weight, 0, wqmax)
-    qn = add_buffer(gm, f"{layer}.int8_weight", q, node)
+    qn = add_buffer(gm, f"{layer}.int8_weight{suffix}", q, node)
     if mode.startswith("qdq"):
-        sn = add_buffer(gm, f"{layer}.int8_scale", scale, node)
-        zn = add_buffer(gm, f"{layer}.int8_zero_point",
+        sn = add_buffer(gm, f"{layer}.int8_scale{suffix}", scale, node)
+        zn = add_buffer(gm, f"{layer}.int8_zero_point{suffix}",
                         torch.zeros(scale.numel(), dtype=torch.int64), node)
         return qn, sn, zn
     return qn, scale
@@ -620,10 +620,9 @@ def _rewrite_sliced(gm, node, layer, step_qp, act_dtype, codes: PerChannelCodes)
             x = _qdq_pair(g, x, step_qp[0], layer, act_dtype)
     outs = []
     for j, (r0, r1) in enumerate(codes.slice_rows()):
-        qn = add_buffer(gm, f"{layer}.int8_weight_{j}", codes.q[r0:r1].contiguous(), node)
-        sn = add_buffer(gm, f"{layer}.int8_scale_{j}", codes.scale[r0:r1].contiguous(), node)
-        zn = add_buffer(gm, f"{layer}.int8_zero_point_{j}",
-                        torch.zeros(r1 - r0, dtype=torch.int64), node)
+        rows = replace(codes, q=codes.q[r0:r1].contiguous(),
+                       scale=codes.scale[r0:r1].contiguous())
+        qn, sn, zn = _weight_buffers(gm, layer, node, None, "qdq_static", 0, rows, f"_{j}")
         bn = None if b is None else add_buffer(gm, f"{layer}.bias_{j}", b[r0:r1].clone(), node)
         with g.inserting_before(node):
             wd = call(g, qd.dequantize_per_channel.default, (qn, sn, zn, 0, lo, hi, torch.int8),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-import io
 import math
 import numbers
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,56 +52,20 @@ DEFAULT_TOLERANCE = 0.01
 
 
 def serialized_size(ep: torch.export.ExportedProgram) -> int:
-    """Bytes of `torch.export.save(ep)`, without the example inputs a program may carry (the
-    calibration batch it was exported with is not the model: `fxcompress.export` keeps two
-    rows of it at most)."""
+    """Bytes of the ``.pt2`` `fxcompress.export` writes for `ep` (`pt2.save_program`), without
+    the example inputs a program may carry (the calibration batch it was exported with is not
+    the model: `fxcompress.export` keeps two rows of it at most). Written to a temporary file,
+    not held: a block's program is hundreds of MB."""
+    from fxcompress.export.pt2 import save_program
+
     kept, ep.example_inputs = ep.example_inputs, None
     try:
-        sink = _CountingSink()
-        try:  # counted as written, not held: a block's program is hundreds of MB
-            torch.export.save(ep, sink)
-            return sink.count
-        except io.UnsupportedOperation:  # a writer that goes back: written into memory
-            buf = io.BytesIO()
-            torch.export.save(ep, buf)
-            return buf.getbuffer().nbytes
+        with tempfile.TemporaryDirectory(prefix="fxcompress-size-") as d:
+            path = Path(d) / "archive.pt2"  # the archive's root folder: "archive"
+            save_program(ep, path)
+            return path.stat().st_size
     finally:
         ep.example_inputs = kept
-
-
-class _CountingSink(io.RawIOBase):
-    """A write-only stream that counts the bytes written to it and keeps none. It takes the
-    one seek `torch.export.save` makes to a buffer, the rewind after the last write; any other
-    seek, or a write after the rewind, raises `io.UnsupportedOperation`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.rewound = False
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return 0 if self.rewound else self.count
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET and pos == 0:
-            self.rewound = True
-            return 0
-        if whence == io.SEEK_SET and pos == self.count and not self.rewound:
-            return pos
-        raise io.UnsupportedOperation("seek")
-
-    def write(self, b) -> int:
-        if self.rewound:
-            raise io.UnsupportedOperation("write after the rewind")
-        n = memoryview(b).nbytes
-        self.count += n
-        return n
 
 
 def _as_written(result: fx.GraphModule, ep: torch.export.ExportedProgram, cap
@@ -517,9 +482,10 @@ def _compile(model, example_inputs, profile, calibration, tolerances, evaluate, 
                 f"the compiled program's file ({report.serialized_bytes_after:,} B) is larger "
                 f"than the original's ({report.serialized_bytes_before:,} B): on layers this "
                 "small the added ops (quantize / dequantize, their scales and zero points) "
-                "cost more bytes than the rewrites save, an overhead the cost model does not "
-                "count yet; if the file size matters, keep int8 off those layers "
-                "(overrides={'op:conv2d': {'techniques': [...]}} or techniques=)")
+                "cost more bytes than the rewrites save, which only the size objective "
+                "weighs; if the file size matters, compile with objective='size', or keep "
+                "int8 off those layers (overrides={'<layer>': {'skip': True}} or "
+                "techniques=)")
         report.compile_seconds = shared + time.perf_counter() - t0
         result.meta[REPORT_KEY] = report
         results.append(result)

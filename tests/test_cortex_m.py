@@ -54,7 +54,7 @@ def mlp():
     batches = [(torch.randn(16, 32),) for _ in range(8)]
     x = torch.randn(1, 32)
     gm = fxcompress.compile(model, (x,), profile="mcu-int8", calibration=batches,
-                            tolerance=0.2, holdout=0)
+                            tolerance=0.2, holdout=0, overrides={"*": {"bits": 8}})
     return gm, x
 
 

@@ -8,6 +8,7 @@ import json
 import pickle
 import sys
 import zipfile
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -67,6 +68,41 @@ def test_pt2_keeps_report_and_dynamic_batch(compiled, tmp_path):
     assert Report.from_dict(data).profile == "mobile-arm"
     # int8 weights are stored as int8: the file is smaller than the fp32 program
     assert out.size_bytes < 0.5 * _fp32_pt2_bytes(model, X)
+
+
+def test_pt2_is_compact_host_free_and_reproducible(compiled, tmp_path):
+    model, small = compiled
+    (tmp_path / "a").mkdir()
+    a = fxcompress.export(small, (X,), tmp_path / "a" / "m.pt2").path
+    b_dir = tmp_path / "elsewhere" / "deeper"
+    b_dir.mkdir(parents=True)
+    b = fxcompress.export(small, (X,), b_dir / "m.pt2").path
+    assert a.read_bytes() == b.read_bytes()  # same program, same bytes, wherever written
+    with zipfile.ZipFile(a) as z:
+        infos = {i.filename.split("/", 1)[1]: i for i in z.infolist()}
+        program = z.read(infos["models/model.json"].filename)
+        # the JSON records are deflated (a tenth of their bytes or less) ...
+        for name in ("models/model.json", "data/weights/model_weights_config.json"):
+            assert infos[name].compress_type == zipfile.ZIP_DEFLATED
+            assert infos[name].compress_size < infos[name].file_size / 5
+        # ... int8 codes are stored as they are, at 64-byte offsets as torch places them
+        stored = [i for n, i in infos.items() if n.startswith("data/weights/weight_")
+                  and i.compress_type == zipfile.ZIP_STORED]
+        assert stored
+        with open(a, "rb") as f:
+            for i in stored:
+                f.seek(i.header_offset + 26)
+                n, m = (int.from_bytes(f.read(2), "little") for _ in range(2))
+                assert (i.header_offset + 30 + n + m) % 64 == 0
+    # no source lines naming this host's paths (torch's, the tests', the checkout's)
+    for where in (torch.__file__, __file__, fxcompress.__file__):
+        assert str(Path(where).parent).encode() not in program
+    assert b'"stack_trace"' not in program
+    raw = io.BytesIO()
+    torch.export.save(torch.export.export(small, (X,), strict=False), raw)
+    assert a.stat().st_size < raw.getbuffer().nbytes
+    loaded = torch.export.load(a).module()  # torch's own reader, deflated records and all
+    assert torch.allclose(loaded(X), small(X), atol=1e-5)
 
 
 def test_the_int8_check_tolerance_grows_with_the_quantization_noise(compiled):

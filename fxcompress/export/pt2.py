@@ -1,15 +1,24 @@
 """``.pt2``: `torch.export.save` of the compiled model's program, the compile report stored in
 the archive as an extra file (``fxcompress_report.json``), loaded back with `load_program` and
 run before it is moved into place. Sub-8-bit group-wise codes are stored packed, two or four a
-byte, and unpacked in the program (`nbits.packed_graph`)."""
+byte, and unpacked in the program (`nbits.packed_graph`).
+
+`save_program` writes every ``.pt2`` fxcompress makes, and `fxcompress.api.serialized_size`
+counts the same file: node metadata naming the host or the process left out (`HOST_META`), and
+torch's archive recompressed record by record (`compact_archive`: deflated where that pays,
+otherwise stored at torch's alignment), with its random id pinned. `torch.export.load` reads
+the result like any saved program."""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import struct
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch.export import ExportedProgram
@@ -56,11 +65,8 @@ def write_pt2(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, 
     rj = _report_json(report)
     if rj is not None:
         extra[REPORT_FILE] = rj
-    for node in ep.graph.nodes:  # provenance naming Python object ids: differs per process
-        node.meta.pop("from_node", None)
     with _staged(path) as tmp:
-        torch.export.save(ep, tmp, extra_files=extra)
-        pin_serialization_id(tmp)
+        save_program(ep, tmp, extra_files=extra)
         loaded = load_program(tmp)
         with torch.no_grad():
             got = loaded.module()(*_clones(inputs))
@@ -70,48 +76,89 @@ def write_pt2(gm: torch.nn.Module, inputs: tuple, path: Path, report, expected, 
 
 
 _ID_RECORD = ".data/serialization_id"
+#: a record is stored deflated where that takes at most this share of its bytes: the program's
+#: JSON (about a tenth), and codes whose values are unevenly spread (palette indices, gaps
+#: between kept weights); float weights deflate to about 0.93 and stay stored
+DEFLATE_SHARE = 0.9
+#: bytes of a record's start that are compressed to decide how it is stored
+SAMPLE_BYTES = 1 << 20
+#: stored records start at multiples of this, where torch's archive writer puts them
+ALIGNMENT = 64
+#: node metadata not written: source lines naming the host's paths (the file would differ with
+#: where Python is installed) and provenance naming Python object ids (different per process)
+HOST_META = ("stack_trace", "from_node")
+_PAD_ID = 0x4246  # the extra-field id torch's writer pads records with ("FB")
+_ZIP64_EXTRA = 20  # bytes zipfile adds to a local header for a record over 4 GiB
 
 
-def pin_serialization_id(path: Path) -> None:
-    """Replace the random id torch's archive writer stores in `path` (``.data/serialization_id``,
-    drawn anew on every save) with digits derived from the archive's other records, in place:
-    the same length, its CRC-32 updated in the data descriptor and the central directory. The
-    same program then gives the same bytes, as a resumed block-by-block compile must."""
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-        target = next((i for i in infos if i.filename.endswith(_ID_RECORD)), None)
-        if target is None or target.compress_type != zipfile.ZIP_STORED:
-            return
-        h = hashlib.sha256()
-        for i in infos:
-            if i is not target:
-                h.update(i.filename.encode() + struct.pack("<IQ", i.CRC, i.file_size))
-        digits = str(int(h.hexdigest(), 16))
-        new = (digits * (1 + target.file_size // len(digits)))[:target.file_size].encode()
-        crc = zlib.crc32(new)
-        start_dir = z.start_dir
-    with open(path, "r+b") as f:
-        f.seek(target.header_offset)
-        local = f.read(30)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        data_at = target.header_offset + 30 + name_len + extra_len
-        f.seek(data_at)
-        f.write(new)
-        if target.flag_bits & 0x08:  # a data descriptor follows: [signature] crc sizes
-            sig = f.read(4)
-            f.seek(data_at + len(new) + (4 if sig == b"PK\x07\x08" else 0))
-        else:
-            f.seek(target.header_offset + 14)
-        f.write(struct.pack("<I", crc))
-        f.seek(start_dir)  # the central directory: walk to the record's entry
-        while True:
-            entry = f.read(46)
-            if len(entry) < 46 or entry[:4] != b"PK\x01\x02":
-                raise OSError(f"{path}: central directory entry of {_ID_RECORD} not found")
-            n, m, k = struct.unpack("<HHH", entry[28:34])
-            name = f.read(n).decode("utf-8", "replace")
-            if name == target.filename:
-                f.seek(-(46 + n) + 16, 1)
-                f.write(struct.pack("<I", crc))
-                return
-            f.seek(m + k, 1)
+def save_program(ep: ExportedProgram, dest: Path, extra_files: dict | None = None) -> None:
+    """`torch.export.save(ep)` to `dest` as fxcompress writes every ``.pt2``: without
+    `HOST_META`, and compacted (`compact_archive`). `ep` is left as it was."""
+    dest = Path(dest)
+    stripped = []
+    for gm in ep.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for node in gm.graph.nodes:
+                meta = {k: node.meta.pop(k) for k in HOST_META if k in node.meta}
+                if meta:
+                    stripped.append((node, meta))
+    raw_dir = Path(tempfile.mkdtemp(prefix=".raw-", dir=dest.parent))
+    try:
+        raw = raw_dir / dest.name  # the archive's root folder is named after the file
+        torch.export.save(ep, raw, extra_files=extra_files)
+        with open(dest, "wb") as out:
+            compact_archive(raw, out)
+    finally:
+        for node, meta in stripped:
+            node.meta.update(meta)
+        shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+def compact_archive(src: Path, out: BinaryIO) -> None:
+    """Copy the archive torch wrote at `src` into `out` (a new, seekable file), record by
+    record in the same order and with the same names: each record deflated where that takes at
+    most `DEFLATE_SHARE` of its bytes (judged on its first `SAMPLE_BYTES`), the others stored
+    at `ALIGNMENT` as torch places them; fixed dates; and the random id torch's writer draws
+    on every save (``.data/serialization_id``) replaced by digits derived from the other
+    records, so that the same program gives the same bytes (a resumed block-by-block compile
+    relies on it). `torch.export.load` reads deflated records (zip's standard compression)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w", allowZip64=True) as zo:
+        infos = zin.infolist()
+        for info in infos:
+            new = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            new.create_system = 3
+            new.file_size = info.file_size
+            zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own test
+            if info.filename.endswith(_ID_RECORD):
+                _align(new, out.tell(), zip64)
+                with zo.open(new, "w", force_zip64=zip64) as g:
+                    g.write(_pinned_id(infos, info))
+                continue
+            with zin.open(info) as f:
+                head = f.read(SAMPLE_BYTES)
+            if head and len(zlib.compress(head, 9)) <= DEFLATE_SHARE * len(head):
+                new.compress_type = zipfile.ZIP_DEFLATED
+                new._compresslevel = 9  # (3.13 names it compress_level, keeping this alias)
+            else:
+                _align(new, out.tell(), zip64)
+            with zin.open(info) as f, zo.open(new, "w", force_zip64=zip64) as g:
+                shutil.copyfileobj(f, g, SAMPLE_BYTES)
+
+
+def _align(info: zipfile.ZipInfo, offset: int, zip64: bool) -> None:
+    """Pad `info`'s extra field so that its data, whose local header starts at `offset`,
+    starts at a multiple of `ALIGNMENT`."""
+    header = 30 + len(info.filename.encode("utf-8")) + 4 + (_ZIP64_EXTRA if zip64 else 0)
+    pad = -(offset + header) % ALIGNMENT
+    info.extra = struct.pack("<HH", _PAD_ID, pad) + bytes(pad)
+
+
+def _pinned_id(infos: list[zipfile.ZipInfo], target: zipfile.ZipInfo) -> bytes:
+    """Digits as long as torch's random serialization id, derived from the names, CRCs and
+    sizes of the archive's other records."""
+    h = hashlib.sha256()
+    for i in infos:
+        if i is not target:
+            h.update(i.filename.encode() + struct.pack("<IQ", i.CRC, i.file_size))
+    digits = str(int(h.hexdigest(), 16))
+    return (digits * (1 + target.file_size // len(digits)))[:target.file_size].encode()

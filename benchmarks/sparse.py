@@ -210,7 +210,7 @@ def render(saved: dict) -> list[str]:
              "commit and conditions it ran at. Sizes: bytes of the `.pt2` program "
              "`fxcompress.export` writes (the report's serialized size: without the compile "
              "report and example rows the archive also carries), over the fp32 model's "
-             "written the same way. From PENDING on, that file is torch's archive "
+             "written the same way. From 387079a on, that file is torch's archive "
              "recompressed (records that deflate to 0.9 of their bytes or less stored "
              "deflated: the program's JSON, some codes) and without source lines; parts "
              "measured before it count torch's archive as written. "

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.api import serialized_size
 from fxcompress.calibration import Calibration
 from fxcompress.candidates import Candidate, step_of_layer
 from fxcompress.capture import capture
@@ -140,9 +140,8 @@ def test_pass_decodes_exactly_the_clustered_weights(bits, grouped, lut_int8):
 
 
 def _file_bytes(m, x) -> int:
-    buf = io.BytesIO()
-    torch.export.save(torch.export.export(m, x, strict=False), buf)
-    return buf.getbuffer().nbytes
+    """Bytes of the `.pt2` fxcompress writes for `m` (without example rows)."""
+    return serialized_size(torch.export.export(m, x, strict=False))
 
 
 @pytest.mark.parametrize("bits,grouped", [(4, False), (3, True)])
@@ -251,10 +250,9 @@ def test_compile_apple_ane_shares_the_layers_that_pay():
     rep = out.meta["fxcompress_report"]
     applied = {lay.name: lay.applied for lay in rep.layers}
     assert applied["emb"].startswith("share(") and applied["fc1"].startswith("share(")
-    # fc2's 512 weights cannot repay the decode ops' graph description: left alone, with why
-    assert applied["fc2"] == "none"
-    assert "larger than the original" in next(lay.reason for lay in rep.layers
-                                              if lay.name == "fc2")
+    # fc2's 512 weights repay their decode (a row slice and a lookup in the fused stream,
+    # about 0.2 kB of deflated program): shared too
+    assert applied["fc2"].startswith("share(")
     assert rep.error <= 0.05
     saved = rep.serialized_bytes_before - rep.serialized_bytes_after
     planned = sum(lay.bytes_before - lay.bytes_after for lay in rep.layers)

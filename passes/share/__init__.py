@@ -400,7 +400,7 @@ def _fused_decode(gm: fx.GraphModule, members: list[tuple[fx.Node, str, Codebook
     """Weights with one float lookup table each, the same width (last dim) and bits, decoded
     from ONE packed stream: the unpacking runs once, as an (rows, width) index table, and each
     weight is a row slice of it looked up in its own table. Two ops per weight instead of four
-    or more: each op costs about a kilobyte of graph description in the serialized program."""
+    or more: each op adds its graph description to the serialized program."""
     g = gm.graph
     first = members[0][0]
     cb0 = members[0][2]

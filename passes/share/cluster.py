@@ -26,12 +26,15 @@ HIST_BINS = 16384
 N_INIT = 3
 #: Lloyd iterations at most; they stop early once no boundary moves.
 MAX_ITERS = 60
-#: What the decode costs in a `torch.export.save` file besides its tensors' bytes: each op's
-#: graph description and each extra tensor's record (measured on torch 2.13: 3 ops cost
-#: 3.85 kB, 7 ops and 2 more tensors 8.9 kB). Counted in a shared step's stored bytes, so the
-#: planner never shares a weight too small to repay its decoder.
-GRAPH_BYTES_PER_OP = 1200
-GRAPH_BYTES_PER_TENSOR = 300
+#: What the decode costs in the `.pt2` fxcompress writes (`pt2.save_program`: its JSON
+#: deflated) besides its tensors' bytes: each op's graph description and each extra tensor's
+#: record, archive headers included (measured on torch 2.13 with 128 x 128 linears shared at
+#: 4 bits: one layer's 4 ops and 2 more tensors cost 0.93 kB, four layers' 11 ops and 2 more
+#: tensors 1.2 kB; torch's own archive, JSON stored, cost about 1.2 kB an op). Counted in a
+#: shared step's stored bytes, so the planner never shares a weight too small to repay its
+#: decoder.
+GRAPH_BYTES_PER_OP = 100
+GRAPH_BYTES_PER_TENSOR = 200
 
 #: Output projections that estimate an embedding's output Hessian (exact below this many
 #: output values per example).

@@ -139,9 +139,9 @@ def digits_rows() -> list[dict]:
     ep.example_inputs = None  # as the report counts the program: without example rows
     torch.export.save(ep, buf)
     plain = buf.getbuffer().nbytes
-    rows = [{"row": "fp32", "test_acc": accuracy(m, xt, yt)},
-            {"row": "fp32, torch.export.save's own file", "bytes": plain,
-             "test_acc": accuracy(m, xt, yt)}]
+    fp32_acc = accuracy(m, xt, yt)
+    rows = [{"row": "fp32", "test_acc": fp32_acc},
+            {"row": "fp32, torch.export.save's own file", "bytes": plain, "test_acc": fp32_acc}]
     for label, techniques in (("without sparse", WITHOUT), ("with sparse", None)):
         for rec in (None, fxcompress.Recover(steps=300, lr=1e-3, data=[(xtr,)], labels=ytr,
                                              stages=3, train_others=True, others_lr=1e-4)):

@@ -70,6 +70,25 @@ def test_pt2_keeps_report_and_dynamic_batch(compiled, tmp_path):
     assert out.size_bytes < 0.5 * _fp32_pt2_bytes(model, X)
 
 
+def test_pt2_records_deflate_by_the_cheaper_strategy():
+    import zlib
+
+    from fxcompress.export import pt2
+
+    g = torch.Generator().manual_seed(0)
+    codes = (torch.randn(200_000, generator=g) * 3 + 128).round().clamp(0, 255).to(torch.uint8)
+    data = codes.numpy().tobytes()
+    p = torch.bincount(codes.long(), minlength=256).double() / codes.numel()
+    entropy = float(-(p[p > 0] * p[p > 0].log2()).sum()) * codes.numel() / 8
+    got = pt2.record_bytes(data)
+    # unordered byte codes: Huffman codes alone reach their entropy, string matching does not
+    assert got < 1.02 * entropy < len(zlib.compress(data, 9))
+    text = json.dumps([{"op": "aten.linear", "args": [i, i + 1]} for i in range(3000)])
+    assert pt2.record_bytes(text.encode()) == len(zlib.compress(text.encode(), 9)) - 6
+    noise = torch.randint(0, 256, (100_000,), generator=g, dtype=torch.uint8)
+    assert pt2.record_bytes(noise.numpy().tobytes()) == 100_000  # stored as it is
+
+
 def test_pt2_is_compact_host_free_and_reproducible(compiled, tmp_path):
     model, small = compiled
     (tmp_path / "a").mkdir()

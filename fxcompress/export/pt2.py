@@ -117,7 +117,8 @@ def save_program(ep: ExportedProgram, dest: Path, extra_files: dict | None = Non
 def compact_archive(src: Path, out: BinaryIO) -> None:
     """Copy the archive torch wrote at `src` into `out` (a new, seekable file), record by
     record in the same order and with the same names: each record deflated where that takes at
-    most `DEFLATE_SHARE` of its bytes (judged on its first `SAMPLE_BYTES`), the others stored
+    most `DEFLATE_SHARE` of its bytes (judged on its first `SAMPLE_BYTES`; with deflate's
+    default strategy or with Huffman codes alone, whichever is smaller), the others stored
     at `ALIGNMENT` as torch places them; fixed dates; and the random id torch's writer draws
     on every save (``.data/serialization_id``) replaced by digits derived from the other
     records, so that the same program gives the same bytes (a resumed block-by-block compile
@@ -135,14 +136,42 @@ def compact_archive(src: Path, out: BinaryIO) -> None:
                     g.write(_pinned_id(infos, info))
                 continue
             with zin.open(info) as f:
-                head = f.read(SAMPLE_BYTES)
-            if head and len(zlib.compress(head, 9)) <= DEFLATE_SHARE * len(head):
+                strategy = _strategy(f.read(SAMPLE_BYTES))
+            if strategy is not None:
                 new.compress_type = zipfile.ZIP_DEFLATED
                 new._compresslevel = 9  # (3.13 names it compress_level, keeping this alias)
             else:
                 _align(new, out.tell(), zip64)
             with zin.open(info) as f, zo.open(new, "w", force_zip64=zip64) as g:
+                if strategy is not None:  # zipfile's own compressor has no strategy argument
+                    g._compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 8, strategy)
                 shutil.copyfileobj(f, g, SAMPLE_BYTES)
+
+
+def _deflate(data: bytes, strategy: int) -> bytes:
+    """`data` as a zip record's raw deflate stream at level 9 with `strategy`."""
+    co = zlib.compressobj(9, zlib.DEFLATED, -15, 8, strategy)
+    return co.compress(data) + co.flush()
+
+
+def _strategy(head: bytes) -> int | None:
+    """How a record starting with `head` (its first `SAMPLE_BYTES`) is deflated: the smaller
+    of deflate's default (string matching, for text) and Huffman codes alone (for byte codes
+    whose values are unevenly used but unordered, where short matches cost more than the
+    literals they replace: a half a bit a byte on palette indices); None (stored) where
+    neither takes at most `DEFLATE_SHARE` of its bytes."""
+    if not head:
+        return None
+    size, strategy = min((len(_deflate(head, st)), st)
+                         for st in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_HUFFMAN_ONLY))
+    return strategy if size <= DEFLATE_SHARE * len(head) else None
+
+
+def record_bytes(data: bytes) -> int:
+    """The bytes a record holding `data` takes in the archive `compact_archive` writes (its
+    data only, not its header): deflated where that rule deflates it, else as it is."""
+    strategy = _strategy(data[:SAMPLE_BYTES])
+    return len(data) if strategy is None else len(_deflate(data, strategy))
 
 
 def _align(info: zipfile.ZipInfo, offset: int, zip64: bool) -> None:

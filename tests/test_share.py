@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -164,6 +165,90 @@ def test_size_accounting_matches_the_file(bits, grouped):
     saved = _file_bytes(gm, x) - _file_bytes(out, x)
     # the file saves what the candidates account for (decode graph included) within 1 %
     assert abs(saved - accounted) < 0.01 * accounted
+
+
+def test_entropy_coded_indices_take_their_deflated_bytes_in_the_file(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    with torch.no_grad():  # bell-shaped, as trained weights are (not the uniform init)
+        for lin in (model[0], model[2]):
+            lin.weight.normal_(0, 0.05)
+    x = (torch.randn(2, 256),)
+    gm = capture(model, x).graph_module
+    specs, accounted, books = {}, 0, {}
+    for lay in find_layers(gm):
+        w = get_attr(gm, lay.weight_target).detach()
+        cb = share.cluster(w, 8, 1, seed=0, grid=3)
+        km = share.cluster(w, 3, 1, seed=0)
+
+        def err(c, w=w):
+            return float((c.decode() - w).norm() / w.norm())
+
+        # a 3-bit palette's error or less, in under 0.95 of its packed indices' bytes
+        assert err(cb) <= err(km)
+        assert cb.packed_bytes < 0.95 * km.packed_bytes
+        assert not cb.fusible  # its own record, deflated alone
+        books[lay.weight_target] = cb
+        specs[lay.name] = share.ShareSpec(8, False, False, 0, ((w, cb),), grid=3)
+        accounted += w.numel() * 4 - cb.file_bytes
+    out = _shared(gm, specs).graph_module
+    ref = copy.deepcopy(model)
+    sd = ref.state_dict()
+    sd.update({t: cb.decode() for t, cb in books.items()})
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(out(*x), ref(*x))
+    saved = _file_bytes(gm, x) - _file_bytes(out, x)
+    assert abs(saved - accounted) < 0.01 * accounted  # the deflated codes, as accounted
+    res = fxcompress.export(out, x, tmp_path / "m.pt2")  # torch's reader inflates them
+    assert res.check_error == 0.0
+
+
+def test_entropy_coded_column_steps_cut_the_weighted_error_and_the_bytes():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128).eval()
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+    w = lin.weight.detach()
+    x = torch.randn(4096, 256) * torch.randn(256).exp()  # inputs of uneven scale
+    h = (x.T @ x / len(x)).double()
+
+    def werr(cb):
+        d = (cb.decode() - w).double()
+        return float(((d @ h) * d).sum() / ((w.double() @ h) * w.double()).sum()) ** 0.5
+
+    steps = share.cluster(w, 8, 1, seed=0, hessian=h, grid=3)
+    flat = share.cluster(w, 8, 1, seed=0, hessian=h * 0 + torch.eye(256, dtype=h.dtype) *
+                         h.diagonal().mean(), grid=3)  # equal columns: one step
+    assert steps.col_scale is not None and steps.col_scale.shape == (256,)
+    assert flat.col_scale is None
+    # steps by h_j^-1/2: less error through h than one step, in fewer bytes
+    assert werr(steps) < 0.95 * werr(flat)
+    assert steps.packed_bytes < flat.packed_bytes
+    gm = capture(nn.Sequential(lin), (x[:2],)).graph_module
+    lay, = find_layers(gm)
+    out = _shared(gm, {lay.name: share.ShareSpec(8, False, False, 0, ((w, steps),),
+                                                 grid=3)}).graph_module
+    with torch.no_grad():
+        assert torch.equal(out(x[:4]), nn.functional.linear(x[:4], steps.decode(), lin.bias))
+    saved = _file_bytes(gm, (x[:2],)) - _file_bytes(out, (x[:2],))
+    accounted = w.numel() * 4 - steps.file_bytes
+    assert abs(saved - accounted) < 0.01 * accounted
+
+
+def test_entropy_coded_variant_only_for_size_on_targets_that_load_the_pt2():
+    _, gm = _captured()
+    fc1 = next(lay for lay in find_layers(gm) if lay.name == "fc1")
+
+    def coded(profile, objective="size"):
+        _, base, ctx = _context(gm, fc1, profile)
+        cands, _ = share.propose(fc1, base, replace(ctx, objective=objective))
+        return sorted(c.part("share").grid for c in cands if c.part("share").grid)
+
+    assert coded("x86-server") == list(share.CODED_WIDTHS)
+    assert coded("x86-server", "latency") == []  # a byte an index in memory
+    assert coded("apple-ane") == []  # Core ML stores the byte indices as they are
+    assert coded("mcu-int8") == []  # so does a .pte
 
 
 def _context(gm, layer, profile="apple-ane"):

@@ -141,9 +141,9 @@ class StoredWeight:
 def _buffer_kind(target: str) -> str | None:
     """What a tensor a decode reads is, from the name its pass gave it (`add_buffer`: layer
     name + the role, underscores for dots, maybe a ``_<n>`` suffix)."""
-    for role in ("share_lut_scale", "share_lut", "share_idx", "sparse_lut", "sparse_values",
-                 "sparse_codes", "sparse_mask", "sparse_gaps", "int8_weight", "int8_scale",
-                 "int8_zero_point"):
+    for role in ("share_col_scale", "share_lut_scale", "share_lut", "share_idx", "sparse_lut",
+                 "sparse_values", "sparse_codes", "sparse_mask", "sparse_gaps", "int8_weight",
+                 "int8_scale", "int8_zero_point"):
         if role in target:
             return role
     return None
@@ -243,7 +243,7 @@ def _stored_weight(gm, name: str, dense: torch.Tensor, targets: set[str],
         sw.kind = "sparse"
         if "sparse_lut" in roles:
             sw.kind, sw.lut = "sparse+lut", roles["sparse_lut"].float().reshape(1, -1)
-    elif "share_lut" in roles:
+    elif "share_lut" in roles and "share_col_scale" not in roles:  # (column steps: fp16)
         sw.kind = "lut"
         lut = roles["share_lut"]
         groups = 1 if lut.dim() == 1 else lut.shape[0]

@@ -18,6 +18,7 @@ from torch import fx
 from fxcompress.candidates import Candidate
 from fxcompress.graph import get_attr
 from fxcompress.passes.share import codebook_for
+from fxcompress.passes.share.cluster import recoded
 from fxcompress.technique import Trainable, straight_through
 
 
@@ -39,7 +40,8 @@ def _lut(cb, lut: torch.Tensor) -> torch.Tensor:
 
 def _weight(c: Candidate, i: int, lut: torch.Tensor) -> torch.Tensor:
     cb = c.part("share").codebooks[i][1]
-    return torch.gather(_lut(cb, lut), 1, cb.indices.long()).reshape(cb.shape)
+    w = torch.gather(_lut(cb, lut), 1, cb.indices.long()).reshape(cb.shape)
+    return w if cb.col_scale is None else w * cb.col_scale.to(w.dtype)
 
 
 def _write(c: Candidate, latents: list[torch.Tensor], gm: fx.GraphModule) -> Candidate:
@@ -84,6 +86,8 @@ def _off_kept(c: Candidate, kept: torch.Tensor, gm: fx.GraphModule) -> Candidate
     (_, wide), = spec.codebooks
     idx = wide.indices.reshape(wide.shape)[kept].reshape(wide.groups, -1)
     cb = replace(wide, shape=kept_shape(kept), indices=idx.contiguous())
+    if cb.coded_bytes is not None:
+        cb = recoded(cb)
     src = cb.decode()
     with torch.no_grad():
         w = get_attr(gm, c.layer.weight_target)

@@ -144,13 +144,18 @@ def compact_archive(src: Path, out: BinaryIO) -> None:
                 _align(new, out.tell(), zip64)
             with zin.open(info) as f, zo.open(new, "w", force_zip64=zip64) as g:
                 if strategy is not None:  # zipfile's own compressor has no strategy argument
-                    g._compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 8, strategy)
+                    g._compressor = _compressor(strategy)
                 shutil.copyfileobj(f, g, SAMPLE_BYTES)
 
 
+def _compressor(strategy: int):
+    """A zip record's raw deflate stream at level 9 with `strategy`."""
+    return zlib.compressobj(9, zlib.DEFLATED, -15, 8, strategy)
+
+
 def _deflate(data: bytes, strategy: int) -> bytes:
-    """`data` as a zip record's raw deflate stream at level 9 with `strategy`."""
-    co = zlib.compressobj(9, zlib.DEFLATED, -15, 8, strategy)
+    """`data` deflated as `compact_archive` writes a record with `strategy`."""
+    co = _compressor(strategy)
     return co.compress(data) + co.flush()
 
 
